@@ -1,0 +1,20 @@
+//! The rules of a Roster registry node as plain, I/O-free code: the data
+//! model and its validation, per-service revisions, deltas and checksums,
+//! sessions and their expiry, and the push rules. Callers pass the current
+//! time in and carry out the effects; nothing here blocks, sleeps or sends.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod checksum;
+pub mod model;
+pub mod push;
+pub mod registry;
+pub mod service;
+pub mod session;
+
+pub use model::{
+    Address, DEFAULT_CLUSTER, DEFAULT_GROUP, DEFAULT_NAMESPACE, DEFAULT_NETWORK, Instance,
+    InstanceRecord, ServiceKey, SessionId, ValidationError, Version,
+};
+pub use registry::{Change, Registry, RegistryConfig, RegistryError};
+pub use service::{Delta, ServiceView};
