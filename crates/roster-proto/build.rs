@@ -5,7 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["proto"])?;
     tonic_prost_build::configure()
-        .bytes(".roster.v1.ServerMessage.kind.update")
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -82,9 +82,6 @@ pub struct SubState {
     pub sent: u64,
     /// The highest revision it acknowledged.
     pub acked: u64,
-    /// Its queue overflowed: a full view is queued, send nothing else
-    /// for this service until that goes out.
-    pub full_pending: bool,
 }
 
 /// What one subscriber needs to reach the new revision.
@@ -147,7 +144,9 @@ impl Subscriptions {
 
     /// Plans the push of `key` at `revision`: which subscribers need what,
     /// grouped so each distinct update is built and encoded once. Marks the
-    /// planned subscribers as sent `revision`. `delta_base_ok` says whether a
+    /// planned subscribers as sent `revision`. (A subscriber with a full view
+    /// queued is planned too; its queue absorbs the update, and the full view
+    /// built at dequeue time is at least as new.) `delta_base_ok` says whether a
     /// delta from a given revision can still be made.
     pub fn plan(
         &mut self,
@@ -160,7 +159,7 @@ impl Subscriptions {
             return plan;
         };
         for (session, state) in subs.iter_mut() {
-            if state.full_pending || state.sent >= revision {
+            if state.sent >= revision {
                 continue;
             }
             let need = if delta_base_ok(state.sent) {
@@ -174,18 +173,10 @@ impl Subscriptions {
         plan
     }
 
-    /// A session's queue overflowed for `key`: a full view replaces what
-    /// was queued, and nothing more is planned until it is sent.
-    pub fn mark_full_pending(&mut self, session: &str, key: &ServiceKey) {
-        if let Some(s) = self.state_mut(session, key) {
-            s.full_pending = true;
-        }
-    }
-
-    /// The pending full view of `key` went out at `revision`.
+    /// A full view of `key` at `revision` went out (a queued full view is
+    /// built when dequeued, so it may be newer than anything planned).
     pub fn full_sent(&mut self, session: &str, key: &ServiceKey, revision: u64) {
         if let Some(s) = self.state_mut(session, key) {
-            s.full_pending = false;
             s.sent = s.sent.max(revision);
         }
     }

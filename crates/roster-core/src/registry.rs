@@ -145,15 +145,16 @@ impl Registry {
         &self.sessions
     }
 
-    /// Registers (or re-registers) an ephemeral instance owned by `session`.
-    /// Re-registering an identical instance still bumps version and revision.
+    /// Registers (or re-registers) an ephemeral instance owned by `session`,
+    /// returning the change and the instance's id. Re-registering an
+    /// identical instance still bumps version and revision.
     pub fn register(
         &mut self,
         session: &str,
         key: ServiceKey,
         instance: Instance,
         now: Instant,
-    ) -> Result<Change, RegistryError> {
+    ) -> Result<(Change, Arc<str>), RegistryError> {
         let instance = instance.normalize()?;
         if !instance.ephemeral {
             return Err(RegistryError::Unsupported(
@@ -177,9 +178,9 @@ impl Registry {
             None => self.instance_count += 1,
         }
         if let Some(s) = self.sessions.get_mut(&owner) {
-            s.owned.insert((key.clone(), id));
+            s.owned.insert((key.clone(), id.clone()));
         }
-        Ok(self.publish(key))
+        Ok((self.publish(key), id))
     }
 
     /// Removes an instance whoever owns it.
@@ -278,6 +279,11 @@ impl Registry {
     /// The merged change of a service since `since`, if still in its window.
     pub fn changes_since(&self, key: &ServiceKey, since: u64) -> Option<Delta> {
         self.services.get(key)?.changes_since(since)
+    }
+
+    /// The oldest revision of a service a delta can still be made from.
+    pub fn oldest_delta_base(&self, key: &ServiceKey) -> Option<u64> {
+        Some(self.services.get(key)?.oldest_delta_base())
     }
 
     /// Number of services (including empty ones).

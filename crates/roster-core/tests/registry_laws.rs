@@ -195,7 +195,7 @@ fn re_registering_an_identical_instance_bumps_version_and_revision() {
     let now = Instant::now();
     let mut reg = Registry::new(1, RegistryConfig::default());
     let s = reg.open_session(SessionKind::Stream, "t", now);
-    let a = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    let (a, _) = reg.register(&s, key(0), instance(1, 1), now).unwrap();
     let v1 = reg
         .view(&key(0))
         .unwrap()
@@ -204,7 +204,8 @@ fn re_registering_an_identical_instance_bumps_version_and_revision() {
         .next()
         .unwrap()
         .version;
-    let b = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    let (b, id1) = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    assert_eq!(&*id1, id(1));
     let v2 = reg
         .view(&key(0))
         .unwrap()
@@ -225,7 +226,7 @@ fn invalid_writes_change_nothing() {
     let now = Instant::now();
     let mut reg = Registry::new(1, RegistryConfig::default());
     let s = reg.open_session(SessionKind::Stream, "t", now);
-    let ok = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    let (ok, _) = reg.register(&s, key(0), instance(1, 1), now).unwrap();
     let mut bad = instance(2, 1);
     bad.port = 0;
     let err = reg.register(&s, key(0), bad, now).unwrap_err();
@@ -335,14 +336,13 @@ fn queue_overflow_replaces_a_services_updates_with_one_full_view() {
 }
 
 #[test]
-fn plan_groups_subscribers_by_what_they_need_and_skips_full_pending() {
+fn plan_groups_subscribers_by_what_they_need() {
     let k = Arc::new(key(0));
     let mut subs = Subscriptions::default();
     subs.subscribe("s1".into(), k.clone(), 10);
     subs.subscribe("s2".into(), k.clone(), 10);
     subs.subscribe("s3".into(), k.clone(), 4);
-    subs.subscribe("s4".into(), k.clone(), 10);
-    subs.mark_full_pending("s4", &k);
+    subs.subscribe("s4".into(), k.clone(), 12);
     let plan = subs.plan(&k, 12, |r| r >= 8);
     assert_eq!(plan[&Need::DeltaFrom(10)].len(), 2);
     assert_eq!(plan[&Need::Full], vec![Arc::<str>::from("s3")]);

@@ -1,1 +1,174 @@
-//! placeholder
+//! A Roster registry node: its listeners (gRPC and HTTP), sessions, push
+//! fan-out and configuration around the pure `roster-core` state.
+//! [`start`] binds, spawns every task under one tracker and returns a
+//! handle; [`RunningServer::shutdown`] stops them all.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod node;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use roster_core::ServiceKey;
+use roster_proto::v1::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use node::Node;
+
+/// A service as listed by the APIs.
+#[derive(Debug, Clone)]
+pub struct ServiceSummary {
+    /// Which service.
+    pub key: ServiceKey,
+    /// Instances registered.
+    pub instances: usize,
+    /// Of which healthy, enabled, with weight above 0.
+    pub serving: usize,
+    /// Current revision.
+    pub revision: u64,
+    /// Current subscribers.
+    pub subscribers: usize,
+}
+
+/// Services of `namespace` (default "public"), optionally of one group,
+/// sorted by group and name.
+pub fn list_services(node: &Node, namespace: &str, group: &str) -> Vec<ServiceSummary> {
+    let namespace = if namespace.is_empty() {
+        roster_core::DEFAULT_NAMESPACE
+    } else {
+        namespace
+    };
+    let views = node.views();
+    let mut out: Vec<ServiceSummary> = views
+        .values()
+        .filter(|v| v.key.namespace == namespace && (group.is_empty() || v.key.group == group))
+        .map(|v| ServiceSummary {
+            key: v.key.as_ref().clone(),
+            instances: v.instances.len(),
+            serving: v.serving_count(),
+            revision: v.revision,
+            subscribers: node.subscriber_count(&v.key),
+        })
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A started node.
+pub struct RunningServer {
+    /// Where the HTTP API listens.
+    pub http_addr: SocketAddr,
+    /// Where the gRPC API listens.
+    pub grpc_addr: SocketAddr,
+    /// The node itself.
+    pub node: Arc<Node>,
+    tasks: TaskTracker,
+}
+
+impl RunningServer {
+    /// Stops accepting, ends every session stream and waits for all tasks.
+    /// Nothing is deregistered: ephemeral state simply ends with the node.
+    pub async fn shutdown(self) {
+        self.node.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Waits until the node stops (after [`Node::shutdown`] is cancelled).
+    pub async fn wait(&self) {
+        self.node.shutdown.cancelled().await;
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+/// Binds the listeners and starts a node.
+pub async fn start(config: Config) -> Result<RunningServer, StartError> {
+    let grpc_listener = bind("grpc", config.server.grpc).await?;
+    let http_listener = bind("http", config.server.http).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind {
+        what: "grpc",
+        addr: config.server.grpc,
+        source,
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind {
+        what: "http",
+        addr: config.server.http,
+        source,
+    })?;
+    // A new life of the node: its versions win over its previous life's.
+    let incarnation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64);
+    let (node, changes) = Node::new(config, incarnation);
+    let tasks = TaskTracker::new();
+
+    tasks.spawn(node::run_pusher(node.clone(), changes));
+    tasks.spawn(run_sweeper(node.clone()));
+
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(RegistryServer::new(grpc::GrpcApi::new(node.clone())))
+        .serve_with_incoming_shutdown(incoming, node.shutdown.clone().cancelled_owned());
+    tasks.spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!("gRPC listener failed: {e}");
+        }
+    });
+
+    let app = http::router(node.clone());
+    let stop = node.shutdown.clone();
+    tasks.spawn(async move {
+        let serve = axum::serve(http_listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned());
+        if let Err(e) = serve.await {
+            tracing::error!("HTTP listener failed: {e}");
+        }
+    });
+    tracing::info!(%grpc_addr, %http_addr, incarnation, "roster node started");
+    Ok(RunningServer {
+        http_addr,
+        grpc_addr,
+        node,
+        tasks,
+    })
+}
+
+/// Every `session.sweep_interval`: probe idle sessions, expire silent ones.
+async fn run_sweeper(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.config().session.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => { node.sweep(); }
+        }
+    }
+}

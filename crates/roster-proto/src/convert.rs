@@ -1,0 +1,143 @@
+//! Conversions between wire messages and the core model. Wire input is
+//! untrusted: every conversion from it is fallible and names the field.
+
+use std::sync::Arc;
+
+use roster_core::model::{Address, Instance, InstanceRecord, ServiceKey, ValidationError, parse_ip};
+use roster_core::service::{Delta, ServiceView};
+
+use crate::v1;
+
+impl v1::ServiceKey {
+    /// Converts to the model (defaults filled, validated).
+    pub fn to_model(&self) -> Result<ServiceKey, ValidationError> {
+        ServiceKey::new(&self.namespace, &self.group, &self.service)
+    }
+}
+
+impl From<&ServiceKey> for v1::ServiceKey {
+    fn from(k: &ServiceKey) -> Self {
+        Self {
+            namespace: k.namespace.clone(),
+            group: k.group.clone(),
+            service: k.service.clone(),
+        }
+    }
+}
+
+/// The service key of a request, which must be present.
+pub fn required_key(key: Option<&v1::ServiceKey>) -> Result<ServiceKey, ValidationError> {
+    key.ok_or_else(|| ValidationError::new("service", "is required"))?
+        .to_model()
+}
+
+impl v1::Instance {
+    /// Converts to the model, applying defaults for absent optional fields.
+    /// The result still needs [`Instance::normalize`] (the registry does it).
+    pub fn to_model(&self) -> Result<Instance, ValidationError> {
+        let port = u16::try_from(self.port)
+            .map_err(|_| ValidationError::new("instance.port", "must be 1..=65535"))?;
+        let addresses = self
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Ok(Address {
+                    network: a.network.clone(),
+                    ip: parse_ip(&format!("instance.addresses[{i}].ip"), &a.ip)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ValidationError>>()?;
+        Ok(Instance {
+            id: self.id.clone(),
+            addresses,
+            port,
+            weight: self.weight.unwrap_or(1.0),
+            healthy: self.healthy.unwrap_or(true),
+            enabled: self.enabled.unwrap_or(true),
+            ephemeral: self.ephemeral.unwrap_or(true),
+            cluster: self.cluster.clone(),
+            metadata: self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            node_name: self.node_name.clone(),
+        })
+    }
+
+    /// The wire form of a model instance (no owner or version).
+    pub fn from_model(i: &Instance) -> Self {
+        Self {
+            id: i.id.clone(),
+            addresses: i
+                .addresses
+                .iter()
+                .map(|a| v1::Address {
+                    network: a.network.clone(),
+                    ip: a.ip.to_string(),
+                })
+                .collect(),
+            port: u32::from(i.port),
+            weight: Some(i.weight),
+            healthy: Some(i.healthy),
+            enabled: Some(i.enabled),
+            ephemeral: Some(i.ephemeral),
+            cluster: i.cluster.clone(),
+            metadata: i.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            node_name: i.node_name.clone(),
+            owner: String::new(),
+            version: None,
+        }
+    }
+}
+
+impl From<&InstanceRecord> for v1::Instance {
+    fn from(r: &InstanceRecord) -> Self {
+        let mut out = Self::from_model(&r.instance);
+        out.owner = r.owner.to_string();
+        out.version = Some(v1::Version {
+            incarnation: r.version.incarnation,
+            sequence: r.version.sequence,
+        });
+        out
+    }
+}
+
+/// The full view as an update message.
+pub fn full_update(view: &ServiceView) -> v1::ServiceUpdate {
+    v1::ServiceUpdate {
+        service: Some(view.key.as_ref().into()),
+        revision: view.revision,
+        checksum: view.checksum,
+        kind: Some(v1::service_update::Kind::Full(v1::FullView {
+            instances: view.instances.values().map(|r| r.as_ref().into()).collect(),
+        })),
+    }
+}
+
+/// A delta as an update message; `checksum` is the view's at `delta.to`.
+pub fn delta_update(key: &ServiceKey, delta: &Delta, checksum: u64) -> v1::ServiceUpdate {
+    v1::ServiceUpdate {
+        service: Some(key.into()),
+        revision: delta.to,
+        checksum,
+        kind: Some(v1::service_update::Kind::Delta(v1::Delta {
+            from_revision: delta.from,
+            upserted: delta.upserted.iter().map(|r| r.as_ref().into()).collect(),
+            removed: delta.removed.iter().map(|id| id.to_string()).collect(),
+        })),
+    }
+}
+
+/// A wire instance back to a record, for consumers keeping a local cache
+/// (version and owner come from the wire; the hash is recomputed).
+pub fn record_from_wire(i: &v1::Instance) -> Result<InstanceRecord, ValidationError> {
+    let instance = i.to_model()?;
+    let version = i.version.unwrap_or_default();
+    Ok(InstanceRecord {
+        hash: roster_core::checksum::instance_hash(&instance),
+        instance,
+        owner: Arc::from(i.owner.as_str()),
+        version: roster_core::Version {
+            incarnation: version.incarnation,
+            sequence: version.sequence,
+        },
+    })
+}

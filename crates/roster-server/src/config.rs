@@ -1,0 +1,294 @@
+//! Node configuration: defaults, a TOML file, then `ROSTER_*` environment
+//! overrides (then command-line flags, applied by the caller). Every
+//! interval the node uses is here, none is a constant in code.
+//!
+//! An environment variable is named after the key's path, upper-cased:
+//! `session.keepalive` is `ROSTER_SESSION_KEEPALIVE`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A configuration that cannot be used.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Everything a node is configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener addresses.
+    pub server: ServerSection,
+    /// Session keep-alive and expiry.
+    pub session: SessionSection,
+    /// Push coalescing and per-session queues.
+    pub push: PushSection,
+    /// Registry state.
+    pub registry: RegistrySection,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// HTTP/JSON listener (API, health, metrics).
+    pub http: SocketAddr,
+    /// gRPC listener (sessions and the native API).
+    pub grpc: SocketAddr,
+}
+
+/// `[session]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionSection {
+    /// A session silent this long is probed.
+    #[serde(with = "duration")]
+    pub keepalive: Duration,
+    /// A probed session silent this much longer is expired.
+    #[serde(with = "duration")]
+    pub probe_timeout: Duration,
+    /// How often idle sessions are looked for.
+    #[serde(with = "duration")]
+    pub sweep_interval: Duration,
+}
+
+/// `[push]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushSection {
+    /// Changes within this window after a push are merged into the next.
+    #[serde(with = "duration")]
+    pub coalesce_window: Duration,
+    /// Updates a session may have queued before its deltas are collapsed.
+    pub queue_capacity: usize,
+    /// How long `drain` waits for acknowledgements unless told otherwise.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+/// `[registry]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrySection {
+    /// Recent deltas kept per service, for catch-up without a full view.
+    pub delta_window: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 8848)),
+            grpc: SocketAddr::from(([127, 0, 0, 1], 9848)),
+        }
+    }
+}
+
+impl Default for SessionSection {
+    fn default() -> Self {
+        Self {
+            keepalive: Duration::from_secs(20),
+            probe_timeout: Duration::from_secs(3),
+            sweep_interval: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for PushSection {
+    fn default() -> Self {
+        Self {
+            coalesce_window: Duration::from_millis(5),
+            queue_capacity: 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for RegistrySection {
+    fn default() -> Self {
+        Self { delta_window: 128 }
+    }
+}
+
+#[allow(clippy::derivable_impls)]
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerSection::default(),
+            session: SessionSection::default(),
+            push: PushSection::default(),
+            registry: RegistrySection::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (if any), then `ROSTER_*` variables from `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let from_file: toml::Value = toml::from_str(&text)
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+            merge(&mut value, from_file);
+        }
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("ROSTER_"))
+            .collect();
+        apply_env(&mut value, "ROSTER", &env);
+        let config: Config = value
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let zero = |name: &str, d: Duration| {
+            if d.is_zero() {
+                Err(ConfigError::Invalid(format!("{name} must be above 0")))
+            } else {
+                Ok(())
+            }
+        };
+        zero("session.keepalive", self.session.keepalive)?;
+        zero("session.probe_timeout", self.session.probe_timeout)?;
+        zero("session.sweep_interval", self.session.sweep_interval)?;
+        if self.push.queue_capacity == 0 || self.registry.delta_window == 0 {
+            return Err(ConfigError::Invalid(
+                "push.queue_capacity and registry.delta_window must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Overrides every leaf whose derived variable name is set. The value is
+/// read as the leaf's type (a number for numbers, else a string).
+fn apply_env(value: &mut toml::Value, prefix: &str, env: &[(String, String)]) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t.iter_mut() {
+                apply_env(v, &format!("{prefix}_{}", k.to_uppercase()), env);
+            }
+        }
+        leaf => {
+            if let Some((_, text)) = env.iter().find(|(k, _)| k == prefix) {
+                *leaf = match leaf {
+                    toml::Value::Integer(_) => text
+                        .parse()
+                        .map(toml::Value::Integer)
+                        .unwrap_or_else(|_| toml::Value::String(text.clone())),
+                    toml::Value::Boolean(_) => text
+                        .parse()
+                        .map(toml::Value::Boolean)
+                        .unwrap_or_else(|_| toml::Value::String(text.clone())),
+                    _ => toml::Value::String(text.clone()),
+                };
+            }
+        }
+    }
+}
+
+/// Durations as human text: "20s", "500ms", "1m 30s".
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"3s\": {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = std::env::temp_dir().join(format!("roster-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roster.toml");
+        std::fs::write(
+            &file,
+            "[session]\nkeepalive = \"7s\"\n[push]\nqueue_capacity = 9\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("ROSTER_PUSH_QUEUE_CAPACITY", "11"),
+                ("ROSTER_SERVER_HTTP", "127.0.0.1:1"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.session.keepalive, Duration::from_secs(7));
+        assert_eq!(c.session.probe_timeout, Duration::from_secs(3));
+        assert_eq!(c.push.queue_capacity, 11);
+        assert_eq!(c.server.http, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let e = Config::load(None, env(&[("ROSTER_SESSION_KEEPALIVE", "soon")])).unwrap_err();
+        assert!(e.to_string().contains("not a duration"), "{e}");
+        let e = Config::load(None, env(&[("ROSTER_PUSH_QUEUE_CAPACITY", "0")])).unwrap_err();
+        assert!(e.to_string().contains("queue_capacity"), "{e}");
+        let e = Config::load(Some(Path::new("/nonexistent/roster.toml")), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("cannot read"), "{e}");
+    }
+}
