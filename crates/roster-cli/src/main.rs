@@ -1,1 +1,376 @@
-fn main() {}
+//! `roster`: the one binary. `roster server` runs a registry node; the other
+//! subcommands are operator and scripting commands against a running node
+//! (tables for people, `--json` for scripts). Errors are one line on stderr
+//! and a non-zero exit.
+
+mod output;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use roster_client::cache::ServiceCache;
+use roster_client::{Client, proto};
+use roster_core::model::{Address, parse_ip};
+use roster_core::{Instance, ServiceKey};
+
+#[derive(Parser)]
+#[command(
+    name = "roster",
+    version,
+    about = "Roster: a service registry for very large fleets"
+)]
+struct Cli {
+    /// The registry's gRPC address.
+    #[arg(
+        long,
+        global = true,
+        env = "ROSTER_SERVER",
+        default_value = "127.0.0.1:9848"
+    )]
+    server: String,
+    /// Machine-readable output (JSON; JSON lines for `watch`).
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a registry node (single node on loopback by default).
+    Server {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// HTTP listen address (overrides config and ROSTER_SERVER_HTTP).
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// gRPC listen address (overrides config and ROSTER_SERVER_GRPC).
+        #[arg(long)]
+        grpc: Option<SocketAddr>,
+    },
+    /// Register an ephemeral instance and keep it alive until interrupted.
+    Register {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        at: InstanceArgs,
+        /// Weight, 0..=10000.
+        #[arg(long, default_value_t = 1.0)]
+        weight: f64,
+        /// Metadata entry (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE", value_parser = parse_meta)]
+        meta: Vec<(String, String)>,
+        /// The host the instance runs on.
+        #[arg(long, default_value = "")]
+        node_name: String,
+    },
+    /// Remove an instance.
+    Deregister {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        at: InstanceArgs,
+    },
+    /// List a service's instances.
+    List {
+        #[command(flatten)]
+        service: ServiceArgs,
+        /// Only healthy, enabled instances with weight above 0.
+        #[arg(long)]
+        healthy_only: bool,
+    },
+    /// List services.
+    Services {
+        /// Namespace.
+        #[arg(long, default_value = "")]
+        namespace: String,
+        /// Only this group.
+        #[arg(long, default_value = "")]
+        group: String,
+    },
+    /// Print one line per pushed change of a service, with its revision.
+    Watch {
+        #[command(flatten)]
+        service: ServiceArgs,
+    },
+    /// Drain an instance (weight 0, or remove) and wait for every subscriber.
+    Drain {
+        #[command(flatten)]
+        service: ServiceArgs,
+        #[command(flatten)]
+        at: InstanceArgs,
+        /// Remove the instance instead of setting its weight to 0.
+        #[arg(long)]
+        remove: bool,
+        /// Give up waiting for acknowledgements after this long.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+#[derive(Args)]
+struct ServiceArgs {
+    /// Service name.
+    service: String,
+    /// Namespace (default "public").
+    #[arg(long, default_value = "")]
+    namespace: String,
+    /// Group (default "DEFAULT_GROUP").
+    #[arg(long, default_value = "")]
+    group: String,
+}
+
+impl ServiceArgs {
+    fn key(&self) -> Result<ServiceKey> {
+        Ok(ServiceKey::new(
+            &self.namespace,
+            &self.group,
+            &self.service,
+        )?)
+    }
+}
+
+#[derive(Args)]
+struct InstanceArgs {
+    /// The instance's IP (repeat as NETWORK=IP for several networks).
+    #[arg(long, required = true)]
+    ip: Vec<String>,
+    /// The instance's port.
+    #[arg(long)]
+    port: u16,
+    /// Cluster (default "DEFAULT").
+    #[arg(long, default_value = "")]
+    cluster: String,
+}
+
+impl InstanceArgs {
+    fn addresses(&self) -> Result<Vec<Address>> {
+        self.ip
+            .iter()
+            .map(|text| {
+                let (network, ip) = text.split_once('=').unwrap_or(("", text));
+                Ok(Address {
+                    network: network.to_owned(),
+                    ip: parse_ip("--ip", ip)?,
+                })
+            })
+            .collect()
+    }
+
+    fn reference(&self, key: &ServiceKey) -> Result<proto::InstanceRef> {
+        let first = self.addresses()?.remove(0);
+        Ok(proto::InstanceRef {
+            service: Some(key.into()),
+            id: String::new(),
+            ip: first.ip.to_string(),
+            port: u32::from(self.port),
+            cluster: self.cluster.clone(),
+        })
+    }
+}
+
+fn parse_meta(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| {
+        let default = if matches!(cli.command, Command::Server { .. }) {
+            "info"
+        } else {
+            "warn"
+        };
+        tracing_subscriber::EnvFilter::new(default)
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Server { config, http, grpc } => server(config, http, grpc).await,
+        Command::Register {
+            service,
+            at,
+            weight,
+            meta,
+            node_name,
+        } => {
+            let key = service.key()?;
+            let instance = Instance {
+                id: String::new(),
+                addresses: at.addresses()?,
+                port: at.port,
+                weight,
+                healthy: true,
+                enabled: true,
+                ephemeral: true,
+                cluster: at.cluster.clone(),
+                metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
+                node_name,
+            }
+            .normalize()?;
+            let client = Client::connect(&cli.server).await?;
+            let session = client
+                .open_session(&format!("roster-cli register {}", key.service))
+                .await?;
+            let id = session.register(&key, &instance).await?;
+            output::registered(json, &key, &id, session.id());
+            shutdown_signal().await;
+            let reference = at.reference(&key)?;
+            let removed = client.deregister(reference).await;
+            session.close().await;
+            removed.context("deregistering on exit")?;
+            Ok(())
+        }
+        Command::Deregister { service, at } => {
+            let key = service.key()?;
+            let client = Client::connect(&cli.server).await?;
+            let revision = client.deregister(at.reference(&key)?).await?;
+            output::revision(json, "deregistered", revision);
+            Ok(())
+        }
+        Command::List {
+            service,
+            healthy_only,
+        } => {
+            let key = service.key()?;
+            let client = Client::connect(&cli.server).await?;
+            let r = client.query(&key, healthy_only).await?;
+            output::instances(json, &key, r.revision, &r.instances);
+            Ok(())
+        }
+        Command::Services { namespace, group } => {
+            let client = Client::connect(&cli.server).await?;
+            let services = client.list_services(&namespace, &group).await?;
+            output::services(json, &services);
+            Ok(())
+        }
+        Command::Watch { service } => watch(&cli.server, json, service.key()?).await,
+        Command::Drain {
+            service,
+            at,
+            remove,
+            timeout,
+        } => {
+            let key = service.key()?;
+            let client = Client::connect(&cli.server).await?;
+            let r = client.drain(at.reference(&key)?, remove, timeout).await?;
+            output::drained(json, &r);
+            if !r.complete {
+                bail!(
+                    "{} subscriber(s) did not acknowledge within {}",
+                    r.pending.len(),
+                    humantime::format_duration(timeout)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn server(
+    config: Option<PathBuf>,
+    http: Option<SocketAddr>,
+    grpc: Option<SocketAddr>,
+) -> Result<()> {
+    let mut config = roster_server::Config::load(config.as_deref(), std::env::vars())?;
+    if let Some(a) = http {
+        config.server.http = a;
+    }
+    if let Some(a) = grpc {
+        config.server.grpc = a;
+    }
+    let server = roster_server::start(config).await?;
+    // Scripts and tests read the bound addresses from this line.
+    println!(
+        "roster listening: grpc={} http={}",
+        server.grpc_addr, server.http_addr
+    );
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = server.wait() => {}
+    }
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn watch(server: &str, json: bool, key: ServiceKey) -> Result<()> {
+    let client = Client::connect(server).await?;
+    let mut session = client
+        .open_session(&format!("roster-cli watch {}", key.service))
+        .await?;
+    session.subscribe(&key).await?;
+    let mut cache = ServiceCache::default();
+    loop {
+        let update = tokio::select! {
+            u = session.next_update() => u,
+            _ = shutdown_signal() => break,
+        };
+        let Some(update) = update else {
+            bail!("the registry closed the session");
+        };
+        let update = update?;
+        let applied = match cache.apply(&update) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("{e}; reloading the full view");
+                let pulled = client.pull(&key, 0, 0).await?;
+                let full = pulled.update.context("pull returned no view")?;
+                cache = ServiceCache::default();
+                cache.apply(&full)?
+            }
+        };
+        session.ack(&key, cache.revision).await?;
+        output::watched(json, &key, &cache, &applied);
+    }
+    session.close().await;
+    Ok(())
+}

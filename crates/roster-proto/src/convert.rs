@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use roster_core::model::{Address, Instance, InstanceRecord, ServiceKey, ValidationError, parse_ip};
+use roster_core::model::{
+    Address, Instance, InstanceRecord, ServiceKey, ValidationError, parse_ip,
+};
 use roster_core::service::{Delta, ServiceView};
 
 use crate::v1;
@@ -57,7 +59,11 @@ impl v1::Instance {
             enabled: self.enabled.unwrap_or(true),
             ephemeral: self.ephemeral.unwrap_or(true),
             cluster: self.cluster.clone(),
-            metadata: self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            metadata: self
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             node_name: self.node_name.clone(),
         })
     }
@@ -80,7 +86,11 @@ impl v1::Instance {
             enabled: Some(i.enabled),
             ephemeral: Some(i.ephemeral),
             cluster: i.cluster.clone(),
-            metadata: i.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            metadata: i
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             node_name: i.node_name.clone(),
             owner: String::new(),
             version: None,

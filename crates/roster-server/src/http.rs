@@ -327,7 +327,11 @@ impl From<&InstanceRecord> for InstanceJson {
         let i = &r.instance;
         Self {
             id: i.id.clone(),
-            ip: i.addresses.first().map(|a| a.ip.to_string()).unwrap_or_default(),
+            ip: i
+                .addresses
+                .first()
+                .map(|a| a.ip.to_string())
+                .unwrap_or_default(),
             addresses: i
                 .addresses
                 .iter()

@@ -112,16 +112,20 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let grpc_listener = bind("grpc", config.server.grpc).await?;
     let http_listener = bind("http", config.server.http).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Bind {
-        what: "grpc",
-        addr: config.server.grpc,
-        source,
-    })?;
-    let http_addr = http_listener.local_addr().map_err(|source| StartError::Bind {
-        what: "http",
-        addr: config.server.http,
-        source,
-    })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "grpc",
+            addr: config.server.grpc,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "http",
+            addr: config.server.http,
+            source,
+        })?;
     // A new life of the node: its versions win over its previous life's.
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -132,7 +136,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tasks.spawn(node::run_pusher(node.clone(), changes));
     tasks.spawn(run_sweeper(node.clone()));
 
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(RegistryServer::new(grpc::GrpcApi::new(node.clone())))
@@ -146,8 +151,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let app = http::router(node.clone());
     let stop = node.shutdown.clone();
     tasks.spawn(async move {
-        let serve = axum::serve(http_listener, app)
-            .with_graceful_shutdown(stop.cancelled_owned());
+        let serve = axum::serve(http_listener, app).with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!("HTTP listener failed: {e}");
         }

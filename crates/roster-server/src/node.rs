@@ -50,7 +50,12 @@ pub struct SessionLink {
 }
 
 impl SessionLink {
-    fn new(id: SessionId, client_name: String, capacity: usize, parent: &CancellationToken) -> Self {
+    fn new(
+        id: SessionId,
+        client_name: String,
+        capacity: usize,
+        parent: &CancellationToken,
+    ) -> Self {
         Self {
             id,
             client_name,
@@ -132,7 +137,10 @@ impl Node {
     pub fn new(
         config: Config,
         incarnation: u64,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<(Arc<ServiceKey>, Instant)>) {
+    ) -> (
+        Arc<Self>,
+        mpsc::UnboundedReceiver<(Arc<ServiceKey>, Instant)>,
+    ) {
         let registry = Registry::new(
             incarnation,
             RegistryConfig {
@@ -361,7 +369,11 @@ impl Node {
 
     /// Subscribes a stream session to a service. Returns the full view now;
     /// the same view is queued on the session, and deltas follow it there.
-    pub fn subscribe(&self, session: &str, key: ServiceKey) -> Result<v1::ServiceUpdate, RegistryError> {
+    pub fn subscribe(
+        &self,
+        session: &str,
+        key: ServiceKey,
+    ) -> Result<v1::ServiceUpdate, RegistryError> {
         let link = self
             .links
             .read()
@@ -372,7 +384,9 @@ impl Node {
         let (key, update) = {
             let core = self.core.lock();
             let view = core.view(&key);
-            let key = view.as_ref().map_or_else(|| Arc::new(key), |v| v.key.clone());
+            let key = view
+                .as_ref()
+                .map_or_else(|| Arc::new(key), |v| v.key.clone());
             let update = match &view {
                 Some(v) => full_update(v),
                 None => v1::ServiceUpdate {
@@ -458,7 +472,9 @@ impl Node {
             };
             let frame = update_frame(bytes, Some(changed_at));
             for session in sessions {
-                let Some(link) = links.get(&session) else { continue };
+                let Some(link) = links.get(&session) else {
+                    continue;
+                };
                 let outcome = link.queue.lock().push_update(key.clone(), frame.clone());
                 if outcome == Enqueued::Overflowed {
                     self.metrics.push_queue_overflows.inc();

@@ -1,0 +1,605 @@
+//! A real node on loopback port 0, driven over gRPC and HTTP.
+
+use std::time::Duration;
+
+use prost::Message;
+use roster_client::cache::ServiceCache;
+use roster_client::{Client, Session, proto};
+use roster_core::{Instance, ServiceKey};
+use roster_server::{Config, RunningServer};
+use tokio::time::timeout;
+use tokio_stream::wrappers::ReceiverStream;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> (RunningServer, Client) {
+    let mut config = Config::default();
+    config.server.http = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc = "127.0.0.1:0".parse().unwrap();
+    tweak(&mut config);
+    let server = roster_server::start(config).await.unwrap();
+    let client = Client::connect(&server.grpc_addr.to_string())
+        .await
+        .unwrap();
+    (server, client)
+}
+
+fn key(name: &str) -> ServiceKey {
+    ServiceKey::simple(name).unwrap()
+}
+
+fn instance(last: u8, port: u16) -> Instance {
+    Instance::new(format!("10.1.0.{last}").parse().unwrap(), port)
+}
+
+fn reference(k: &ServiceKey, last: u8, port: u16) -> proto::InstanceRef {
+    proto::InstanceRef {
+        service: Some(k.into()),
+        ip: format!("10.1.0.{last}"),
+        port: u32::from(port),
+        ..Default::default()
+    }
+}
+
+/// Applies updates from `session` until `done(cache)` holds.
+async fn watch_until(
+    session: &mut Session,
+    cache: &mut ServiceCache,
+    done: impl Fn(&ServiceCache) -> bool,
+) {
+    timeout(WAIT, async {
+        while !done(cache) {
+            let update = session.next_update().await.expect("session open").unwrap();
+            cache.apply(&update).expect("updates apply in order");
+            session
+                .ack(
+                    &update.service.clone().unwrap().to_model().unwrap(),
+                    cache.revision,
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await
+    .expect("the expected update arrived in time");
+}
+
+#[tokio::test]
+async fn watch_sees_registration_and_deregistration() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("orders");
+    let mut watcher = client.open_session("watcher").await.unwrap();
+    let first = watcher.subscribe(&k).await.unwrap();
+    assert_eq!(first.revision, 0);
+    let mut cache = ServiceCache::default();
+
+    let provider = client.open_session("provider").await.unwrap();
+    let id = provider.register(&k, &instance(1, 80)).await.unwrap();
+    assert_eq!(id, "10.1.0.1#80#DEFAULT");
+    watch_until(&mut watcher, &mut cache, |c| c.instances.contains_key(&id)).await;
+
+    client.deregister(reference(&k, 1, 80)).await.unwrap();
+    watch_until(&mut watcher, &mut cache, |c| {
+        c.instances.is_empty() && c.revision > 1
+    })
+    .await;
+    let listed = client.query(&k, false).await.unwrap();
+    assert_eq!(listed.revision, cache.revision);
+    assert_eq!(listed.checksum, cache.checksum);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn closing_a_session_removes_its_instances_and_tells_subscribers() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("payments");
+    let mut watcher = client.open_session("watcher").await.unwrap();
+    watcher.subscribe(&k).await.unwrap();
+    let mut cache = ServiceCache::default();
+    let provider = client.open_session("provider").await.unwrap();
+    for port in 1..=3 {
+        provider.register(&k, &instance(2, port)).await.unwrap();
+    }
+    watch_until(&mut watcher, &mut cache, |c| c.instances.len() == 3).await;
+    provider.close().await;
+    watch_until(&mut watcher, &mut cache, |c| c.instances.is_empty()).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_changes_reaches_a_subscriber_as_few_pushes_with_the_final_view() {
+    let (server, client) = start(|c| c.push.coalesce_window = Duration::from_millis(50)).await;
+    let k = key("burst");
+    let mut watcher = client.open_session("watcher").await.unwrap();
+    watcher.subscribe(&k).await.unwrap();
+    let mut cache = ServiceCache::default();
+    let provider = client.open_session("provider").await.unwrap();
+    for port in 1..=200 {
+        provider.register(&k, &instance(3, port)).await.unwrap();
+    }
+    let mut updates = 0;
+    timeout(WAIT, async {
+        while cache.instances.len() < 200 {
+            let u = watcher.next_update().await.unwrap().unwrap();
+            cache.apply(&u).unwrap();
+            updates += 1;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(updates < 100, "200 changes arrived as {updates} pushes");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_overflows_then_gets_one_full_view() {
+    let (server, client) = start(|c| {
+        c.push.queue_capacity = 8;
+        c.push.coalesce_window = Duration::from_millis(1);
+    })
+    .await;
+    let k = key("flood");
+    // A raw session whose stream we do not read.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(proto::ClientMessage {
+        kind: Some(proto::client_message::Kind::Hello(proto::Hello {
+            client_name: "stuck".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stuck = client
+        .grpc()
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let welcome = match stuck.message().await.unwrap().unwrap().kind {
+        Some(proto::server_message::Kind::Welcome(w)) => w,
+        other => panic!("expected welcome, got {other:?}"),
+    };
+    client
+        .grpc()
+        .subscribe(proto::SubscribeRequest {
+            session_id: welcome.session_id.clone(),
+            service: Some((&k).into()),
+        })
+        .await
+        .unwrap();
+    let mut healthy = client.open_session("healthy").await.unwrap();
+    healthy.subscribe(&k).await.unwrap();
+    let mut cache = ServiceCache::default();
+
+    // Enough changes, each with a large metadata value, to fill the HTTP/2
+    // window of the stuck stream and then its queue.
+    let provider = client.open_session("provider").await.unwrap();
+    let total = 400u16;
+    let mut overflowed = false;
+    for port in 1..=total {
+        let mut i = instance(4, port);
+        i.metadata.insert("pad".into(), "x".repeat(10_000));
+        provider.register(&k, &i).await.unwrap();
+        if port % 20 == 0 {
+            // The healthy subscriber keeps up, and queries stay answered.
+            watch_until(&mut healthy, &mut cache, |c| {
+                c.instances.len() == usize::from(port)
+            })
+            .await;
+            let q = client.query(&k, false).await.unwrap();
+            assert_eq!(q.instances.len(), usize::from(port));
+            if server
+                .node
+                .metrics
+                .render()
+                .contains("roster_push_queue_overflows_total 0\n")
+            {
+                continue;
+            }
+            overflowed = true;
+        }
+    }
+    assert!(overflowed, "the stuck subscriber's queue overflowed");
+    // Now read the stuck stream: whatever HTTP/2 had buffered, then one full
+    // view that brings it to the final state.
+    let mut stuck_cache = ServiceCache::default();
+    let mut full_views = 0;
+    timeout(WAIT, async {
+        while stuck_cache.instances.len() < usize::from(total) {
+            let msg = stuck.message().await.unwrap().unwrap();
+            if let Some(proto::server_message::Kind::Update(bytes)) = msg.kind {
+                let u = proto::ServiceUpdate::decode(bytes).unwrap();
+                if matches!(u.kind, Some(proto::service_update::Kind::Full(_))) {
+                    full_views += 1;
+                }
+                stuck_cache.apply(&u).expect("in order");
+            }
+        }
+    })
+    .await
+    .expect("the stuck subscriber catches up");
+    assert!(
+        full_views >= 2,
+        "subscription view plus the overflow's full view"
+    );
+    assert_eq!(
+        stuck_cache.checksum,
+        client.query(&k, false).await.unwrap().checksum
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn drain_returns_once_every_subscriber_acknowledged() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("drained");
+    let provider = client.open_session("provider").await.unwrap();
+    provider.register(&k, &instance(5, 80)).await.unwrap();
+    let mut watchers = Vec::new();
+    for n in 0..3 {
+        let s = client.open_session(&format!("watcher-{n}")).await.unwrap();
+        s.subscribe(&k).await.unwrap();
+        watchers.push(s);
+    }
+    // Watchers apply and acknowledge everything they receive.
+    let tasks: Vec<_> = watchers
+        .into_iter()
+        .map(|mut s| {
+            let k = k.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(u)) = s.next_update().await {
+                    s.ack(&k, u.revision).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let r = client
+        .drain(reference(&k, 5, 80), false, WAIT)
+        .await
+        .unwrap();
+    assert!(r.complete, "pending: {:?}", r.pending);
+    assert_eq!(r.acknowledged.len(), 3);
+    let q = client.query(&k, false).await.unwrap();
+    assert_eq!(q.instances[0].weight, Some(0.0));
+
+    // A subscriber that never acknowledges is named after the timeout.
+    let silent = client.open_session("silent").await.unwrap();
+    silent.subscribe(&k).await.unwrap();
+    let r = client
+        .drain(reference(&k, 5, 80), true, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(!r.complete);
+    assert_eq!(r.pending.len(), 1);
+    assert!(r.pending[0].starts_with("silent"), "{:?}", r.pending);
+    assert!(client.query(&k, false).await.unwrap().instances.is_empty());
+    for t in tasks {
+        t.abort();
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn pull_answers_not_modified_a_delta_or_the_full_view() {
+    let (server, client) = start(|c| c.registry.delta_window = 4).await;
+    let k = key("pulled");
+    let s = client.open_session("p").await.unwrap();
+    s.register(&k, &instance(6, 1)).await.unwrap();
+    let r1 = client.query(&k, false).await.unwrap();
+    let same = client.pull(&k, r1.revision, 0).await.unwrap();
+    assert!(same.not_modified);
+    let by_checksum = client.pull(&k, 999_999, r1.checksum).await.unwrap();
+    assert!(
+        by_checksum.not_modified,
+        "the checksum matches across revisions"
+    );
+    s.register(&k, &instance(6, 2)).await.unwrap();
+    let delta = client.pull(&k, r1.revision, 0).await.unwrap();
+    let update = delta.update.unwrap();
+    assert!(matches!(
+        update.kind,
+        Some(proto::service_update::Kind::Delta(_))
+    ));
+    let mut cache = ServiceCache::default();
+    cache
+        .apply(&proto::ServiceUpdate {
+            service: Some((&k).into()),
+            revision: r1.revision,
+            checksum: r1.checksum,
+            kind: Some(proto::service_update::Kind::Full(proto::FullView {
+                instances: r1.instances,
+            })),
+        })
+        .unwrap();
+    cache.apply(&update).unwrap();
+    assert_eq!(cache.instances.len(), 2);
+    for port in 3..10 {
+        s.register(&k, &instance(6, port)).await.unwrap();
+    }
+    let old = client.pull(&k, r1.revision, 0).await.unwrap();
+    assert!(matches!(
+        old.update.unwrap().kind,
+        Some(proto::service_update::Kind::Full(_))
+    ));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_grpc_requests_get_invalid_argument_and_change_nothing() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("guarded");
+    let s = client.open_session("p").await.unwrap();
+    s.register(&k, &instance(7, 80)).await.unwrap();
+    let before = client.query(&k, false).await.unwrap();
+    let mut grpc = client.grpc();
+    let bad = |f: &dyn Fn(&mut proto::Instance)| {
+        let mut i = proto::Instance::from_model(&instance(7, 80));
+        f(&mut i);
+        proto::RegisterRequest {
+            session_id: s.id().to_owned(),
+            service: Some((&k).into()),
+            instance: Some(i),
+        }
+    };
+    let cases: Vec<(proto::RegisterRequest, &str)> = vec![
+        (bad(&|i| i.port = 0), "instance.port"),
+        (bad(&|i| i.port = 70_000), "instance.port"),
+        (bad(&|i| i.weight = Some(-1.0)), "instance.weight"),
+        (
+            bad(&|i| i.addresses[0].ip = "nope".into()),
+            "instance.addresses[0].ip",
+        ),
+        (bad(&|i| i.addresses.clear()), "instance.addresses"),
+        (bad(&|i| i.cluster = "x".repeat(600)), "instance.cluster"),
+        (
+            bad(&|i| {
+                i.metadata.insert("big".into(), "v".repeat(70_000));
+            }),
+            "instance.metadata",
+        ),
+        (
+            proto::RegisterRequest {
+                service: Some(proto::ServiceKey {
+                    service: "a\u{1}".into(),
+                    ..Default::default()
+                }),
+                ..bad(&|_| {})
+            },
+            "service",
+        ),
+        (
+            proto::RegisterRequest {
+                service: None,
+                ..bad(&|_| {})
+            },
+            "service",
+        ),
+        (
+            proto::RegisterRequest {
+                session_id: String::new(),
+                ..bad(&|_| {})
+            },
+            "session_id",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = grpc.register(request).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = grpc
+        .register(proto::RegisterRequest {
+            session_id: "gone".into(),
+            ..bad(&|_| {})
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = client.deregister(reference(&k, 9, 80)).await.unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+    let after = client.query(&k, false).await.unwrap();
+    assert_eq!(after, before, "nothing stored changed");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_api_registers_lists_beats_and_rejects_bad_input() {
+    let (server, client) = start(|_| {}).await;
+    let base = format!("http://{}", server.http_addr);
+    let http = reqwest::Client::new();
+    let reply: serde_json::Value = http
+        .post(format!("{base}/v1/instances"))
+        .json(&serde_json::json!({
+            "service": "web", "ip": "10.2.0.1", "port": 8080,
+            "metadata": {"zone": "a"}, "weight": 2.5
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["instance_id"], "10.2.0.1#8080#DEFAULT");
+    assert!(reply["session_id"].as_str().is_some());
+
+    let list: serde_json::Value = http
+        .get(format!("{base}/v1/instances?service=web"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["instances"][0]["metadata"]["zone"], "a");
+    assert_eq!(list["instances"][0]["weight"], 2.5);
+    let grpc_view = client.query(&key("web"), false).await.unwrap();
+    assert_eq!(
+        list["revision"], grpc_view.revision,
+        "one registry behind both APIs"
+    );
+
+    let beat = http
+        .put(format!("{base}/v1/instances/beat"))
+        .json(&serde_json::json!({"service": "web", "ip": "10.2.0.1", "port": 8080}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(beat.status(), 200);
+    let unknown = http
+        .put(format!("{base}/v1/instances/beat"))
+        .json(&serde_json::json!({"service": "web", "ip": "10.2.0.9", "port": 8080}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+
+    let bad_bodies = [
+        (
+            serde_json::json!({"service": "web", "ip": "10.2.0.300", "port": 1}),
+            "ip",
+        ),
+        (
+            serde_json::json!({"service": "web", "ip": "10.2.0.2", "port": 0}),
+            "instance.port",
+        ),
+        (
+            serde_json::json!({"service": "web", "ip": "10.2.0.2", "port": 99999}),
+            "port",
+        ),
+        (
+            serde_json::json!({"service": "", "ip": "10.2.0.2", "port": 1}),
+            "service",
+        ),
+        (serde_json::json!({"service": "web", "port": 1}), "ip"),
+        (
+            serde_json::json!({"service": "web", "ip": "10.2.0.2", "port": 1, "weight": 10001}),
+            "instance.weight",
+        ),
+    ];
+    for (body, field) in bad_bodies {
+        let r = http
+            .post(format!("{base}/v1/instances"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let e: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(e["field"], field, "{body}: {e}");
+    }
+    let r = http
+        .post(format!("{base}/v1/instances"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("invalid JSON"));
+    let r = http
+        .delete(format!(
+            "{base}/v1/instances?service=web&ip=10.2.0.1&port=notaport"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let after: serde_json::Value = http
+        .get(format!("{base}/v1/instances?service=web"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after, list, "rejected requests changed nothing");
+
+    let r = http
+        .delete(format!(
+            "{base}/v1/instances?service=web&ip=10.2.0.1&port=8080"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let services: serde_json::Value = http
+        .get(format!("{base}/v1/services"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(services["services"][0]["service"], "web");
+    assert_eq!(services["services"][0]["instances"], 0);
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            http.get(format!("{base}{path}"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "roster_sessions",
+        "roster_services 1",
+        "roster_instances 0",
+        "roster_pushes_sent_total",
+        "roster_push_queue_overflows_total",
+        "roster_push_latency_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn http_lease_expires_without_beats() {
+    let (server, _client) = start(|c| {
+        c.session.keepalive = Duration::from_millis(200);
+        c.session.probe_timeout = Duration::from_millis(100);
+        c.session.sweep_interval = Duration::from_millis(50);
+    })
+    .await;
+    let base = format!("http://{}", server.http_addr);
+    let http = reqwest::Client::new();
+    http.post(format!("{base}/v1/instances"))
+        .json(&serde_json::json!({"service": "lease", "ip": "10.3.0.1", "port": 1}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    timeout(WAIT, async {
+        loop {
+            let list: serde_json::Value = http
+                .get(format!("{base}/v1/instances?service=lease"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if list["instances"].as_array().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the lease expired and its instance was removed");
+    server.shutdown().await;
+}
