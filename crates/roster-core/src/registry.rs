@@ -3,7 +3,7 @@
 //! whole, bumps the service's revision and republishes its view. Pure: it
 //! takes the current time as an argument and never blocks, sends or sleeps.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +16,12 @@ use crate::session::{SessionKind, SessionTable, SessionTimeouts, SweepVerdict};
 
 /// All published views by service: a persistent map, so a snapshot of it
 /// is an O(1) clone that readers keep as long as they like.
-pub type PublishedViews = imbl::HashMap<Arc<ServiceKey>, Arc<ServiceView>>;
+pub type PublishedViews = imbl::GenericHashMap<
+    Arc<ServiceKey>,
+    Arc<ServiceView>,
+    rustc_hash::FxBuildHasher,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
 
 /// Why a registry operation was refused. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -109,9 +114,9 @@ impl Registry {
             revision: 0,
             next_session: 0,
             config,
-            services: HashMap::new(),
+            services: HashMap::default(),
             sessions: SessionTable::new(config.timeouts),
-            published: PublishedViews::new(),
+            published: PublishedViews::default(),
             instance_count: 0,
         }
     }
@@ -167,11 +172,22 @@ impl Registry {
         };
         self.sessions.touch(session, now);
         let id: Arc<str> = instance.id.as_str().into();
-        let key = self.intern(key);
-        let record = self.record(instance, owner.clone());
+        let record = Arc::new(self.record(instance, owner.clone()));
         let revision = self.next_revision();
-        let state = self.state_mut(&key);
-        let old = state.upsert(Arc::new(record), revision);
+        let window = self.config.delta_window;
+        // One lookup of the service: reuse its interned key, or create it.
+        let state = match self.services.get_mut(&key) {
+            Some(state) => state,
+            None => {
+                let key = Arc::new(key);
+                self.services
+                    .entry(key.clone())
+                    .or_insert_with(|| ServiceState::new(key, revision - 1, window))
+            }
+        };
+        let key = state.key().clone();
+        let old = state.upsert(record, revision);
+        let view = state.view();
         match old {
             Some(old) if old.owner != owner => self.disown(&old.owner, &key, &id),
             Some(_) => {}
@@ -180,7 +196,8 @@ impl Registry {
         if let Some(s) = self.sessions.get_mut(&owner) {
             s.owned.insert((key.clone(), id.clone()));
         }
-        Ok((self.publish(key), id))
+        self.published.insert(key.clone(), view);
+        Ok((Change { key, revision }, id))
     }
 
     /// Removes an instance whoever owns it.
@@ -294,21 +311,6 @@ impl Registry {
     /// Number of instances over all services.
     pub fn instance_count(&self) -> usize {
         self.instance_count
-    }
-
-    fn intern(&self, key: ServiceKey) -> Arc<ServiceKey> {
-        match self.services.get_key_value(&key) {
-            Some((k, _)) => k.clone(),
-            None => Arc::new(key),
-        }
-    }
-
-    fn state_mut(&mut self, key: &Arc<ServiceKey>) -> &mut ServiceState {
-        let window = self.config.delta_window;
-        let base = self.revision - 1;
-        self.services
-            .entry(key.clone())
-            .or_insert_with(|| ServiceState::new(key.clone(), base, window))
     }
 
     fn existing_mut(&mut self, key: &ServiceKey) -> Result<&mut ServiceState, RegistryError> {

@@ -3,7 +3,7 @@
 //! given, which idle sessions to probe and which to expire; it sends nothing
 //! and removes no records itself (the registry does, from its verdicts).
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,7 +75,7 @@ impl SessionTable {
     /// An empty table with these timeouts.
     pub fn new(timeouts: SessionTimeouts) -> Self {
         Self {
-            sessions: HashMap::new(),
+            sessions: HashMap::default(),
             timeouts,
             next_nonce: 0,
         }
@@ -96,7 +96,7 @@ impl SessionTable {
                 client_name,
                 last_active: now,
                 probe: None,
-                owned: HashSet::new(),
+                owned: HashSet::default(),
             },
         );
     }

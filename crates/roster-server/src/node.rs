@@ -87,6 +87,11 @@ impl SessionLink {
         }
     }
 
+    /// The next item if one is queued now (does not wait).
+    pub fn try_next(&self) -> Option<Outbound<Frame>> {
+        self.queue.lock().pop()
+    }
+
     /// Items queued now.
     pub fn queued(&self) -> usize {
         self.queue.lock().len()
@@ -155,7 +160,7 @@ impl Node {
         let node = Arc::new(Self {
             config,
             core: Mutex::new(registry),
-            views: ArcSwap::from_pointee(PublishedViews::new()),
+            views: ArcSwap::from_pointee(PublishedViews::default()),
             subs: Mutex::new(Subscriptions::default()),
             links: RwLock::new(HashMap::new()),
             changes: tx,

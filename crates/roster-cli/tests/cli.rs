@@ -1,0 +1,277 @@
+//! The `roster` binary end to end: a spawned `roster server` on free
+//! loopback ports, driven by the other subcommands as a user would.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_roster");
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A child process killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn interrupt(child: &Child) {
+    // SIGINT, as Ctrl-C would send.
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+}
+
+/// Starts `roster server` on port 0 and returns it with its gRPC address.
+fn server() -> (Running, String) {
+    let mut child = Command::new(BIN)
+        .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .env("ROSTER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn roster server");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (Running(child), grpc)
+}
+
+fn roster(server: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .output()
+        .expect("run roster")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{o:?}");
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+/// Spawns a long-running subcommand; its stdout lines arrive on the channel.
+fn spawn(server: &str, args: &[&str]) -> (Running, mpsc::Receiver<String>) {
+    let mut child = Command::new(BIN)
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (Running(child), rx)
+}
+
+fn next_json(rx: &mpsc::Receiver<String>) -> serde_json::Value {
+    let line = rx.recv_timeout(WAIT).expect("a line in time");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cli_tour_register_list_watch_drain_deregister() {
+    let (_server, addr) = server();
+
+    let (_watch, lines) = spawn(&addr, &["--json", "watch", "orders"]);
+    let first = next_json(&lines);
+    assert_eq!(first["kind"], "reset");
+    assert_eq!(first["instances"], 0);
+
+    let (register, reg_lines) = spawn(
+        &addr,
+        &[
+            "--json", "register", "orders", "--ip", "10.9.0.1", "--port", "8080", "--meta",
+            "zone=a",
+        ],
+    );
+    let reg = next_json(&reg_lines);
+    assert_eq!(reg["instance_id"], "10.9.0.1#8080#DEFAULT");
+
+    let added = next_json(&lines);
+    assert_eq!(added["added"][0]["addresses"][0]["ip"], "10.9.0.1");
+    let rev_added = added["revision"].as_u64().unwrap();
+    assert!(rev_added > 0);
+
+    let list = json(&roster(&addr, &["--json", "list", "orders"]));
+    assert_eq!(list["instances"][0]["port"], 8080);
+    assert_eq!(list["instances"][0]["metadata"]["zone"], "a");
+    let table = stdout(&roster(&addr, &["list", "orders"]));
+    assert!(table.starts_with("ADDRESS"), "{table}");
+    assert!(
+        table.contains("10.9.0.1") && table.contains("zone=a"),
+        "{table}"
+    );
+
+    let services = json(&roster(&addr, &["--json", "services"]));
+    assert_eq!(services["services"][0]["service"], "orders");
+    assert_eq!(services["services"][0]["subscribers"], 1);
+
+    // Drain waits for the watcher's acknowledgement.
+    let drained = json(&roster(
+        &addr,
+        &[
+            "--json",
+            "drain",
+            "orders",
+            "--ip",
+            "10.9.0.1",
+            "--port",
+            "8080",
+            "--timeout",
+            "10s",
+        ],
+    ));
+    assert_eq!(drained["complete"], true);
+    assert_eq!(drained["acknowledged"].as_array().unwrap().len(), 1);
+    let changed = next_json(&lines);
+    assert_eq!(changed["changed"][0]["weight"], 0.0);
+    assert!(changed["revision"].as_u64().unwrap() > rev_added);
+
+    // Ctrl-C on `register` deregisters.
+    interrupt(&register.0);
+    let removed = next_json(&lines);
+    assert_eq!(removed["removed"][0], "10.9.0.1#8080#DEFAULT");
+    assert_eq!(removed["instances"], 0);
+
+    // `deregister` removes an instance whose registrant is still running.
+    let (_second, second_lines) = spawn(
+        &addr,
+        &[
+            "--json", "register", "orders", "--ip", "10.9.0.2", "--port", "81",
+        ],
+    );
+    next_json(&second_lines);
+    let added = next_json(&lines);
+    assert_eq!(added["added"][0]["port"], 81);
+    let out = roster(
+        &addr,
+        &["deregister", "orders", "--ip", "10.9.0.2", "--port", "81"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).starts_with("deregistered"));
+    let removed = next_json(&lines);
+    assert_eq!(removed["removed"][0], "10.9.0.2#81#DEFAULT");
+}
+
+#[test]
+fn cli_errors_are_one_clear_line_and_a_non_zero_exit() {
+    let (_server, addr) = server();
+    // Unreachable server.
+    let out = roster("127.0.0.1:1", &["list", "orders"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: cannot reach the registry at 127.0.0.1:1"),
+        "{err}"
+    );
+    // Bad arguments.
+    let out = roster(
+        &addr,
+        &["register", "orders", "--ip", "10.0.0.300", "--port", "80"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ip") && err.contains("not an IP address"),
+        "{err}"
+    );
+    let out = roster(
+        &addr,
+        &["register", "orders", "--ip", "10.0.0.1", "--port", "0"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("instance.port"));
+    let out = roster(
+        &addr,
+        &[
+            "register", "orders", "--ip", "10.0.0.1", "--port", "80", "--weight", "20000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("instance.weight"));
+    let out = roster(&addr, &["list"]);
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
+    let out = roster(
+        &addr,
+        &["deregister", "orders", "--ip", "10.0.0.1", "--port", "80"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let out = roster(
+        &addr,
+        &[
+            "drain",
+            "orders",
+            "--ip",
+            "10.0.0.1",
+            "--port",
+            "80",
+            "--timeout",
+            "soon",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    // Nothing above registered anything.
+    let list = json(&roster(&addr, &["--json", "services"]));
+    assert_eq!(list["services"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn server_shuts_down_cleanly_on_interrupt_and_rejects_bad_config() {
+    let (server, addr) = server();
+    let out = roster(&addr, &["services"]);
+    assert!(out.status.success());
+    interrupt(&server.0);
+    let mut server = server;
+    wait_for("the server to exit", || {
+        matches!(server.0.try_wait(), Ok(Some(_)))
+    });
+    let status = server.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+
+    let out = Command::new(BIN)
+        .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .env("ROSTER_SESSION_KEEPALIVE", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
+    let out = Command::new(BIN)
+        .args(["server", "--config", "/nonexistent/roster.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
