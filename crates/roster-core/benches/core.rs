@@ -21,7 +21,7 @@ fn registry_with(n: u32) -> (Registry, roster_core::SessionId, ServiceKey) {
     let s = reg.open_session(SessionKind::Stream, "bench", now);
     let key = ServiceKey::simple("big").unwrap();
     for i in 0..n {
-        reg.register(&s, key.clone(), instance(i), now).unwrap();
+        reg.register(&s, &key, instance(i), now).unwrap();
     }
     (reg, s, key)
 }
@@ -35,14 +35,14 @@ fn register(c: &mut Criterion) {
         // the figure errs high.
         b.iter(|| {
             n = (n + 7919) % 10_000;
-            black_box(reg.register(&s, key.clone(), instance(n), now).unwrap());
+            black_box(reg.register(&s, &key, instance(n), now).unwrap());
         })
     });
     let mut next = 10_000u32;
     c.bench_function("register/new instance into 10k+ service", |b| {
         b.iter(|| {
             next += 1;
-            black_box(reg.register(&s, key.clone(), instance(next), now).unwrap());
+            black_box(reg.register(&s, &key, instance(next), now).unwrap());
         })
     });
 }
@@ -52,8 +52,7 @@ fn delta(c: &mut Criterion) {
     let (mut reg, s, key) = registry_with(10_000);
     let base = reg.view(&key).unwrap().revision;
     for i in 0..100 {
-        reg.register(&s, key.clone(), instance(i * 13), now)
-            .unwrap();
+        reg.register(&s, &key, instance(i * 13), now).unwrap();
     }
     c.bench_function("delta/1 change in 10k-instance service", |b| {
         let last = reg.view(&key).unwrap().revision;

@@ -156,7 +156,7 @@ impl Registry {
     pub fn register(
         &mut self,
         session: &str,
-        key: ServiceKey,
+        key: &ServiceKey,
         instance: Instance,
         now: Instant,
     ) -> Result<(Change, Arc<str>), RegistryError> {
@@ -176,17 +176,17 @@ impl Registry {
         let revision = self.next_revision();
         let window = self.config.delta_window;
         // One lookup of the service: reuse its interned key, or create it.
-        let state = match self.services.get_mut(&key) {
+        let state = match self.services.get_mut(key) {
             Some(state) => state,
             None => {
-                let key = Arc::new(key);
+                let key = Arc::new(key.clone());
                 self.services
                     .entry(key.clone())
                     .or_insert_with(|| ServiceState::new(key, revision - 1, window))
             }
         };
         let key = state.key().clone();
-        let old = state.upsert(record, revision);
+        let old = state.upsert(id.clone(), record, revision);
         let view = state.view();
         match old {
             Some(old) if old.owner != owner => self.disown(&old.owner, &key, &id),
@@ -241,7 +241,7 @@ impl Registry {
         let revision = self.next_revision();
         let state = self.existing_mut(key)?;
         let key = state.key().clone();
-        state.upsert(Arc::new(record), revision);
+        state.upsert(Arc::from(id), Arc::new(record), revision);
         Ok(self.publish(key))
     }
 

@@ -122,15 +122,17 @@ impl ServiceState {
         self.instances.get(id)
     }
 
-    /// Inserts or replaces a record, moving to `revision` (which must be
-    /// higher than the current one). Returns the replaced record.
+    /// Inserts or replaces a record under `id` (its instance's id), moving
+    /// to `revision` (which must be higher than the current one). Returns
+    /// the replaced record.
     pub fn upsert(
         &mut self,
+        id: Arc<str>,
         record: Arc<InstanceRecord>,
         revision: u64,
     ) -> Option<Arc<InstanceRecord>> {
         debug_assert!(revision > self.revision);
-        let id: Arc<str> = record.instance.id.as_str().into();
+        debug_assert_eq!(&*id, record.instance.id);
         self.checksum = self.checksum.wrapping_add(record.hash);
         let old = self.instances.insert(id, record.clone());
         if let Some(old) = &old {

@@ -82,7 +82,7 @@ fn run(ops: &[Op], window: usize) -> (Registry, Vec<Vec<Arc<roster_core::Service
             } => {
                 reg.register(
                     &sessions[*session],
-                    key(*service),
+                    &key(*service),
                     instance(*host, *weight),
                     now,
                 )
@@ -195,7 +195,7 @@ fn re_registering_an_identical_instance_bumps_version_and_revision() {
     let now = Instant::now();
     let mut reg = Registry::new(1, RegistryConfig::default());
     let s = reg.open_session(SessionKind::Stream, "t", now);
-    let (a, _) = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    let (a, _) = reg.register(&s, &key(0), instance(1, 1), now).unwrap();
     let v1 = reg
         .view(&key(0))
         .unwrap()
@@ -204,7 +204,7 @@ fn re_registering_an_identical_instance_bumps_version_and_revision() {
         .next()
         .unwrap()
         .version;
-    let (b, id1) = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    let (b, id1) = reg.register(&s, &key(0), instance(1, 1), now).unwrap();
     assert_eq!(&*id1, id(1));
     let v2 = reg
         .view(&key(0))
@@ -226,22 +226,22 @@ fn invalid_writes_change_nothing() {
     let now = Instant::now();
     let mut reg = Registry::new(1, RegistryConfig::default());
     let s = reg.open_session(SessionKind::Stream, "t", now);
-    let (ok, _) = reg.register(&s, key(0), instance(1, 1), now).unwrap();
+    let (ok, _) = reg.register(&s, &key(0), instance(1, 1), now).unwrap();
     let mut bad = instance(2, 1);
     bad.port = 0;
-    let err = reg.register(&s, key(0), bad, now).unwrap_err();
+    let err = reg.register(&s, &key(0), bad, now).unwrap_err();
     assert!(
         matches!(err, RegistryError::Invalid(ref e) if e.field == "instance.port"),
         "{err}"
     );
     let err = reg
-        .register("nope", key(0), instance(3, 1), now)
+        .register("nope", &key(0), instance(3, 1), now)
         .unwrap_err();
     assert!(matches!(err, RegistryError::UnknownSession(_)));
     let mut persistent = instance(4, 1);
     persistent.ephemeral = false;
     assert!(matches!(
-        reg.register(&s, key(0), persistent, now),
+        reg.register(&s, &key(0), persistent, now),
         Err(RegistryError::Unsupported(_))
     ));
     let err = reg
@@ -260,9 +260,9 @@ fn expired_session_removes_its_instances_and_only_those() {
     let mut reg = Registry::new(1, RegistryConfig::default());
     let quiet = reg.open_session(SessionKind::Stream, "quiet", t0);
     let chatty = reg.open_session(SessionKind::Stream, "chatty", t0);
-    reg.register(&quiet, key(0), instance(1, 1), t0).unwrap();
-    reg.register(&quiet, key(1), instance(2, 1), t0).unwrap();
-    reg.register(&chatty, key(0), instance(3, 1), t0).unwrap();
+    reg.register(&quiet, &key(0), instance(1, 1), t0).unwrap();
+    reg.register(&quiet, &key(1), instance(2, 1), t0).unwrap();
+    reg.register(&chatty, &key(0), instance(3, 1), t0).unwrap();
     let probe_at = t0 + Duration::from_secs(20);
     let out = reg.sweep(probe_at);
     assert_eq!(out.probes.len(), 2);
@@ -288,8 +288,8 @@ fn registering_an_instance_owned_by_another_session_moves_ownership() {
     let mut reg = Registry::new(1, RegistryConfig::default());
     let a = reg.open_session(SessionKind::Stream, "a", now);
     let b = reg.open_session(SessionKind::Stream, "b", now);
-    reg.register(&a, key(0), instance(1, 1), now).unwrap();
-    reg.register(&b, key(0), instance(1, 1), now).unwrap();
+    reg.register(&a, &key(0), instance(1, 1), now).unwrap();
+    reg.register(&b, &key(0), instance(1, 1), now).unwrap();
     assert!(reg.close_session(&a).is_empty(), "a no longer owns it");
     assert_eq!(reg.view(&key(0)).unwrap().instances.len(), 1);
     assert_eq!(reg.close_session(&b).len(), 1);

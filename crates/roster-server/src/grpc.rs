@@ -117,10 +117,12 @@ impl registry_server::Registry for GrpcApi {
         request: Request<Streaming<v1::ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let mut rx = request.into_inner();
-        // The first message names the client; wait for it briefly.
-        let first = tokio::time::timeout(Duration::from_secs(10), rx.message())
+        // The first message names the client; it must come within the
+        // keep-alive window like any other sign of life.
+        let window = self.node.config().session.keepalive;
+        let first = tokio::time::timeout(window, rx.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+            .map_err(|_| Status::deadline_exceeded("no hello within the keep-alive window"))??;
         let client_name = match first.and_then(|m| m.kind) {
             Some(v1::client_message::Kind::Hello(h)) => h.client_name,
             _ => {

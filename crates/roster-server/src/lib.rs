@@ -102,30 +102,21 @@ impl RunningServer {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { what, addr, source })
+/// Binds `addr` and returns the listener with the address it got.
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 /// Binds the listeners and starts a node.
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
-    let grpc_listener = bind("grpc", config.server.grpc).await?;
-    let http_listener = bind("http", config.server.http).await?;
-    let grpc_addr = grpc_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "grpc",
-            addr: config.server.grpc,
-            source,
-        })?;
-    let http_addr = http_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            what: "http",
-            addr: config.server.http,
-            source,
-        })?;
+    let (grpc_listener, grpc_addr) = bind("grpc", config.server.grpc).await?;
+    let (http_listener, http_addr) = bind("http", config.server.http).await?;
     // A new life of the node: its versions win over its previous life's.
     let incarnation = SystemTime::now()
         .duration_since(UNIX_EPOCH)

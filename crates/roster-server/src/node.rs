@@ -288,7 +288,7 @@ impl Node {
         instance: Instance,
     ) -> Result<(String, u64), RegistryError> {
         let (change, id) = self.write(
-            |core| core.register(session, key, instance, Self::now()),
+            |core| core.register(session, &key, instance, Self::now()),
             |(c, _)| vec![c.clone()],
         )?;
         Ok((id.to_string(), change.revision))

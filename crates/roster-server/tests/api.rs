@@ -405,6 +405,10 @@ async fn malformed_grpc_requests_get_invalid_argument_and_change_nothing() {
     server.shutdown().await;
 }
 
+async fn get_json(http: &reqwest::Client, url: String) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
+
 #[tokio::test]
 async fn http_api_registers_lists_beats_and_rejects_bad_input() {
     let (server, client) = start(|_| {}).await;
@@ -425,14 +429,7 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
     assert_eq!(reply["instance_id"], "10.2.0.1#8080#DEFAULT");
     assert!(reply["session_id"].as_str().is_some());
 
-    let list: serde_json::Value = http
-        .get(format!("{base}/v1/instances?service=web"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: serde_json::Value = get_json(&http, format!("{base}/v1/instances?service=web")).await;
     assert_eq!(list["instances"][0]["metadata"]["zone"], "a");
     assert_eq!(list["instances"][0]["weight"], 2.5);
     let grpc_view = client.query(&key("web"), false).await.unwrap();
@@ -507,14 +504,8 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let after: serde_json::Value = http
-        .get(format!("{base}/v1/instances?service=web"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: serde_json::Value =
+        get_json(&http, format!("{base}/v1/instances?service=web")).await;
     assert_eq!(after, list, "rejected requests changed nothing");
 
     let r = http
@@ -525,14 +516,7 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let services: serde_json::Value = http
-        .get(format!("{base}/v1/services"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let services: serde_json::Value = get_json(&http, format!("{base}/v1/services")).await;
     assert_eq!(services["services"][0]["service"], "web");
     assert_eq!(services["services"][0]["instances"], 0);
     for path in ["/healthz", "/readyz"] {
@@ -585,14 +569,8 @@ async fn http_lease_expires_without_beats() {
         .unwrap();
     timeout(WAIT, async {
         loop {
-            let list: serde_json::Value = http
-                .get(format!("{base}/v1/instances?service=lease"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let list: serde_json::Value =
+                get_json(&http, format!("{base}/v1/instances?service=lease")).await;
             if list["instances"].as_array().unwrap().is_empty() {
                 break;
             }
