@@ -31,7 +31,7 @@ fn register(c: &mut Criterion) {
     let (mut reg, s, key) = registry_with(10_000);
     let mut n = 0u32;
     c.bench_function("register/re-register into 10k-instance service", |b| {
-        // Timed with building the input instance (five allocations), so
+        // Timed with building the input instance (seven allocations), so
         // the figure errs high.
         b.iter(|| {
             n = (n + 7919) % 10_000;

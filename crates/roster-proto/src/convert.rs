@@ -1,8 +1,6 @@
 //! Conversions between wire messages and the core model. Wire input is
 //! untrusted: every conversion from it is fallible and names the field.
 
-use std::sync::Arc;
-
 use roster_core::model::{
     Address, Instance, InstanceRecord, ServiceKey, ValidationError, parse_ip,
 };
@@ -134,20 +132,4 @@ pub fn delta_update(key: &ServiceKey, delta: &Delta, checksum: u64) -> v1::Servi
             removed: delta.removed.iter().map(|id| id.to_string()).collect(),
         })),
     }
-}
-
-/// A wire instance back to a record, for consumers keeping a local cache
-/// (version and owner come from the wire; the hash is recomputed).
-pub fn record_from_wire(i: &v1::Instance) -> Result<InstanceRecord, ValidationError> {
-    let instance = i.to_model()?;
-    let version = i.version.unwrap_or_default();
-    Ok(InstanceRecord {
-        hash: roster_core::checksum::instance_hash(&instance),
-        instance,
-        owner: Arc::from(i.owner.as_str()),
-        version: roster_core::Version {
-            incarnation: version.incarnation,
-            sequence: version.sequence,
-        },
-    })
 }

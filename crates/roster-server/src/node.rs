@@ -351,20 +351,25 @@ impl Node {
 
     /// "Changed since `since` (or `checksum`)?"
     pub fn pull(&self, key: &ServiceKey, since: u64, checksum: u64) -> PullAnswer {
-        let core = self.core.lock();
-        let Some(view) = core.view(key) else {
-            return PullAnswer::NotModified {
-                revision: 0,
-                checksum: 0,
+        let (view, delta) = {
+            let core = self.core.lock();
+            let Some(view) = core.view(key) else {
+                return PullAnswer::NotModified {
+                    revision: 0,
+                    checksum: 0,
+                };
             };
+            if since == view.revision || (checksum != 0 && checksum == view.checksum) {
+                return PullAnswer::NotModified {
+                    revision: view.revision,
+                    checksum: view.checksum,
+                };
+            }
+            let delta = core.changes_since(key, since).filter(|_| since != 0);
+            (view, delta)
         };
-        if since == view.revision || (checksum != 0 && checksum == view.checksum) {
-            return PullAnswer::NotModified {
-                revision: view.revision,
-                checksum: view.checksum,
-            };
-        }
-        match core.changes_since(key, since).filter(|_| since != 0) {
+        // The message is built outside the lock.
+        match delta {
             Some(delta) => PullAnswer::Update(delta_update(key, &delta, view.checksum)),
             None => PullAnswer::Update(full_update(&view)),
         }
@@ -386,27 +391,29 @@ impl Node {
             .cloned()
             .ok_or_else(|| RegistryError::UnknownSession(session.to_owned()))?;
         self.touch(session);
-        let (key, update) = {
+        let (key, view) = {
             let core = self.core.lock();
             let view = core.view(&key);
             let key = view
                 .as_ref()
                 .map_or_else(|| Arc::new(key), |v| v.key.clone());
-            let update = match &view {
-                Some(v) => full_update(v),
-                None => v1::ServiceUpdate {
-                    service: Some(key.as_ref().into()),
-                    revision: 0,
-                    checksum: 0,
-                    kind: Some(v1::service_update::Kind::Full(v1::FullView::default())),
-                },
-            };
-            let mut subs = self.subs.lock();
-            subs.subscribe(link.id.clone(), key.clone(), update.revision);
+            let revision = view.as_ref().map_or(0, |v| v.revision);
+            self.subs
+                .lock()
+                .subscribe(link.id.clone(), key.clone(), revision);
             link.queue.lock().push_full(key.clone());
-            (key, update)
+            (key, view)
         };
         link.ready.notify_one();
+        // The (O(n)) message is built outside the locks.
+        let update = match &view {
+            Some(v) => full_update(v),
+            None => v1::ServiceUpdate {
+                service: Some(key.as_ref().into()),
+                kind: Some(v1::service_update::Kind::Full(v1::FullView::default())),
+                ..Default::default()
+            },
+        };
         tracing::debug!(session, service = %key, "subscribed");
         Ok(update)
     }
@@ -465,6 +472,10 @@ impl Node {
                 Need::Full => None,
             })
             .collect();
+        // Encoding and enqueueing need neither lock: a full view queued for
+        // a subscriber absorbs later updates and is built when dequeued, so
+        // it is never older than what was planned here.
+        drop(subs);
         drop(core);
         let links = self.links.read();
         for (need, sessions) in plan {
@@ -488,7 +499,6 @@ impl Node {
                 link.ready.notify_one();
             }
         }
-        drop(subs);
     }
 
     /// Sets an instance's weight to 0 (or removes it) and waits until every
