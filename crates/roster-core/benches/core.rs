@@ -38,11 +38,36 @@ fn register(c: &mut Criterion) {
             black_box(reg.register(&s, &key, instance(n), now).unwrap());
         })
     });
-    let mut next = 10_000u32;
-    c.bench_function("register/new instance into 10k+ service", |b| {
+    c.bench_function("register/re-register and publish at once (no burst)", |b| {
+        // What a write costs when no other write shares its publication:
+        // the view's path copy and the published map's.
         b.iter(|| {
-            next += 1;
-            black_box(reg.register(&s, &key, instance(next), now).unwrap());
+            n = (n + 7919) % 10_000;
+            black_box(reg.register(&s, &key, instance(n), now).unwrap());
+            black_box(reg.published().len());
+        })
+    });
+    c.bench_function("register/new instance into 10k-instance service", |b| {
+        // Each batch registers new instances and is then removed (untimed),
+        // so the service stays near 10k instead of growing without bound.
+        b.iter_custom(|iters| {
+            let mut spent = std::time::Duration::ZERO;
+            let mut done = 0;
+            while done < iters {
+                let batch = (iters - done).min(1_000) as u32;
+                let instances: Vec<Instance> = (0..batch).map(|i| instance(10_000 + i)).collect();
+                let mut ids = Vec::with_capacity(batch as usize);
+                let start = Instant::now();
+                for i in instances {
+                    ids.push(black_box(reg.register(&s, &key, i, now).unwrap()).1);
+                }
+                spent += start.elapsed();
+                for id in ids {
+                    reg.deregister(&key, &id).unwrap();
+                }
+                done += u64::from(batch);
+            }
+            spent
         })
     });
 }

@@ -219,10 +219,10 @@ impl Instance {
             if address.network.is_empty() {
                 address.network = DEFAULT_NETWORK.to_owned();
             }
-            validate_name(
-                &format!("instance.addresses[{i}].network"),
-                &address.network,
-            )?;
+            // The field name is only formatted on failure.
+            validate_name("network", &address.network).map_err(|e| {
+                ValidationError::new(format!("instance.addresses[{i}].network"), e.reason)
+            })?;
         }
         if self.port == 0 {
             return Err(ValidationError::new("instance.port", "must be 1..=65535"));

@@ -1,6 +1,7 @@
 //! The registry state of one node: services, sessions, and the published
 //! map of immutable views. Every write is validated first, then applied
-//! whole, bumps the service's revision and republishes its view. Pure: it
+//! whole and bumps the service's revision; views are republished lazily, on
+//! the next read, so a burst of writes pays for one republication. Pure: it
 //! takes the current time as an argument and never blocks, sends or sleeps.
 
 use rustc_hash::FxHashMap as HashMap;
@@ -102,6 +103,8 @@ pub struct Registry {
     services: HashMap<Arc<ServiceKey>, ServiceState>,
     sessions: SessionTable,
     published: PublishedViews,
+    /// Services written since `published` was last brought up to date.
+    unpublished: Vec<Arc<ServiceKey>>,
     instance_count: usize,
 }
 
@@ -117,6 +120,7 @@ impl Registry {
             services: HashMap::default(),
             sessions: SessionTable::new(config.timeouts),
             published: PublishedViews::default(),
+            unpublished: Vec::new(),
             instance_count: 0,
         }
     }
@@ -187,16 +191,24 @@ impl Registry {
         };
         let key = state.key().clone();
         let old = state.upsert(id.clone(), record, revision);
-        let view = state.view();
-        match old {
-            Some(old) if old.owner != owner => self.disown(&old.owner, &key, &id),
-            Some(_) => {}
-            None => self.instance_count += 1,
+        if state.mark_unpublished() {
+            self.unpublished.push(key.clone());
         }
-        if let Some(s) = self.sessions.get_mut(&owner) {
+        let newly_owned = match old {
+            Some(old) if old.owner != owner => {
+                self.disown(&old.owner, &key, &id);
+                true
+            }
+            // Already in the owner's set.
+            Some(_) => false,
+            None => {
+                self.instance_count += 1;
+                true
+            }
+        };
+        if newly_owned && let Some(s) = self.sessions.get_mut(&owner) {
             s.owned.insert((key.clone(), id.clone()));
         }
-        self.published.insert(key.clone(), view);
         Ok((Change { key, revision }, id))
     }
 
@@ -211,7 +223,7 @@ impl Registry {
         self.revision = revision;
         self.instance_count -= 1;
         self.disown(&old.owner, &key, id);
-        Ok(self.publish(key))
+        Ok(self.changed(key))
     }
 
     /// Changes an existing instance in place with `edit`; the result is
@@ -242,7 +254,7 @@ impl Registry {
         let state = self.existing_mut(key)?;
         let key = state.key().clone();
         state.upsert(Arc::from(id), Arc::new(record), revision);
-        Ok(self.publish(key))
+        Ok(self.changed(key))
     }
 
     /// Closes a session and removes every record it owned.
@@ -258,7 +270,7 @@ impl Registry {
             {
                 self.revision = revision;
                 self.instance_count -= 1;
-                changes.push(self.publish(key));
+                changes.push(self.changed(key));
             }
         }
         // One change per service is enough for consumers: keep the last.
@@ -283,14 +295,27 @@ impl Registry {
         outcome
     }
 
-    /// The published views: clone it (O(1)) to give readers a snapshot.
-    pub fn published(&self) -> &PublishedViews {
+    /// Whether some write is not yet in [`Self::published`].
+    pub fn has_unpublished(&self) -> bool {
+        !self.unpublished.is_empty()
+    }
+
+    /// The current views of every service, first republishing those
+    /// written since the last call: clone it (O(1)) to give readers a
+    /// snapshot.
+    pub fn published(&mut self) -> &PublishedViews {
+        for key in std::mem::take(&mut self.unpublished) {
+            if let Some(state) = self.services.get_mut(&key) {
+                let view = state.publish_view();
+                self.published.insert(key, view);
+            }
+        }
         &self.published
     }
 
-    /// The current view of a service.
-    pub fn view(&self, key: &ServiceKey) -> Option<Arc<ServiceView>> {
-        self.published.get(key).cloned()
+    /// The current view of a service (built once per revision).
+    pub fn view(&mut self, key: &ServiceKey) -> Option<Arc<ServiceView>> {
+        Some(self.services.get_mut(key)?.view())
     }
 
     /// The merged change of a service since `since`, if still in its window.
@@ -343,14 +368,16 @@ impl Registry {
         }
     }
 
-    fn publish(&mut self, key: Arc<ServiceKey>) -> Change {
+    /// Notes a write to an existing service for the next publication.
+    fn changed(&mut self, key: Arc<ServiceKey>) -> Change {
         let state = self
             .services
             .get_mut(&key)
-            .expect("publish follows a write to an existing service");
-        let view = state.view();
-        let revision = view.revision;
-        self.published.insert(key.clone(), view);
+            .expect("a change follows a write to an existing service");
+        let revision = state.revision();
+        if state.mark_unpublished() {
+            self.unpublished.push(key.clone());
+        }
         Change { key, revision }
     }
 }

@@ -81,6 +81,8 @@ pub struct ServiceState {
     window: usize,
     /// The view at `revision`, built on first demand after a write.
     view: Option<Arc<ServiceView>>,
+    /// Written since the registry last published this service's view.
+    unpublished: bool,
 }
 
 impl ServiceState {
@@ -94,6 +96,7 @@ impl ServiceState {
             deltas: VecDeque::new(),
             window: window.max(1),
             view: None,
+            unpublished: false,
         }
     }
 
@@ -169,6 +172,18 @@ impl ServiceState {
         }));
         self.revision = revision;
         self.view = None;
+    }
+
+    /// Flags the service as written since its last publication; true if
+    /// it was not flagged already.
+    pub fn mark_unpublished(&mut self) -> bool {
+        !std::mem::replace(&mut self.unpublished, true)
+    }
+
+    /// The view to publish now; clears the unpublished flag.
+    pub fn publish_view(&mut self) -> Arc<ServiceView> {
+        self.unpublished = false;
+        self.view()
     }
 
     /// The view at the current revision (built once per revision).

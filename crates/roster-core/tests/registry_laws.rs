@@ -146,7 +146,7 @@ fn run(ops: &[Op], window: usize) -> (Registry, Vec<Vec<Arc<roster_core::Service
 proptest! {
     #[test]
     fn maintained_checksum_equals_one_computed_from_scratch(ops in prop::collection::vec(op(), 0..80)) {
-        let (reg, _) = run(&ops, 16);
+        let (mut reg, _) = run(&ops, 16);
         for s in 0..3 {
             if let Some(view) = reg.view(&key(s)) {
                 let scratch = view_checksum(view.instances.values().map(|r| &r.instance));
@@ -157,7 +157,7 @@ proptest! {
 
     #[test]
     fn deltas_from_r_applied_to_view_at_r_give_the_current_view(ops in prop::collection::vec(op(), 1..80)) {
-        let (reg, history) = run(&ops, 1000);
+        let (mut reg, history) = run(&ops, 1000);
         for (s, views) in history.iter().enumerate() {
             let Some(current) = reg.view(&key(s as u8)) else { continue };
             for old in views {
@@ -172,8 +172,51 @@ proptest! {
     }
 
     #[test]
+    fn lazy_publication_shows_every_write_on_the_next_read(
+        ops in prop::collection::vec((op(), any::<bool>()), 1..80)
+    ) {
+        let now = Instant::now();
+        let mut reg = Registry::new(7, RegistryConfig::default());
+        let mut eager = Registry::new(7, RegistryConfig::default());
+        let sessions: Vec<_> = (0..3)
+            .map(|_| {
+                eager.open_session(SessionKind::Stream, "t", now);
+                reg.open_session(SessionKind::Stream, "t", now)
+            })
+            .collect();
+        for (op, read) in &ops {
+            for r in [&mut reg, &mut eager] {
+                match op {
+                    Op::Register { session, service, host, weight } => {
+                        r.register(&sessions[*session], &key(*service), instance(*host, *weight), now).unwrap();
+                    }
+                    Op::Deregister { service, host } => { let _ = r.deregister(&key(*service), &id(*host)); }
+                    Op::SetWeight { service, host, weight } => {
+                        let _ = r.modify(&key(*service), &id(*host), |i| i.weight = f64::from(*weight));
+                    }
+                    Op::CloseSession { .. } => {}
+                }
+            }
+            // The eager registry publishes after every write; the lazy one
+            // only sometimes. Whenever it does, it equals the eager one.
+            let expected = eager.published().clone();
+            if *read {
+                let got = reg.published().clone();
+                prop_assert!(!reg.has_unpublished());
+                prop_assert_eq!(got.len(), expected.len());
+                for (k, v) in &expected {
+                    let g = &got[k];
+                    prop_assert_eq!(g.revision, v.revision);
+                    prop_assert_eq!(g.checksum, v.checksum);
+                    prop_assert_eq!(&g.instances, &v.instances);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_small_window_answers_recent_revisions_and_refuses_old_ones(ops in prop::collection::vec(op(), 1..80)) {
-        let (reg, history) = run(&ops, 4);
+        let (mut reg, history) = run(&ops, 4);
         for (s, views) in history.iter().enumerate() {
             let Some(current) = reg.view(&key(s as u8)) else { continue };
             for old in views {

@@ -181,25 +181,34 @@ impl Node {
     }
 
     /// Runs a write on the core, publishes the new views for readers and
-    /// tells the pusher what changed.
+    /// tells the pusher what changed. The write is visible to readers when
+    /// this returns. Publication happens after the core lock was released
+    /// once, so writers that queued meanwhile are published together.
     fn write<T>(
         &self,
         f: impl FnOnce(&mut Registry) -> Result<T, RegistryError>,
         changes: impl Fn(&T) -> Vec<Change>,
     ) -> Result<T, RegistryError> {
-        let mut core = self.core.lock();
-        let out = f(&mut core)?;
+        let out = f(&mut self.core.lock())?;
         let changed = changes(&out);
         if !changed.is_empty() {
-            self.views.store(Arc::new(core.published().clone()));
+            self.publish();
         }
-        drop(core);
         let now = Instant::now();
         for c in changed {
             // The pusher only stops when the node does.
             let _ = self.changes.send((c.key, now));
         }
         Ok(out)
+    }
+
+    /// Brings the readers' snapshot up to date with every write made so
+    /// far. A no-op when another writer already did it.
+    fn publish(&self) {
+        let mut core = self.core.lock();
+        if core.has_unpublished() {
+            self.views.store(Arc::new(core.published().clone()));
+        }
     }
 
     // ---- sessions -------------------------------------------------------
@@ -352,7 +361,7 @@ impl Node {
     /// "Changed since `since` (or `checksum`)?"
     pub fn pull(&self, key: &ServiceKey, since: u64, checksum: u64) -> PullAnswer {
         let (view, delta) = {
-            let core = self.core.lock();
+            let mut core = self.core.lock();
             let Some(view) = core.view(key) else {
                 return PullAnswer::NotModified {
                     revision: 0,
@@ -392,7 +401,7 @@ impl Node {
             .ok_or_else(|| RegistryError::UnknownSession(session.to_owned()))?;
         self.touch(session);
         let (key, view) = {
-            let core = self.core.lock();
+            let mut core = self.core.lock();
             let view = core.view(&key);
             let key = view
                 .as_ref()
@@ -457,7 +466,7 @@ impl Node {
     /// Pushes the current state of `key` to every subscriber that is behind.
     /// Each distinct update is encoded once and shared.
     pub fn push(&self, key: &Arc<ServiceKey>, changed_at: Instant) {
-        let core = self.core.lock();
+        let mut core = self.core.lock();
         let Some(view) = core.view(key) else { return };
         let mut subs = self.subs.lock();
         let base = core.oldest_delta_base(key).unwrap_or(view.revision);
