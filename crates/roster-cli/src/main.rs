@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use roster_client::cache::ServiceCache;
-use roster_client::{Client, proto};
+use roster_client::{Change, Client, Connection, proto};
 use roster_core::model::{Address, parse_ip};
 use roster_core::{Instance, ServiceKey};
 
@@ -236,22 +235,23 @@ async fn run(cli: Cli) -> Result<()> {
                 node_name,
             }
             .normalize()?;
-            let client = Client::connect(&cli.server).await?;
-            let session = client
-                .open_session(&format!("roster-cli register {}", key.service))
-                .await?;
-            let id = session.register(&key, &instance).await?;
-            output::registered(json, &key, &id, session.id());
+            let client = sdk(&cli.server, &format!("roster-cli register {}", key.service)).await?;
+            let registration = client.register(&key, instance).await?;
+            output::registered(
+                json,
+                &key,
+                registration.instance_id(),
+                client.server().as_deref().unwrap_or_default(),
+            );
             shutdown_signal().await;
-            let reference = at.reference(&key)?;
-            let removed = client.deregister(reference).await;
-            session.close().await;
+            let removed = registration.deregister().await;
+            client.shutdown().await;
             removed.context("deregistering on exit")?;
             Ok(())
         }
         Command::Deregister { service, at } => {
             let key = service.key()?;
-            let client = Client::connect(&cli.server).await?;
+            let client = Connection::connect(&cli.server).await?;
             let revision = client.deregister(at.reference(&key)?).await?;
             output::revision(json, "deregistered", revision);
             Ok(())
@@ -261,13 +261,14 @@ async fn run(cli: Cli) -> Result<()> {
             healthy_only,
         } => {
             let key = service.key()?;
-            let client = Client::connect(&cli.server).await?;
-            let r = client.query(&key, healthy_only).await?;
+            let client = sdk(&cli.server, "roster-cli list").await?;
+            let r = client.connection().await?.query(&key, healthy_only).await?;
+            client.shutdown().await;
             output::instances(json, &key, r.revision, &r.instances);
             Ok(())
         }
         Command::Services { namespace, group } => {
-            let client = Client::connect(&cli.server).await?;
+            let client = Connection::connect(&cli.server).await?;
             let services = client.list_services(&namespace, &group).await?;
             output::services(json, &services);
             Ok(())
@@ -280,7 +281,7 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
         } => {
             let key = service.key()?;
-            let client = Client::connect(&cli.server).await?;
+            let client = Connection::connect(&cli.server).await?;
             let r = client.drain(at.reference(&key)?, remove, timeout).await?;
             output::drained(json, &r);
             if !r.complete {
@@ -342,35 +343,37 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A client of the SDK for one command: it must reach the registry.
+async fn sdk(server: &str, name: &str) -> Result<Client> {
+    Ok(Client::builder()
+        .addresses([server])
+        .client_name(name)
+        .require_connection(true)
+        .build()
+        .await?)
+}
+
 async fn watch(server: &str, json: bool, key: ServiceKey) -> Result<()> {
-    let client = Client::connect(server).await?;
-    let mut session = client
-        .open_session(&format!("roster-cli watch {}", key.service))
-        .await?;
-    session.subscribe(&key).await?;
-    let mut cache = ServiceCache::default();
+    let client = sdk(server, &format!("roster-cli watch {}", key.service)).await?;
+    let mut updates = client.subscribe(&key).await?;
+    // Instances in the view, kept from the changes.
+    let mut count = 0usize;
     loop {
         let update = tokio::select! {
-            u = session.next_update() => u,
+            u = updates.next() => u,
             _ = shutdown_signal() => break,
         };
         let Some(update) = update else {
-            bail!("the registry closed the session");
+            bail!("the client stopped");
         };
-        let update = update?;
-        let applied = match cache.apply(&update) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!("{e}; reloading the full view");
-                let pulled = client.pull(&key, 0, 0).await?;
-                let full = pulled.update.context("pull returned no view")?;
-                cache = ServiceCache::default();
-                cache.apply(&full)?
-            }
-        };
-        session.ack(&key, cache.revision).await?;
-        output::watched(json, &key, &cache, &applied);
+        match &update.change {
+            Change::Reset(all) => count = all.len(),
+            Change::Added(_) => count += 1,
+            Change::Removed(_) => count = count.saturating_sub(1),
+            Change::Changed(_) => {}
+        }
+        output::watched(json, &update, count);
     }
-    session.close().await;
+    client.shutdown().await;
     Ok(())
 }

@@ -1,7 +1,6 @@
 //! How the CLI prints results: aligned tables for people, JSON for scripts.
 
-use roster_client::cache::{Applied, ServiceCache};
-use roster_client::proto;
+use roster_client::{Change, Instance, Update, proto};
 use roster_core::ServiceKey;
 use serde_json::{Value, json};
 
@@ -56,14 +55,14 @@ fn instance_json(i: &proto::Instance) -> Value {
     })
 }
 
-pub fn registered(json: bool, key: &ServiceKey, id: &str, session: &str) {
+pub fn registered(json: bool, key: &ServiceKey, id: &str, server: &str) {
     if json {
         println!(
             "{}",
-            json!({"service": key.to_string(), "instance_id": id, "session_id": session})
+            json!({"service": key.to_string(), "instance_id": id, "server": server})
         );
     } else {
-        println!("registered {id} in {key} (session {session}); Ctrl-C deregisters");
+        println!("registered {id} in {key} at {server}; Ctrl-C deregisters");
     }
 }
 
@@ -160,33 +159,47 @@ pub fn services(json: bool, list: &[proto::ServiceSummary]) {
     );
 }
 
-pub fn watched(json: bool, key: &ServiceKey, cache: &ServiceCache, applied: &Applied) {
+/// One line per change of a watched service; `count` is the number of
+/// instances after it.
+pub fn watched(json: bool, update: &Update, count: usize) {
+    let wire = |i: &Instance| proto::Instance::from_model(i);
+    let (kind, added, changed, removed): (
+        _,
+        Vec<proto::Instance>,
+        Vec<proto::Instance>,
+        Vec<&str>,
+    ) = match &update.change {
+        Change::Reset(all) => (
+            "reset",
+            all.iter().map(|i| wire(i)).collect(),
+            vec![],
+            vec![],
+        ),
+        Change::Added(i) => ("added", vec![wire(i)], vec![], vec![]),
+        Change::Changed(i) => ("changed", vec![], vec![wire(i)], vec![]),
+        Change::Removed(id) => ("removed", vec![], vec![], vec![id.as_str()]),
+    };
     if json {
         println!(
             "{}",
             json!({
-                "service": key.to_string(),
-                "revision": cache.revision,
-                "kind": if applied.reset { "reset" } else { "delta" },
-                "added": applied.added.iter().map(instance_json).collect::<Vec<_>>(),
-                "changed": applied.changed.iter().map(instance_json).collect::<Vec<_>>(),
-                "removed": applied.removed,
-                "instances": cache.instances.len(),
+                "service": update.service.to_string(),
+                "revision": update.revision,
+                "kind": kind,
+                "added": added.iter().map(instance_json).collect::<Vec<_>>(),
+                "changed": changed.iter().map(instance_json).collect::<Vec<_>>(),
+                "removed": removed,
+                "instances": count,
             })
         );
         return;
     }
     let mut parts = Vec::new();
-    if applied.reset {
+    if kind == "reset" {
         parts.push("reset".to_owned());
     }
-    parts.extend(
-        applied
-            .added
-            .iter()
-            .map(|i| format!("+{}:{}", address(i), i.port)),
-    );
-    parts.extend(applied.changed.iter().map(|i| {
+    parts.extend(added.iter().map(|i| format!("+{}:{}", address(i), i.port)));
+    parts.extend(changed.iter().map(|i| {
         format!(
             "~{}:{} weight={}",
             address(i),
@@ -194,12 +207,11 @@ pub fn watched(json: bool, key: &ServiceKey, cache: &ServiceCache, applied: &App
             i.weight.unwrap_or(1.0)
         )
     }));
-    parts.extend(applied.removed.iter().map(|id| format!("-{id}")));
+    parts.extend(removed.iter().map(|id| format!("-{id}")));
     println!(
-        "revision {} {} ({} instances)",
-        cache.revision,
+        "revision {} {} ({count} instances)",
+        update.revision,
         parts.join(" "),
-        cache.instances.len()
     );
 }
 

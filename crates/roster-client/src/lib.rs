@@ -1,35 +1,116 @@
-//! The Rust client of a Roster registry: a [`Client`] for one-shot calls
-//! and a [`Session`] that keeps itself alive (keep-alives, probe replies),
-//! owns what it registers and receives pushed updates, which a
-//! [`cache::ServiceCache`] merges into a local view.
+//! The Rust SDK of the Roster service registry.
+//!
+//! A [`Client`] holds one session with one of several registry nodes and
+//! turns the registry's promises into behaviour an application can rely on:
+//!
+//! - **Registration** survives reconnects and failover: what you register
+//!   (and subscribe to) is redone on the new session without your code
+//!   noticing. [`Registration::deregister`] or [`Client::shutdown`] removes it.
+//! - **Subscriptions** keep a local cache per service, merged from pushed
+//!   deltas (applied only on the matching revision and verified by checksum;
+//!   a gap or mismatch reloads the full view) with a periodic pull as the
+//!   safety net. [`Client::instances`] answers from memory.
+//! - **Empty-push protection** (on by default) holds back an update that
+//!   would empty a service that had instances until a pull confirms it.
+//! - **Disk failover cache**: with [`ClientBuilder::cache_dir`], last good
+//!   views are written atomically; a client started while no registry is
+//!   reachable serves them and reports [`Status::Degraded`].
+//! - **Choosing an instance**: [`Client::select`] is weighted random over
+//!   serving instances; [`Client::report_failure`] shields an address after
+//!   repeated failures, and a multi-network instance sticks to the address
+//!   that last worked.
+//! - **Observability**: counters and gauges through the `metrics` facade
+//!   (see [`metric_names`]) and [`Client::status`].
+//!
+//! ```no_run
+//! use std::net::{IpAddr, Ipv4Addr};
+//! use roster_client::{Change, Client, Instance};
+//!
+//! # async fn demo() -> Result<(), roster_client::ClientError> {
+//! let client = Client::builder()
+//!     .addresses(["127.0.0.1:9848", "127.0.0.1:19848"])
+//!     .namespace("public")
+//!     .client_name("orders-api")
+//!     .cache_dir("/var/cache/orders-api/roster")
+//!     .build()
+//!     .await?;
+//!
+//! // Provider side: stays registered across reconnects until deregistered.
+//! let me = Instance::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)), 8080);
+//! let registration = client.register("orders", me).await?;
+//!
+//! // Consumer side: a live, cached view of another service.
+//! let mut payments = client.subscribe("payments").await?;
+//! if let Some(chosen) = client.select("payments") {
+//!     println!("calling {}", chosen.address);
+//!     // ... after the call:
+//!     client.report_success(chosen.address);
+//! }
+//! while let Some(update) = payments.next().await {
+//!     match update.change {
+//!         Change::Reset(all) => println!("r{} reset: {} instances", update.revision, all.len()),
+//!         Change::Added(i) => println!("r{} + {}", update.revision, i.id),
+//!         Change::Changed(i) => println!("r{} ~ {}", update.revision, i.id),
+//!         Change::Removed(id) => println!("r{} - {id}", update.revision),
+//!     }
+//! #   break;
+//! }
+//!
+//! registration.deregister().await?;
+//! client.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod balance;
 pub mod cache;
+mod client;
+pub mod disk;
+mod driver;
+pub mod raw;
 
-use std::time::Duration;
-
-use prost::Message;
-use roster_core::{Instance, ServiceKey};
-use roster_proto::v1::{self, registry_client::RegistryClient};
-use thiserror::Error;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
-
+pub use client::{
+    Change, Client, ClientBuilder, Registration, Selected, Status, Subscription, Update,
+};
+pub use raw::{Connection, Session};
+pub use roster_core::{Instance, ServiceKey};
 pub use roster_proto::v1 as proto;
+
+use thiserror::Error;
 
 /// Largest message accepted from the registry: a full view of a very large
 /// service (tens of thousands of instances with metadata) must fit.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-/// What went wrong talking to the registry.
+/// The names of the metrics the client records through the `metrics`
+/// facade (install any `metrics` recorder to collect them).
+pub mod metric_names {
+    /// Counter: sessions opened again after one broke.
+    pub const RECONNECTS: &str = "roster_client_reconnects_total";
+    /// Counter: reconnects that landed on a different registry address.
+    pub const FAILOVERS: &str = "roster_client_failovers_total";
+    /// Counter: pushed updates applied to a cache.
+    pub const PUSHES_APPLIED: &str = "roster_client_pushes_applied_total";
+    /// Counter: full views reloaded after a gap or checksum mismatch.
+    pub const FULL_RELOADS: &str = "roster_client_full_reloads_total";
+    /// Counter: updates held back by empty-push protection.
+    pub const EMPTY_PUSHES_HELD: &str = "roster_client_empty_pushes_held_total";
+    /// Gauge: addresses currently shielded after repeated failures.
+    pub const SHIELDED_ADDRESSES: &str = "roster_client_shielded_addresses";
+}
+
+/// What went wrong talking to the registry, or with what the application
+/// asked for.
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// The address is not usable.
     #[error("invalid server address {0:?}")]
     Address(String),
+    /// The application's input is invalid (nothing was sent or stored).
+    #[error(transparent)]
+    Invalid(#[from] roster_core::ValidationError),
     /// The registry could not be reached.
     #[error("cannot reach the registry at {addr}: {reason}")]
     Connect {
@@ -41,306 +122,11 @@ pub enum ClientError {
     /// The registry refused or failed the call.
     #[error("{}", .0.message())]
     Status(#[from] tonic::Status),
-    /// The session ended (server gone or session expired).
+    /// The session ended (server gone or session expired), or the client
+    /// was shut down.
     #[error("the session has ended")]
     SessionClosed,
     /// The server sent something that cannot be decoded.
     #[error("malformed message from the registry: {0}")]
     Protocol(String),
-}
-
-/// A connection to one registry node, for one-shot calls.
-#[derive(Clone)]
-pub struct Client {
-    grpc: RegistryClient<Channel>,
-}
-
-impl Client {
-    /// Connects to `addr` ("host:port" or "http://host:port").
-    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
-        let uri = if addr.contains("://") {
-            addr.to_owned()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|_| ClientError::Address(addr.to_owned()))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| ClientError::Connect {
-            addr: addr.to_owned(),
-            reason: root_cause(&e),
-        })?;
-        Ok(Self {
-            grpc: RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
-        })
-    }
-
-    /// The generated gRPC client, for calls this type does not wrap.
-    pub fn grpc(&self) -> RegistryClient<Channel> {
-        self.grpc.clone()
-    }
-
-    /// Opens a session named `client_name`.
-    pub async fn open_session(&self, client_name: &str) -> Result<Session, ClientError> {
-        Session::open(self.grpc.clone(), client_name).await
-    }
-
-    /// The instances of a service.
-    pub async fn query(
-        &self,
-        key: &ServiceKey,
-        healthy_only: bool,
-    ) -> Result<v1::QueryResponse, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .query(v1::QueryRequest {
-                service: Some(key.into()),
-                healthy_only,
-                clusters: Vec::new(),
-            })
-            .await?;
-        Ok(r.into_inner())
-    }
-
-    /// Services of a namespace (and optionally one group).
-    pub async fn list_services(
-        &self,
-        namespace: &str,
-        group: &str,
-    ) -> Result<Vec<v1::ServiceSummary>, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .list_services(v1::ListServicesRequest {
-                namespace: namespace.to_owned(),
-                group: group.to_owned(),
-            })
-            .await?;
-        Ok(r.into_inner().services)
-    }
-
-    /// Removes an instance.
-    pub async fn deregister(&self, instance: v1::InstanceRef) -> Result<u64, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .deregister(v1::DeregisterRequest {
-                instance: Some(instance),
-            })
-            .await?;
-        Ok(r.into_inner().revision)
-    }
-
-    /// Drains an instance (weight 0, or removal) and waits for subscribers'
-    /// acknowledgements up to `timeout`.
-    pub async fn drain(
-        &self,
-        instance: v1::InstanceRef,
-        remove: bool,
-        timeout: Duration,
-    ) -> Result<v1::DrainResponse, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .drain(v1::DrainRequest {
-                instance: Some(instance),
-                remove,
-                timeout_ms: timeout.as_millis().max(1) as u64,
-            })
-            .await?;
-        Ok(r.into_inner())
-    }
-
-    /// "Changed since `revision` / `checksum`?"
-    pub async fn pull(
-        &self,
-        key: &ServiceKey,
-        revision: u64,
-        checksum: u64,
-    ) -> Result<v1::PullResponse, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .pull(v1::PullRequest {
-                service: Some(key.into()),
-                since_revision: revision,
-                since_checksum: checksum,
-            })
-            .await?;
-        Ok(r.into_inner())
-    }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = e;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
-}
-
-/// A live session: keeps itself alive in the background, owns the
-/// instances it registers (removed when it closes) and receives updates of
-/// the services it subscribes to.
-pub struct Session {
-    id: String,
-    grpc: RegistryClient<Channel>,
-    outgoing: mpsc::Sender<v1::ClientMessage>,
-    updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
-    task: JoinHandle<()>,
-}
-
-impl Session {
-    async fn open(
-        mut grpc: RegistryClient<Channel>,
-        client_name: &str,
-    ) -> Result<Self, ClientError> {
-        let (outgoing, rx) = mpsc::channel(64);
-        outgoing
-            .send(v1::ClientMessage {
-                kind: Some(v1::client_message::Kind::Hello(v1::Hello {
-                    client_name: client_name.to_owned(),
-                })),
-            })
-            .await
-            .map_err(|_| ClientError::SessionClosed)?;
-        let mut inbound = grpc.session(ReceiverStream::new(rx)).await?.into_inner();
-        let welcome = match inbound.message().await? {
-            Some(v1::ServerMessage {
-                kind: Some(v1::server_message::Kind::Welcome(w)),
-            }) => w,
-            _ => return Err(ClientError::Protocol("expected welcome".into())),
-        };
-        let (updates_tx, updates) = mpsc::channel(1024);
-        let keepalive = Duration::from_millis(welcome.keepalive_ms.max(300) / 3);
-        let task = tokio::spawn(run_session(
-            inbound,
-            outgoing.clone(),
-            updates_tx,
-            keepalive,
-        ));
-        Ok(Self {
-            id: welcome.session_id,
-            grpc,
-            outgoing,
-            updates,
-            task,
-        })
-    }
-
-    /// The session id the registry gave.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Registers an instance owned by this session. Returns its id.
-    pub async fn register(
-        &self,
-        key: &ServiceKey,
-        instance: &Instance,
-    ) -> Result<String, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .register(v1::RegisterRequest {
-                session_id: self.id.clone(),
-                service: Some(key.into()),
-                instance: Some(v1::Instance::from_model(instance)),
-            })
-            .await?;
-        Ok(r.into_inner().instance_id)
-    }
-
-    /// Subscribes to a service: returns its full view now; the same view
-    /// and then its changes arrive through [`Session::next_update`].
-    pub async fn subscribe(&self, key: &ServiceKey) -> Result<v1::ServiceUpdate, ClientError> {
-        let r = self
-            .grpc
-            .clone()
-            .subscribe(v1::SubscribeRequest {
-                session_id: self.id.clone(),
-                service: Some(key.into()),
-            })
-            .await?;
-        r.into_inner()
-            .view
-            .ok_or_else(|| ClientError::Protocol("subscribe answered no view".into()))
-    }
-
-    /// The next pushed update (in order per service); `None` once the
-    /// session has ended.
-    pub async fn next_update(&mut self) -> Option<Result<v1::ServiceUpdate, ClientError>> {
-        self.updates.recv().await
-    }
-
-    /// Tells the registry this session applied `revision` of `key`.
-    pub async fn ack(&self, key: &ServiceKey, revision: u64) -> Result<(), ClientError> {
-        self.outgoing
-            .send(v1::ClientMessage {
-                kind: Some(v1::client_message::Kind::Ack(v1::Ack {
-                    service: Some(key.into()),
-                    revision,
-                })),
-            })
-            .await
-            .map_err(|_| ClientError::SessionClosed)
-    }
-
-    /// Ends the session; the registry removes what it registered.
-    pub async fn close(self) {
-        drop(self.outgoing);
-        self.task.abort();
-        let _ = self.task.await;
-    }
-}
-
-async fn run_session(
-    mut inbound: tonic::Streaming<v1::ServerMessage>,
-    outgoing: mpsc::Sender<v1::ClientMessage>,
-    updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
-    keepalive: Duration,
-) {
-    use v1::server_message::Kind;
-    let mut tick = tokio::time::interval(keepalive);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let msg = tokio::select! {
-            m = inbound.message() => m,
-            _ = tick.tick() => {
-                let ka = v1::ClientMessage { kind: Some(v1::client_message::Kind::KeepAlive(v1::KeepAlive {})) };
-                if outgoing.send(ka).await.is_err() { return; }
-                continue;
-            }
-        };
-        let msg = match msg {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(status) => {
-                let _ = updates.send(Err(status.into())).await;
-                return;
-            }
-        };
-        match msg.kind {
-            Some(Kind::Probe(p)) => {
-                let reply = v1::ClientMessage {
-                    kind: Some(v1::client_message::Kind::ProbeReply(v1::ProbeReply {
-                        nonce: p.nonce,
-                    })),
-                };
-                if outgoing.send(reply).await.is_err() {
-                    return;
-                }
-            }
-            Some(Kind::Update(bytes)) => {
-                let update = v1::ServiceUpdate::decode(bytes)
-                    .map_err(|e| ClientError::Protocol(e.to_string()));
-                if updates.send(update).await.is_err() {
-                    return;
-                }
-            }
-            Some(Kind::Welcome(_)) | None => {}
-        }
-    }
 }

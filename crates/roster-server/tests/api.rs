@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use prost::Message;
 use roster_client::cache::ServiceCache;
-use roster_client::{Client, Session, proto};
+use roster_client::{Connection as Client, Session, proto};
 use roster_core::{Instance, ServiceKey};
 use roster_server::{Config, RunningServer};
 use tokio::time::timeout;
@@ -76,13 +76,10 @@ async fn watch_sees_registration_and_deregistration() {
     let provider = client.open_session("provider").await.unwrap();
     let id = provider.register(&k, &instance(1, 80)).await.unwrap();
     assert_eq!(id, "10.1.0.1#80#DEFAULT");
-    watch_until(&mut watcher, &mut cache, |c| c.instances.contains_key(&id)).await;
+    watch_until(&mut watcher, &mut cache, |c| c.get(&id).is_some()).await;
 
     client.deregister(reference(&k, 1, 80)).await.unwrap();
-    watch_until(&mut watcher, &mut cache, |c| {
-        c.instances.is_empty() && c.revision > 1
-    })
-    .await;
+    watch_until(&mut watcher, &mut cache, |c| c.is_empty() && c.revision > 1).await;
     let listed = client.query(&k, false).await.unwrap();
     assert_eq!(listed.revision, cache.revision);
     assert_eq!(listed.checksum, cache.checksum);
@@ -100,9 +97,9 @@ async fn closing_a_session_removes_its_instances_and_tells_subscribers() {
     for port in 1..=3 {
         provider.register(&k, &instance(2, port)).await.unwrap();
     }
-    watch_until(&mut watcher, &mut cache, |c| c.instances.len() == 3).await;
+    watch_until(&mut watcher, &mut cache, |c| c.len() == 3).await;
     provider.close().await;
-    watch_until(&mut watcher, &mut cache, |c| c.instances.is_empty()).await;
+    watch_until(&mut watcher, &mut cache, |c| c.is_empty()).await;
     server.shutdown().await;
 }
 
@@ -119,7 +116,7 @@ async fn a_burst_of_changes_reaches_a_subscriber_as_few_pushes_with_the_final_vi
     }
     let mut updates = 0;
     timeout(WAIT, async {
-        while cache.instances.len() < 200 {
+        while cache.len() < 200 {
             let u = watcher.next_update().await.unwrap().unwrap();
             cache.apply(&u).unwrap();
             updates += 1;
@@ -181,10 +178,7 @@ async fn a_subscriber_that_never_reads_overflows_then_gets_one_full_view() {
         provider.register(&k, &i).await.unwrap();
         if port % 20 == 0 {
             // The healthy subscriber keeps up, and queries stay answered.
-            watch_until(&mut healthy, &mut cache, |c| {
-                c.instances.len() == usize::from(port)
-            })
-            .await;
+            watch_until(&mut healthy, &mut cache, |c| c.len() == usize::from(port)).await;
             let q = client.query(&k, false).await.unwrap();
             assert_eq!(q.instances.len(), usize::from(port));
             if server
@@ -204,7 +198,7 @@ async fn a_subscriber_that_never_reads_overflows_then_gets_one_full_view() {
     let mut stuck_cache = ServiceCache::default();
     let mut full_views = 0;
     timeout(WAIT, async {
-        while stuck_cache.instances.len() < usize::from(total) {
+        while stuck_cache.len() < usize::from(total) {
             let msg = stuck.message().await.unwrap().unwrap();
             if let Some(proto::server_message::Kind::Update(bytes)) = msg.kind {
                 let u = proto::ServiceUpdate::decode(bytes).unwrap();
@@ -311,7 +305,7 @@ async fn pull_answers_not_modified_a_delta_or_the_full_view() {
         })
         .unwrap();
     cache.apply(&update).unwrap();
-    assert_eq!(cache.instances.len(), 2);
+    assert_eq!(cache.len(), 2);
     for port in 3..10 {
         s.register(&k, &instance(6, port)).await.unwrap();
     }

@@ -1,0 +1,356 @@
+//! The raw protocol client: one-shot calls ([`Connection`]) and a bare
+//! session ([`Session`]) that keeps itself alive and hands over pushes as
+//! they arrive. No retries, no caching: the [`crate::Client`] builds those on
+//! top. Tests and operator tools use it to speak the protocol directly.
+
+use std::time::Duration;
+
+use prost::Message;
+use roster_core::{Instance, ServiceKey};
+use roster_proto::v1::{self, registry_client::RegistryClient};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::{ClientError, MAX_MESSAGE_BYTES};
+
+/// A connection to one registry node, for one-shot calls.
+#[derive(Clone)]
+pub struct Connection {
+    grpc: RegistryClient<Channel>,
+}
+
+impl Connection {
+    /// Connects to `addr` ("host:port" or "http://host:port").
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Self::connect_with(addr, Duration::from_secs(3), Duration::from_secs(20)).await
+    }
+
+    /// Connects with a connect timeout; HTTP/2 pings every `ping` detect
+    /// a dead peer even when no call is under way.
+    pub async fn connect_with(
+        addr: &str,
+        connect_timeout: Duration,
+        ping: Duration,
+    ) -> Result<Self, ClientError> {
+        let uri = if addr.contains("://") {
+            addr.to_owned()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri)
+            .map_err(|_| ClientError::Address(addr.to_owned()))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(ping)
+            .keep_alive_timeout(connect_timeout)
+            .keep_alive_while_idle(true);
+        let connecting = endpoint.connect();
+        let channel = match tokio::time::timeout(connect_timeout, connecting).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                return Err(ClientError::Connect {
+                    addr: addr.to_owned(),
+                    reason: root_cause(&e),
+                });
+            }
+            Err(_) => {
+                return Err(ClientError::Connect {
+                    addr: addr.to_owned(),
+                    reason: "timed out".into(),
+                });
+            }
+        };
+        Ok(Self {
+            grpc: RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+
+    /// The generated gRPC client, for calls this type does not wrap.
+    pub fn grpc(&self) -> RegistryClient<Channel> {
+        self.grpc.clone()
+    }
+
+    /// Opens a session named `client_name`.
+    pub async fn open_session(&self, client_name: &str) -> Result<Session, ClientError> {
+        Session::open(self.grpc.clone(), client_name).await
+    }
+
+    /// The instances of a service.
+    pub async fn query(
+        &self,
+        key: &ServiceKey,
+        healthy_only: bool,
+    ) -> Result<v1::QueryResponse, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .query(v1::QueryRequest {
+                service: Some(key.into()),
+                healthy_only,
+                clusters: Vec::new(),
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Services of a namespace (and optionally one group).
+    pub async fn list_services(
+        &self,
+        namespace: &str,
+        group: &str,
+    ) -> Result<Vec<v1::ServiceSummary>, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .list_services(v1::ListServicesRequest {
+                namespace: namespace.to_owned(),
+                group: group.to_owned(),
+            })
+            .await?;
+        Ok(r.into_inner().services)
+    }
+
+    /// Removes an instance.
+    pub async fn deregister(&self, instance: v1::InstanceRef) -> Result<u64, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .deregister(v1::DeregisterRequest {
+                instance: Some(instance),
+            })
+            .await?;
+        Ok(r.into_inner().revision)
+    }
+
+    /// Drains an instance (weight 0, or removal) and waits for subscribers'
+    /// acknowledgements up to `timeout`.
+    pub async fn drain(
+        &self,
+        instance: v1::InstanceRef,
+        remove: bool,
+        timeout: Duration,
+    ) -> Result<v1::DrainResponse, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .drain(v1::DrainRequest {
+                instance: Some(instance),
+                remove,
+                timeout_ms: timeout.as_millis().max(1) as u64,
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// "Changed since `revision` / `checksum`?"
+    pub async fn pull(
+        &self,
+        key: &ServiceKey,
+        revision: u64,
+        checksum: u64,
+    ) -> Result<v1::PullResponse, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .pull(v1::PullRequest {
+                service: Some(key.into()),
+                since_revision: revision,
+                since_checksum: checksum,
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+}
+
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+/// An opened session stream: the registry has welcomed it.
+pub(crate) struct OpenStream {
+    pub session_id: String,
+    pub outgoing: mpsc::Sender<v1::ClientMessage>,
+    pub inbound: tonic::Streaming<v1::ServerMessage>,
+    /// How often to send keep-alives (a third of the registry's window).
+    pub keepalive: Duration,
+}
+
+/// Opens the session stream: hello, then the registry's welcome.
+pub(crate) async fn open_stream(
+    mut grpc: RegistryClient<Channel>,
+    client_name: &str,
+) -> Result<OpenStream, ClientError> {
+    let (outgoing, rx) = mpsc::channel(256);
+    outgoing
+        .send(v1::ClientMessage {
+            kind: Some(v1::client_message::Kind::Hello(v1::Hello {
+                client_name: client_name.to_owned(),
+            })),
+        })
+        .await
+        .map_err(|_| ClientError::SessionClosed)?;
+    let mut inbound = grpc.session(ReceiverStream::new(rx)).await?.into_inner();
+    let welcome = match inbound.message().await? {
+        Some(v1::ServerMessage {
+            kind: Some(v1::server_message::Kind::Welcome(w)),
+        }) => w,
+        _ => return Err(ClientError::Protocol("expected welcome".into())),
+    };
+    Ok(OpenStream {
+        session_id: welcome.session_id,
+        outgoing,
+        inbound,
+        keepalive: Duration::from_millis(welcome.keepalive_ms.max(300) / 3),
+    })
+}
+
+/// A live session: keeps itself alive in the background, owns the
+/// instances it registers (removed when it closes) and receives updates of
+/// the services it subscribes to.
+pub struct Session {
+    id: String,
+    grpc: RegistryClient<Channel>,
+    outgoing: mpsc::Sender<v1::ClientMessage>,
+    updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
+    task: JoinHandle<()>,
+}
+
+impl Session {
+    async fn open(grpc: RegistryClient<Channel>, client_name: &str) -> Result<Self, ClientError> {
+        let stream = open_stream(grpc.clone(), client_name).await?;
+        let (updates_tx, updates) = mpsc::channel(1024);
+        let task = tokio::spawn(run_session(
+            stream.inbound,
+            stream.outgoing.clone(),
+            updates_tx,
+            stream.keepalive,
+        ));
+        Ok(Self {
+            id: stream.session_id,
+            grpc,
+            outgoing: stream.outgoing,
+            updates,
+            task,
+        })
+    }
+
+    /// The session id the registry gave.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Registers an instance owned by this session. Returns its id.
+    pub async fn register(
+        &self,
+        key: &ServiceKey,
+        instance: &Instance,
+    ) -> Result<String, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .register(v1::RegisterRequest {
+                session_id: self.id.clone(),
+                service: Some(key.into()),
+                instance: Some(v1::Instance::from_model(instance)),
+            })
+            .await?;
+        Ok(r.into_inner().instance_id)
+    }
+
+    /// Subscribes to a service: returns its full view now; the same view
+    /// and then its changes arrive through [`Session::next_update`].
+    pub async fn subscribe(&self, key: &ServiceKey) -> Result<v1::ServiceUpdate, ClientError> {
+        let r = self
+            .grpc
+            .clone()
+            .subscribe(v1::SubscribeRequest {
+                session_id: self.id.clone(),
+                service: Some(key.into()),
+            })
+            .await?;
+        r.into_inner()
+            .view
+            .ok_or_else(|| ClientError::Protocol("subscribe answered no view".into()))
+    }
+
+    /// The next pushed update (in order per service); `None` once the
+    /// session has ended.
+    pub async fn next_update(&mut self) -> Option<Result<v1::ServiceUpdate, ClientError>> {
+        self.updates.recv().await
+    }
+
+    /// Tells the registry this session applied `revision` of `key`.
+    pub async fn ack(&self, key: &ServiceKey, revision: u64) -> Result<(), ClientError> {
+        self.outgoing
+            .send(v1::ClientMessage {
+                kind: Some(v1::client_message::Kind::Ack(v1::Ack {
+                    service: Some(key.into()),
+                    revision,
+                })),
+            })
+            .await
+            .map_err(|_| ClientError::SessionClosed)
+    }
+
+    /// Ends the session; the registry removes what it registered.
+    pub async fn close(self) {
+        drop(self.outgoing);
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
+async fn run_session(
+    mut inbound: tonic::Streaming<v1::ServerMessage>,
+    outgoing: mpsc::Sender<v1::ClientMessage>,
+    updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
+    keepalive: Duration,
+) {
+    use v1::server_message::Kind;
+    let mut tick = tokio::time::interval(keepalive);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = tick.tick() => {
+                let ka = v1::ClientMessage { kind: Some(v1::client_message::Kind::KeepAlive(v1::KeepAlive {})) };
+                if outgoing.send(ka).await.is_err() { return; }
+                continue;
+            }
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(status) => {
+                let _ = updates.send(Err(status.into())).await;
+                return;
+            }
+        };
+        match msg.kind {
+            Some(Kind::Probe(p)) => {
+                let reply = v1::ClientMessage {
+                    kind: Some(v1::client_message::Kind::ProbeReply(v1::ProbeReply {
+                        nonce: p.nonce,
+                    })),
+                };
+                if outgoing.send(reply).await.is_err() {
+                    return;
+                }
+            }
+            Some(Kind::Update(bytes)) => {
+                let update = v1::ServiceUpdate::decode(bytes)
+                    .map_err(|e| ClientError::Protocol(e.to_string()));
+                if updates.send(update).await.is_err() {
+                    return;
+                }
+            }
+            Some(Kind::Welcome(_)) | None => {}
+        }
+    }
+}
