@@ -51,14 +51,28 @@ pub enum CacheError {
 }
 
 /// One service's view as the consumer holds it.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct ServiceCache {
-    /// The revision held (0: nothing yet, or a reset is expected).
+    /// The revision held.
     pub revision: u64,
+    /// Nothing verified is held yet, or a reset is expected: the next full
+    /// view is taken whatever its revision and no delta applies.
+    awaiting_full: bool,
     /// The checksum of the instances held.
     pub checksum: u64,
     /// The instances with their hash, by id.
     entries: BTreeMap<String, (Arc<Instance>, u64)>,
+}
+
+impl Default for ServiceCache {
+    fn default() -> Self {
+        Self {
+            revision: 0,
+            awaiting_full: true,
+            checksum: 0,
+            entries: BTreeMap::new(),
+        }
+    }
 }
 
 fn convert(i: &v1::Instance) -> Result<(Arc<Instance>, u64), CacheError> {
@@ -94,7 +108,14 @@ impl ServiceCache {
     /// the server's revisions may start lower). The instances stay until it
     /// arrives, so the reset reports what really changed.
     pub fn expect_reset(&mut self) {
-        self.revision = 0;
+        self.awaiting_full = true;
+    }
+
+    /// The registry says the instances held are its view at `revision`
+    /// (a pull answered not-modified by checksum).
+    pub fn confirm(&mut self, revision: u64) {
+        self.revision = revision;
+        self.awaiting_full = false;
     }
 
     /// Whether applying `update` would leave no instance while some are
@@ -118,7 +139,7 @@ impl ServiceCache {
     }
 
     fn is_stale(&self, update: &v1::ServiceUpdate) -> bool {
-        update.revision <= self.revision && self.revision != 0
+        !self.awaiting_full && update.revision <= self.revision
     }
 
     /// Applies an update. Updates at or below the held revision are ignored
@@ -174,6 +195,7 @@ impl ServiceCache {
         self.entries = fresh;
         self.revision = update.revision;
         self.checksum = sum;
+        self.awaiting_full = false;
         Ok(applied)
     }
 
@@ -182,7 +204,7 @@ impl ServiceCache {
         update: &v1::ServiceUpdate,
         delta: &v1::Delta,
     ) -> Result<Applied, CacheError> {
-        if delta.from_revision != self.revision || self.revision == 0 {
+        if self.awaiting_full || delta.from_revision != self.revision {
             return Err(CacheError::Gap {
                 from: delta.from_revision,
                 held: self.revision,

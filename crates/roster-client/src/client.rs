@@ -558,6 +558,19 @@ impl Client {
         Some(self.shared().lock().subs.get(&key)?.cache.revision)
     }
 
+    /// Whether an update that would empty a subscribed service is being
+    /// held back (empty-push protection) until a pull confirms it.
+    pub fn held(&self, service: impl ServiceName) -> bool {
+        let Ok(key) = self.key(service) else {
+            return false;
+        };
+        self.shared()
+            .lock()
+            .subs
+            .get(&key)
+            .is_some_and(|s| s.held_since.is_some())
+    }
+
     /// Picks a healthy, enabled instance of a subscribed service with
     /// weight above 0, at random by weight, skipping shielded addresses.
     pub fn select(&self, service: impl ServiceName) -> Option<Selected> {
@@ -631,7 +644,8 @@ impl Client {
             .await?
     }
 
-    /// Test seam: drops the next `n` pushes as if lost on the way, so the
+    /// Test seam: drops the next `n` pushes that carry a revision newer
+    /// than the one held, as if lost on the way, so the
     /// recovery path (gap, full reload) can be exercised against a real
     /// registry.
     #[doc(hidden)]

@@ -537,7 +537,11 @@ impl Driver {
                 };
                 {
                     let mut state = self.shared.lock();
-                    if state.skip_pushes > 0 {
+                    let news = state
+                        .subs
+                        .get(&key)
+                        .is_some_and(|s| update.revision > s.cache.revision);
+                    if news && state.skip_pushes > 0 {
                         state.skip_pushes -= 1;
                         return Ok(());
                     }
@@ -690,7 +694,7 @@ impl Driver {
                 && sub.cache.checksum == answer.checksum
             {
                 sub.held_since = None;
-                sub.cache.revision = answer.revision;
+                sub.cache.confirm(answer.revision);
             }
             return Ok(());
         }

@@ -72,10 +72,11 @@ mod driver;
 pub mod raw;
 
 pub use client::{
-    Change, Client, ClientBuilder, Registration, Selected, Status, Subscription, Update,
+    Change, Client, ClientBuilder, Registration, Selected, ServiceName, Status, Subscription,
+    Update,
 };
 pub use raw::{Connection, Session};
-pub use roster_core::{Instance, ServiceKey};
+pub use roster_core::{Address, Instance, ServiceKey, ValidationError};
 pub use roster_proto::v1 as proto;
 
 use thiserror::Error;
