@@ -1,11 +1,19 @@
-//! Roster's protobuf schema (`proto/roster/v1/registry.proto`) and the code
-//! generated from it: messages, the gRPC client and the server trait.
+//! Roster's protobuf schema (`proto/roster/v1/registry.proto`), the Nacos
+//! gRPC envelope, and the code generated from them: messages, the gRPC
+//! clients and the server traits.
 //! No logic lives here beyond the conversions between wire and model types.
 
 /// Version 1 of the native API.
 #[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("roster.v1");
+}
+
+/// The Nacos 2.x gRPC envelope (`Payload` with a JSON body), for the Nacos
+/// compatibility layer. The protobuf has no package, hence the file name.
+#[allow(missing_docs, non_camel_case_types, clippy::all)]
+pub mod nacos {
+    tonic::include_proto!("_");
 }
 
 pub mod convert;

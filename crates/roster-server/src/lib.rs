@@ -8,6 +8,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod nacos;
 pub mod node;
 
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use roster_core::ServiceKey;
+use roster_proto::nacos::bi_request_stream_server::BiRequestStreamServer;
+use roster_proto::nacos::request_server::RequestServer;
 use roster_proto::v1::registry_server::RegistryServer;
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
@@ -102,6 +105,9 @@ impl RunningServer {
     }
 }
 
+/// Largest Nacos gRPC message accepted (Nacos' Java server allows 10 MiB).
+const NACOS_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
 /// Binds `addr` and returns the listener with the address it got.
 async fn bind(
     what: &'static str,
@@ -127,11 +133,19 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tasks.spawn(node::run_pusher(node.clone(), changes));
     tasks.spawn(run_sweeper(node.clone()));
 
+    let nacos = nacos::Nacos::new(node.clone());
+    let nacos_grpc = nacos::grpc::NacosGrpc::new(nacos.clone());
     let incoming =
         tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(RegistryServer::new(grpc::GrpcApi::new(node.clone())))
+        .add_service(
+            RequestServer::new(nacos_grpc.clone()).max_decoding_message_size(NACOS_MAX_MESSAGE),
+        )
+        .add_service(
+            BiRequestStreamServer::new(nacos_grpc).max_decoding_message_size(NACOS_MAX_MESSAGE),
+        )
         .serve_with_incoming_shutdown(incoming, node.shutdown.clone().cancelled_owned());
     tasks.spawn(async move {
         if let Err(e) = grpc.await {

@@ -439,6 +439,17 @@ impl Node {
         }
     }
 
+    /// Records that `session` was sent the full view of `key` at
+    /// `revision` (for transports that build their own messages).
+    pub fn full_sent(&self, session: &str, key: &ServiceKey, revision: u64) {
+        self.subs.lock().full_sent(session, key, revision);
+    }
+
+    /// Incarnation of this node (distinguishes its lives in ids).
+    pub fn incarnation(&self) -> u64 {
+        self.core.lock().incarnation()
+    }
+
     /// Builds the message for a dequeued item of `link`; a full view is
     /// taken from the current snapshot (encoded once per revision).
     pub fn materialize(&self, link: &SessionLink, item: Outbound<Frame>) -> Option<Frame> {

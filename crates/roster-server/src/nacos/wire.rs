@@ -1,0 +1,217 @@
+//! Nacos JSON shapes: reading request fields tolerantly (absent and `null`
+//! are the same; clients differ in spelling), turning Nacos instances into
+//! Roster instances, and building `ServiceInfo` and replies that never
+//! contain `null`.
+
+use std::collections::BTreeMap;
+
+use roster_core::{DEFAULT_GROUP, Instance, ServiceKey, ServiceView, ValidationError};
+use serde_json::{Map, Value, json};
+
+/// Separates group and service in Nacos' grouped names.
+pub const GROUP_SEPARATOR: &str = "@@";
+
+/// `cacheMillis` sent to clients (Java's default push cache time).
+pub const CACHE_MILLIS: i64 = 10_000;
+
+/// A string field; absent, `null` and non-strings are `None`.
+pub fn text<'a>(body: &'a Value, field: &str) -> Option<&'a str> {
+    body.get(field)?.as_str()
+}
+
+/// A boolean field, also accepted as a string in any case.
+pub fn flag(body: &Value, field: &str) -> Option<bool> {
+    match body.get(field)? {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) => s.parse::<bool>().ok().or_else(|| {
+            let lower = s.to_ascii_lowercase();
+            lower.parse().ok()
+        }),
+        _ => None,
+    }
+}
+
+/// An integer field, also accepted as a string.
+pub fn integer(body: &Value, field: &str) -> Option<i64> {
+    match body.get(field)? {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A float field, also accepted as a string.
+pub fn number(body: &Value, field: &str) -> Option<f64> {
+    match body.get(field)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// The service key of a request: `namespace` (or `namespaceId`),
+/// `groupName` and `serviceName`; a grouped `serviceName` carries its group.
+pub fn service_key(
+    namespace: Option<&str>,
+    group: Option<&str>,
+    service: Option<&str>,
+) -> Result<ServiceKey, ValidationError> {
+    let service = service.unwrap_or_default();
+    let (group, service) = match service.split_once(GROUP_SEPARATOR) {
+        Some((g, s)) if g.is_empty() => {
+            return Err(ValidationError::new(
+                "serviceName",
+                format!("service name filter error: empty group in {g}@@{s}"),
+            ));
+        }
+        Some((g, s)) => (g, s),
+        None => (group.unwrap_or_default(), service),
+    };
+    ServiceKey::new(namespace.unwrap_or_default(), group, service)
+}
+
+/// `group@@service`.
+pub fn grouped(key: &ServiceKey) -> String {
+    format!("{}{GROUP_SEPARATOR}{}", key.group, key.service)
+}
+
+/// A Nacos instance object (gRPC) as a Roster instance.
+pub fn instance(body: &Value) -> Result<Instance, ValidationError> {
+    let ip = text(body, "ip").unwrap_or_default();
+    let ip = roster_core::model::parse_ip("instance.ip", ip)?;
+    let port = integer(body, "port")
+        .and_then(|p| u16::try_from(p).ok())
+        .ok_or_else(|| ValidationError::new("instance.port", "must be 1..=65535"))?;
+    let mut i = Instance::new(ip, port);
+    i.id = text(body, "instanceId").unwrap_or_default().to_owned();
+    i.weight = number(body, "weight").unwrap_or(1.0);
+    i.healthy = flag(body, "healthy").unwrap_or(true);
+    i.enabled = flag(body, "enabled").unwrap_or(true);
+    i.ephemeral = flag(body, "ephemeral").unwrap_or(true);
+    i.cluster = text(body, "clusterName").unwrap_or_default().to_owned();
+    if let Some(Value::Object(m)) = body.get("metadata") {
+        i.metadata = string_map(m);
+    }
+    Ok(i)
+}
+
+/// A JSON object's entries as strings (non-string values as their JSON).
+pub fn string_map(m: &Map<String, Value>) -> BTreeMap<String, String> {
+    m.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// The clusters a client asked for: a comma list, empty for all.
+pub fn clusters(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+/// How a `ServiceInfo` is asked for.
+pub struct InfoRequest<'a> {
+    /// The requester's cluster list, echoed and used as a filter.
+    pub clusters: &'a str,
+    /// Only healthy instances.
+    pub healthy_only: bool,
+    /// `name` is `group@@service` (HTTP, UDP) rather than bare (gRPC).
+    pub grouped_name: bool,
+}
+
+/// The `hosts` entries of one instance: one per address (Nacos knows one
+/// address per instance), the network and node name in metadata when the
+/// instance has several.
+pub fn hosts(key: &ServiceKey, i: &Instance) -> Vec<Value> {
+    let several = i.addresses.len() > 1;
+    i.addresses
+        .iter()
+        .enumerate()
+        .map(|(n, a)| {
+            let mut metadata: Map<String, Value> = i
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .collect();
+            if several {
+                metadata.insert("roster.network".into(), a.network.clone().into());
+                if !i.node_name.is_empty() {
+                    metadata.insert("roster.node".into(), i.node_name.clone().into());
+                }
+            }
+            let id = if n == 0 {
+                i.id.clone()
+            } else {
+                format!("{}@{}", i.id, a.network)
+            };
+            json!({
+                "instanceId": id,
+                "ip": a.ip.to_string(),
+                "port": i.port,
+                "weight": i.weight,
+                "healthy": i.healthy,
+                "enabled": i.enabled,
+                "ephemeral": i.ephemeral,
+                "clusterName": i.cluster,
+                "serviceName": grouped(key),
+                "metadata": metadata,
+                "instanceHeartBeatInterval": 5000,
+                "instanceHeartBeatTimeOut": 15000,
+                "ipDeleteTimeout": 30000,
+                "instanceIdGenerator": "simple",
+            })
+        })
+        .collect()
+}
+
+/// A `ServiceInfo` of `view` (absent: no instances).
+pub fn service_info(
+    key: &ServiceKey,
+    view: Option<&ServiceView>,
+    last_ref_time: i64,
+    req: &InfoRequest<'_>,
+) -> Value {
+    let wanted = clusters(req.clusters);
+    let mut list = Vec::new();
+    if let Some(view) = view {
+        for record in view.instances.values() {
+            let i = &record.instance;
+            if !wanted.is_empty() && !wanted.contains(&i.cluster.as_str()) {
+                continue;
+            }
+            if req.healthy_only && !i.healthy {
+                continue;
+            }
+            list.extend(hosts(key, i));
+        }
+    }
+    json!({
+        "name": if req.grouped_name { grouped(key) } else { key.service.clone() },
+        "groupName": key.group,
+        "clusters": req.clusters,
+        "cacheMillis": CACHE_MILLIS,
+        "hosts": list,
+        "lastRefTime": last_ref_time,
+        "checksum": "",
+        "allIPs": false,
+        "allIps": false,
+        "reachProtectionThreshold": false,
+        "valid": true,
+    })
+}
+
+/// The default group when a request names none.
+pub fn group_or_default(group: Option<&str>) -> &str {
+    match group {
+        Some(g) if !g.is_empty() => g,
+        _ => DEFAULT_GROUP,
+    }
+}

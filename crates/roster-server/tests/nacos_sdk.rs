@@ -1,0 +1,390 @@
+//! The real Rust Nacos client (`nacos-sdk` 0.8) against a Roster node on
+//! free loopback ports, over the Nacos 2.x gRPC protocol.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nacos_sdk::api::naming::{
+    NamingChangeEvent, NamingEventListener, NamingService, NamingServiceBuilder, ServiceInstance,
+};
+use nacos_sdk::api::props::ClientProps;
+use roster_client::{Change, Client};
+use roster_core::{Instance, ServiceKey};
+use roster_server::{Config, RunningServer};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn server_on(http: SocketAddr, grpc: SocketAddr) -> RunningServer {
+    let mut config = Config::default();
+    config.server.http = http;
+    config.server.grpc = grpc;
+    roster_server::start(config).await.unwrap()
+}
+
+async fn server() -> RunningServer {
+    let any = "127.0.0.1:0".parse().unwrap();
+    server_on(any, any).await
+}
+
+async fn nacos(server: &RunningServer, cache: &tempfile::TempDir) -> NamingService {
+    let props = ClientProps::new()
+        .server_addr(format!("127.0.0.1:{}", server.http_addr.port()))
+        .remote_grpc_port(server.grpc_addr.port())
+        .namespace("public")
+        .app_name("roster-test")
+        .env_first(false)
+        .naming_push_empty_protection(false)
+        .naming_load_cache_at_start(false)
+        .cache_dir(cache.path().to_string_lossy().to_string());
+    NamingServiceBuilder::new(props).build().await.unwrap()
+}
+
+fn instance(ip: &str, port: i32, weight: f64) -> ServiceInstance {
+    ServiceInstance {
+        ip: ip.into(),
+        port,
+        weight,
+        metadata: HashMap::from([("zone".to_owned(), "a".to_owned())]),
+        ..ServiceInstance::default()
+    }
+}
+
+struct Events(mpsc::UnboundedSender<Vec<ServiceInstance>>);
+
+impl NamingEventListener for Events {
+    fn event(&self, event: Arc<NamingChangeEvent>) {
+        let _ = self.0.send(event.instances.clone().unwrap_or_default());
+    }
+}
+
+/// Waits for a pushed list satisfying `wanted`.
+async fn pushed(
+    rx: &mut mpsc::UnboundedReceiver<Vec<ServiceInstance>>,
+    wanted: impl Fn(&[ServiceInstance]) -> bool,
+) -> Vec<ServiceInstance> {
+    timeout(WAIT, async {
+        loop {
+            let list = rx.recv().await.expect("listener alive");
+            if wanted(&list) {
+                return list;
+            }
+        }
+    })
+    .await
+    .expect("the push arrived")
+}
+
+fn key(service: &str) -> ServiceKey {
+    ServiceKey::simple(service).unwrap()
+}
+
+/// The ips the node holds for `service`.
+fn held(server: &RunningServer, service: &str) -> Vec<String> {
+    let mut ips: Vec<String> = server
+        .node
+        .view(&key(service))
+        .map(|v| {
+            v.instances
+                .values()
+                .map(|r| r.instance.addresses[0].ip.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    ips.sort();
+    ips
+}
+
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    timeout(WAIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacos_sdk_registers_discovers_and_gets_pushes() {
+    let node = server().await;
+    let cache = tempfile::tempdir().unwrap();
+    let naming = nacos(&node, &cache).await;
+
+    naming
+        .register_instance("orders".into(), None, instance("10.20.0.1", 8080, 1.0))
+        .await
+        .unwrap();
+    assert_eq!(held(&node, "orders"), ["10.20.0.1"]);
+
+    let all = naming
+        .get_all_instances("orders".into(), None, vec![], false)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].port, 8080);
+    assert_eq!(all[0].metadata["zone"], "a");
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    naming
+        .subscribe("orders".into(), None, vec![], Arc::new(Events(tx)))
+        .await
+        .unwrap();
+
+    // Add.
+    naming
+        .register_instance("orders".into(), None, instance("10.20.0.2", 8080, 2.0))
+        .await
+        .unwrap();
+    pushed(&mut rx, |l| l.len() == 2).await;
+    // Change (re-register with another weight).
+    naming
+        .register_instance("orders".into(), None, instance("10.20.0.2", 8080, 5.0))
+        .await
+        .unwrap();
+    pushed(&mut rx, |l| {
+        l.iter().any(|i| i.ip == "10.20.0.2" && i.weight == 5.0)
+    })
+    .await;
+    // Remove.
+    naming
+        .deregister_instance("orders".into(), None, instance("10.20.0.1", 8080, 1.0))
+        .await
+        .unwrap();
+    let after = pushed(&mut rx, |l| l.len() == 1).await;
+    assert_eq!(after[0].ip, "10.20.0.2");
+
+    let one = naming
+        .select_one_healthy_instance("orders".into(), None, vec![], false)
+        .await
+        .unwrap();
+    assert_eq!(one.ip, "10.20.0.2");
+
+    // Batch: replaces what this connection publishes in the service.
+    naming
+        .batch_register_instance(
+            "payments".into(),
+            None,
+            vec![
+                instance("10.21.0.1", 80, 1.0),
+                instance("10.21.0.2", 80, 1.0),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(held(&node, "payments"), ["10.21.0.1", "10.21.0.2"]);
+
+    let (names, count) = naming.get_service_list(1, 10, None).await.unwrap();
+    assert_eq!(count, 2);
+    assert_eq!(names, ["orders", "payments"]);
+
+    // The last instance going is pushed too (an empty list).
+    naming
+        .deregister_instance("orders".into(), None, instance("10.20.0.2", 8080, 5.0))
+        .await
+        .unwrap();
+    pushed(&mut rx, <[ServiceInstance]>::is_empty).await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacos_sdk_registers_and_subscribes_again_after_a_restart() {
+    let first = server().await;
+    let (http, grpc) = (first.http_addr, first.grpc_addr);
+    let cache = tempfile::tempdir().unwrap();
+    let naming = nacos(&first, &cache).await;
+    naming
+        .register_instance("orders".into(), None, instance("10.22.0.1", 8080, 1.0))
+        .await
+        .unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    naming
+        .subscribe("orders".into(), None, vec![], Arc::new(Events(tx)))
+        .await
+        .unwrap();
+    pushed(&mut rx, |l| l.len() == 1).await;
+
+    first.shutdown().await;
+    let second = server_on(http, grpc).await;
+    eventually("the Nacos client to register again", || {
+        held(&second, "orders") == ["10.22.0.1"]
+    })
+    .await;
+    eventually("the Nacos client to subscribe again", || {
+        second.node.subscriber_count(&key("orders")) == 1
+    })
+    .await;
+    // A change on the new node reaches the client's listener.
+    let native = Client::builder()
+        .addresses([grpc.to_string()])
+        .build()
+        .await
+        .unwrap();
+    native
+        .register("orders", Instance::new("10.22.0.2".parse().unwrap(), 8080))
+        .await
+        .unwrap();
+    pushed(&mut rx, |l| l.len() == 2).await;
+    native.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacos_and_native_clients_see_each_others_changes() {
+    let node = server().await;
+    let cache = tempfile::tempdir().unwrap();
+    let naming = nacos(&node, &cache).await;
+    let native = Client::builder()
+        .addresses([node.grpc_addr.to_string()])
+        .empty_push_protection(false)
+        .build()
+        .await
+        .unwrap();
+
+    // Nacos registers; the native client sees it pushed.
+    let mut updates = native.subscribe("orders").await.unwrap();
+    naming
+        .register_instance("orders".into(), None, instance("10.23.0.1", 8080, 1.0))
+        .await
+        .unwrap();
+    timeout(WAIT, async {
+        loop {
+            let u = updates.next().await.unwrap();
+            // The first change of a service new to the registry comes as
+            // a full view (a reset), later ones as deltas.
+            let seen = match &u.change {
+                Change::Added(i) => i.port == 8080,
+                Change::Reset(all) => all.iter().any(|i| i.port == 8080),
+                _ => false,
+            };
+            if seen {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the native client saw the Nacos registration");
+    let seen = native.instances("orders");
+    assert_eq!(seen[0].metadata["zone"], "a");
+
+    // Native registers; the Nacos subscriber gets it pushed.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    naming
+        .subscribe("orders".into(), None, vec![], Arc::new(Events(tx)))
+        .await
+        .unwrap();
+    native
+        .register("orders", Instance::new("10.23.0.2".parse().unwrap(), 9090))
+        .await
+        .unwrap();
+    let list = pushed(&mut rx, |l| l.len() == 2).await;
+    assert!(list.iter().any(|i| i.ip == "10.23.0.2" && i.port == 9090));
+
+    // And drain waits for the Nacos subscriber's acknowledgement too.
+    let id = native
+        .instances("orders")
+        .iter()
+        .find(|i| i.port == 9090)
+        .map(|i| i.id.clone())
+        .unwrap();
+    let outcome = node
+        .node
+        .drain(&key("orders"), &id, false, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(outcome.pending.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.acknowledged.len(), 2, "{outcome:?}");
+    native.shutdown().await;
+    node.shutdown().await;
+}
+
+/// One raw unary call on the Nacos envelope: (reply type, reply body).
+async fn raw_call(grpc: SocketAddr, kind: &str, body: &[u8]) -> (String, serde_json::Value) {
+    use roster_proto::nacos::{Any, Metadata, Payload, request_client::RequestClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = RequestClient::new(channel);
+    let reply = client
+        .request(Payload {
+            metadata: Some(Metadata {
+                r#type: kind.into(),
+                ..Default::default()
+            }),
+            body: Some(Any {
+                type_url: String::new(),
+                value: body.to_vec().into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let kind = reply.metadata.unwrap().r#type;
+    let body = serde_json::from_slice(&reply.body.unwrap().value).unwrap();
+    (kind, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_nacos_requests_get_error_responses_and_disturb_nothing() {
+    let node = server().await;
+    let cache = tempfile::tempdir().unwrap();
+    let naming = nacos(&node, &cache).await;
+    naming
+        .register_instance("orders".into(), None, instance("10.24.0.1", 8080, 1.0))
+        .await
+        .unwrap();
+
+    // A connection without a stream may only check the server.
+    let (kind, body) = raw_call(node.grpc_addr, "ServerCheckRequest", b"{}").await;
+    assert_eq!(kind, "ServerCheckResponse");
+    assert!(body["connectionId"].as_str().is_some_and(|s| !s.is_empty()));
+    assert_eq!(body["supportAbilityNegotiation"], false);
+    let (kind, body) = raw_call(node.grpc_addr, "InstanceRequest", b"{}").await;
+    assert_eq!(
+        (kind.as_str(), body["errorCode"].as_i64()),
+        ("ErrorResponse", Some(301))
+    );
+    // Unparseable bodies and unknown types are refused with a code.
+    let (kind, body) = raw_call(node.grpc_addr, "ServiceQueryRequest", b"{not json").await;
+    assert_eq!(
+        (kind.as_str(), body["errorCode"].as_i64()),
+        ("ErrorResponse", Some(502))
+    );
+    assert!(!body["message"].as_str().unwrap().is_empty());
+    assert!(!body.to_string().contains("null"), "never null: {body}");
+
+    // The real client's connection and data are untouched.
+    let all = naming
+        .get_all_instances("orders".into(), None, vec![], false)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(held(&node, "orders"), ["10.24.0.1"]);
+    // Invalid instances through the real client are refused, nothing stored.
+    let bad = naming
+        .register_instance("orders".into(), None, instance("10.24.0.300", 8080, 1.0))
+        .await;
+    assert!(bad.is_err());
+    let heavy = naming
+        .register_instance("orders".into(), None, instance("10.24.0.2", 8080, 20_000.0))
+        .await;
+    assert!(heavy.is_err());
+    let persistent = naming
+        .register_instance(
+            "orders".into(),
+            None,
+            ServiceInstance {
+                ephemeral: false,
+                ..instance("10.24.0.3", 8080, 1.0)
+            },
+        )
+        .await;
+    assert!(persistent.is_err());
+    assert_eq!(held(&node, "orders"), ["10.24.0.1"]);
+    node.shutdown().await;
+}
