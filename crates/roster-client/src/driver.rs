@@ -237,17 +237,21 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => return true,
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { return false };
-                    if !self.offline_command(cmd) {
+                    if let Command::Shutdown { reply } = cmd {
+                        // Written before the caller hears back.
+                        self.flush_disk().await;
+                        let _ = reply.send(());
                         return false;
                     }
+                    self.offline_command(cmd);
                 }
             }
         }
     }
 
     /// Answers a command with no session: it is remembered in the state
-    /// and carried out on reconnect. False when stopping.
-    fn offline_command(&mut self, cmd: Command) -> bool {
+    /// and carried out on reconnect.
+    fn offline_command(&mut self, cmd: Command) {
         match cmd {
             Command::Register { reply, .. } => {
                 tracing::info!("no registry reachable; the registration is made on reconnect");
@@ -272,10 +276,8 @@ impl Driver {
             }
             Command::Shutdown { reply } => {
                 let _ = reply.send(());
-                return false;
             }
         }
-        true
     }
 
     async fn call<T>(
@@ -478,6 +480,7 @@ impl Driver {
             }
             Command::Shutdown { reply } => {
                 self.shutdown(live).await;
+                self.flush_disk().await;
                 let _ = reply.send(());
                 return Ok(false);
             }
