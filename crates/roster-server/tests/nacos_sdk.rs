@@ -284,15 +284,10 @@ async fn nacos_and_native_clients_see_each_others_changes() {
     assert!(list.iter().any(|i| i.ip == "10.23.0.2" && i.port == 9090));
 
     // And drain waits for the Nacos subscriber's acknowledgement too.
-    let id = native
-        .instances("orders")
-        .iter()
-        .find(|i| i.port == 9090)
-        .map(|i| i.id.clone())
-        .unwrap();
+    let id = "10.23.0.2#9090#DEFAULT";
     let outcome = node
         .node
-        .drain(&key("orders"), &id, false, Duration::from_secs(10))
+        .drain(&key("orders"), id, false, Duration::from_secs(10))
         .await
         .unwrap();
     assert!(outcome.pending.is_empty(), "{outcome:?}");
