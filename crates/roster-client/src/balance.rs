@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use roster_core::Instance;
+use roster_core::{Instance, ServiceKey};
 use tokio::time::Instant;
 
 /// When an address is shielded and for how long.
@@ -45,8 +45,9 @@ struct Health {
 pub struct Balancer {
     policy: ShieldPolicy,
     health: HashMap<SocketAddr, Health>,
-    /// Per instance (by service and id): the address index in use.
-    sticky: HashMap<(String, String), usize>,
+    /// Per service, per instance id: the address index in use. Nested so
+    /// that lookups borrow instead of building a key.
+    sticky: HashMap<ServiceKey, HashMap<String, usize>>,
     rng: fastrand::Rng,
 }
 
@@ -83,11 +84,17 @@ impl Balancer {
 
     /// The address index `instance` should be called on now: the one in
     /// use unless it failed since, else the next usable one in order.
-    fn address_for(&self, service: &str, instance: &Instance, now: Instant) -> Option<usize> {
+    fn address_for(
+        &self,
+        service: &ServiceKey,
+        instance: &Instance,
+        now: Instant,
+    ) -> Option<usize> {
         let n = instance.addresses.len();
         let current = self
             .sticky
-            .get(&(service.to_owned(), instance.id.clone()))
+            .get(service)
+            .and_then(|ids| ids.get(&instance.id))
             .copied()
             .unwrap_or(0)
             % n.max(1);
@@ -112,14 +119,14 @@ impl Balancer {
 
     /// Picks a serving instance of `service` at random by weight, and the
     /// address to call it on. `None` when none is serving and usable.
-    pub fn select(
+    pub fn select<'a>(
         &mut self,
-        service: &str,
-        instances: &[Arc<Instance>],
+        service: &ServiceKey,
+        instances: impl IntoIterator<Item = &'a Arc<Instance>>,
         now: Instant,
     ) -> Option<(Arc<Instance>, SocketAddr)> {
         let candidates: Vec<(&Arc<Instance>, usize)> = instances
-            .iter()
+            .into_iter()
             .filter(|i| i.is_serving() && !i.addresses.is_empty())
             .filter_map(|i| Some((i, self.address_for(service, i, now)?)))
             .collect();
@@ -137,8 +144,16 @@ impl Balancer {
             point -= c.0.weight;
         }
         let (instance, index) = chosen;
-        self.sticky
-            .insert((service.to_owned(), instance.id.clone()), index);
+        let ids = match self.sticky.get_mut(service) {
+            Some(ids) => ids,
+            None => self.sticky.entry(service.clone()).or_default(),
+        };
+        match ids.get_mut(&instance.id) {
+            Some(current) => *current = index,
+            None => {
+                ids.insert(instance.id.clone(), index);
+            }
+        }
         let addr = socket(instance, index);
         if let Some(h) = self.health.get_mut(&addr)
             && h.shielded_until.is_some_and(|u| u <= now)
@@ -180,6 +195,10 @@ mod tests {
     use roster_core::Address;
     use std::net::{IpAddr, Ipv4Addr};
 
+    fn key() -> ServiceKey {
+        ServiceKey::simple("s").unwrap()
+    }
+
     fn instance(host: u8, weight: f64) -> Arc<Instance> {
         let mut i = Instance::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, host)), 80);
         i.weight = weight;
@@ -198,13 +217,13 @@ mod tests {
         assert_eq!(b.shielded(now), 1);
         let during = now + Duration::from_secs(29);
         for _ in 0..1000 {
-            assert_ne!(b.select("s", &all, during).unwrap().1, bad);
+            assert_ne!(b.select(&key(), &all, during).unwrap().1, bad);
         }
         // After the period: picked once (the trial), then skipped until
         // the trial is reported.
         let after = now + Duration::from_secs(31);
         let picks: Vec<_> = (0..1000)
-            .map(|_| b.select("s", &all, after).unwrap().1)
+            .map(|_| b.select(&key(), &all, after).unwrap().1)
             .filter(|a| *a == bad)
             .collect();
         assert_eq!(picks.len(), 1);
@@ -213,7 +232,7 @@ mod tests {
         assert_eq!(b.shielded(after), 1);
         b.report_success(bad);
         assert_eq!(b.shielded(after), 0);
-        assert!((0..1000).any(|_| b.select("s", &all, after).unwrap().1 == bad));
+        assert!((0..1000).any(|_| b.select(&key(), &all, after).unwrap().1 == bad));
     }
 
     #[test]
@@ -227,12 +246,12 @@ mod tests {
         });
         let all = [Arc::new(i.normalize().unwrap())];
         let (first, second) = (socket(&all[0], 0), socket(&all[0], 1));
-        assert_eq!(b.select("s", &all, now).unwrap().1, first);
+        assert_eq!(b.select(&key(), &all, now).unwrap().1, first);
         b.report_failure(first, now);
-        assert_eq!(b.select("s", &all, now).unwrap().1, second);
+        assert_eq!(b.select(&key(), &all, now).unwrap().1, second);
         b.report_success(second);
         for _ in 0..10 {
-            assert_eq!(b.select("s", &all, now).unwrap().1, second);
+            assert_eq!(b.select(&key(), &all, now).unwrap().1, second);
         }
     }
 
@@ -240,7 +259,7 @@ mod tests {
     fn nothing_serving_selects_nothing() {
         let now = Instant::now();
         let mut b = Balancer::new(ShieldPolicy::default(), 1);
-        assert!(b.select("s", &[instance(1, 0.0)], now).is_none());
-        assert!(b.select("s", &[], now).is_none());
+        assert!(b.select(&key(), &[instance(1, 0.0)], now).is_none());
+        assert!(b.select(&key(), &[], now).is_none());
     }
 }

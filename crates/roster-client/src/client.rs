@@ -269,13 +269,15 @@ impl ClientBuilder {
         config.namespace = ServiceKey::new(&config.namespace, "", "x")?.namespace;
         let disk = match self.cache_dir {
             Some(dir) => {
+                let shown = dir.display().to_string();
+                let failed = |reason: String| ClientError::Cache {
+                    dir: shown.clone(),
+                    reason,
+                };
                 let disk = tokio::task::spawn_blocking(move || DiskCache::open(dir))
                     .await
-                    .map_err(|e| ClientError::Protocol(e.to_string()))?
-                    .map_err(|e| ClientError::Connect {
-                        addr: "cache directory".into(),
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(|e| failed(e.to_string()))?
+                    .map_err(|e| failed(e.to_string()))?;
                 Some(disk)
             }
             None => None,
@@ -575,13 +577,12 @@ impl Client {
     /// weight above 0, at random by weight, skipping shielded addresses.
     pub fn select(&self, service: impl ServiceName) -> Option<Selected> {
         let key = self.key(service).ok()?;
-        let mut state = self.shared().lock();
-        let instances: Vec<Arc<Instance>> =
-            state.subs.get(&key)?.cache.instances().cloned().collect();
-        let (instance, address) =
-            state
-                .balancer
-                .select(&key.to_string(), &instances, Instant::now())?;
+        let mut guard = self.shared().lock();
+        let state = &mut *guard;
+        let cache = &state.subs.get(&key)?.cache;
+        let (instance, address) = state
+            .balancer
+            .select(&key, cache.instances(), Instant::now())?;
         Some(Selected { instance, address })
     }
 

@@ -35,8 +35,8 @@ impl DiskCache {
     }
 
     fn path(&self, key: &ServiceKey) -> PathBuf {
-        // The key's text may hold any character but '/'-free names are not
-        // guaranteed: name the file by a stable hash of it instead.
+        // Names may hold characters a file name cannot ('/', for one): the
+        // file is named by a stable hash of the key, which it also stores.
         let hash = xxhash_rust::xxh3::xxh3_64(key.to_string().as_bytes());
         self.dir.join(format!("{hash:016x}.{SUFFIX}"))
     }

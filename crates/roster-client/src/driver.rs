@@ -422,16 +422,7 @@ impl Driver {
                 instance_id,
                 reply,
             } => {
-                let r = self
-                    .call(live.conn.grpc().deregister(v1::DeregisterRequest {
-                        instance: Some(v1::InstanceRef {
-                            service: Some((&key).into()),
-                            id: instance_id,
-                            ..Default::default()
-                        }),
-                    }))
-                    .await;
-                match r {
+                match self.deregister(live, &key, instance_id).await {
                     Ok(_) => {
                         let _ = reply.send(Ok(()));
                     }
@@ -493,16 +484,24 @@ impl Driver {
             .into_values()
             .collect();
         for r in registrations {
-            let _ = self
-                .call(live.conn.grpc().deregister(v1::DeregisterRequest {
-                    instance: Some(v1::InstanceRef {
-                        service: Some((&r.key).into()),
-                        id: r.instance.id.clone(),
-                        ..Default::default()
-                    }),
-                }))
-                .await;
+            let _ = self.deregister(live, &r.key, r.instance.id).await;
         }
+    }
+
+    async fn deregister(
+        &self,
+        live: &Live,
+        key: &ServiceKey,
+        id: String,
+    ) -> Result<v1::DeregisterResponse, tonic::Status> {
+        self.call(live.conn.grpc().deregister(v1::DeregisterRequest {
+            instance: Some(v1::InstanceRef {
+                service: Some(key.into()),
+                id,
+                ..Default::default()
+            }),
+        }))
+        .await
     }
 
     async fn send(&self, live: &Live, kind: v1::client_message::Kind) -> Result<(), tonic::Status> {
@@ -567,10 +566,6 @@ impl Driver {
         let revision = match self.apply(key, &update, origin) {
             Outcome::Applied(r) => r,
             Outcome::Held | Outcome::Gone => return Ok(()),
-            Outcome::Failed(e) if origin == Origin::Reload => {
-                tracing::error!(service = %key, "the reloaded full view does not verify: {e}");
-                return Ok(());
-            }
             Outcome::Failed(e) => {
                 tracing::warn!(service = %key, "{e}; reloading the full view");
                 metrics::counter!(metric_names::FULL_RELOADS).increment(1);

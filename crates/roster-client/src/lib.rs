@@ -112,6 +112,14 @@ pub enum ClientError {
     /// The application's input is invalid (nothing was sent or stored).
     #[error(transparent)]
     Invalid(#[from] roster_core::ValidationError),
+    /// The disk cache directory cannot be used.
+    #[error("cannot use the cache directory {dir}: {reason}")]
+    Cache {
+        /// The directory.
+        dir: String,
+        /// Why.
+        reason: String,
+    },
     /// The registry could not be reached.
     #[error("cannot reach the registry at {addr}: {reason}")]
     Connect {

@@ -212,7 +212,6 @@ async fn a_push_with_a_revision_gap_reloads_the_full_view() {
             .is_some_and(|v| v.instances.len() == 1)
     })
     .await;
-    tokio::task::yield_now().await;
     provider
         .register("orders", instance("10.4.0.2", 80))
         .await

@@ -125,6 +125,8 @@ pub enum PullAnswer {
 /// One registry node.
 pub struct Node {
     config: Config,
+    /// This life of the node (also in the core; kept here for lock-free reads).
+    incarnation: u64,
     core: Mutex<Registry>,
     views: ArcSwap<PublishedViews>,
     subs: Mutex<Subscriptions>,
@@ -159,6 +161,7 @@ impl Node {
         let (tx, rx) = mpsc::unbounded_channel();
         let node = Arc::new(Self {
             config,
+            incarnation,
             core: Mutex::new(registry),
             views: ArcSwap::from_pointee(PublishedViews::default()),
             subs: Mutex::new(Subscriptions::default()),
@@ -447,7 +450,7 @@ impl Node {
 
     /// Incarnation of this node (distinguishes its lives in ids).
     pub fn incarnation(&self) -> u64 {
-        self.core.lock().incarnation()
+        self.incarnation
     }
 
     /// Builds the message for a dequeued item of `link`; a full view is

@@ -383,3 +383,114 @@ async fn malformed_nacos_requests_get_error_responses_and_disturb_nothing() {
     assert_eq!(held(&node, "orders"), ["10.24.0.1"]);
     node.shutdown().await;
 }
+
+fn raw_payload(kind: &str, body: serde_json::Value) -> roster_proto::nacos::Payload {
+    use roster_proto::nacos::{Any, Metadata, Payload};
+    Payload {
+        metadata: Some(Metadata {
+            r#type: kind.into(),
+            ..Default::default()
+        }),
+        body: Some(Any {
+            type_url: String::new(),
+            value: serde_json::to_vec(&body).unwrap().into(),
+        }),
+    }
+}
+
+fn raw_body(p: &roster_proto::nacos::Payload) -> (String, serde_json::Value) {
+    let kind = p.metadata.as_ref().unwrap().r#type.clone();
+    let body = serde_json::from_slice(&p.body.as_ref().unwrap().value).unwrap();
+    (kind, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_nacos_connection_is_probed_then_dropped() {
+    use roster_proto::nacos::bi_request_stream_client::BiRequestStreamClient;
+    use roster_proto::nacos::request_client::RequestClient;
+    let any = "127.0.0.1:0".parse().unwrap();
+    let mut config = Config::default();
+    config.server.http = any;
+    config.server.grpc = any;
+    config.session.keepalive = Duration::from_millis(300);
+    config.session.probe_timeout = Duration::from_millis(300);
+    config.session.sweep_interval = Duration::from_millis(100);
+    let node = roster_server::start(config).await.unwrap();
+
+    // One HTTP/2 connection for the stream and the unary calls, as the
+    // Nacos clients do.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(raw_payload(
+        "ConnectionSetupRequest",
+        serde_json::json!({"clientVersion": "raw-test", "headers": {}}),
+    ))
+    .unwrap();
+    let mut inbound = BiRequestStreamClient::new(channel.clone())
+        .request_bi_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let unary = RequestClient::new(channel);
+    let call = |kind: &'static str| {
+        let mut unary = unary.clone();
+        async move {
+            raw_body(
+                &unary
+                    .request(raw_payload(kind, serde_json::json!({"requestId": "1"})))
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
+        }
+    };
+    let (kind, _) = call("HealthCheckRequest").await;
+    assert_eq!(kind, "HealthCheckResponse");
+    let (kind, body) = call("NoSuchRequest").await;
+    assert_eq!(
+        (kind.as_str(), body["errorCode"].as_i64()),
+        ("ErrorResponse", Some(400))
+    );
+    assert_eq!(node.node.counts().0, 1, "the connection is a session");
+
+    // Idle past the keep-alive window: a detection request arrives; the
+    // answer keeps the connection.
+    let probe = timeout(WAIT, inbound.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (kind, body) = raw_body(&probe);
+    assert_eq!(kind, "ClientDetectionRequest");
+    assert_eq!(body["headers"], serde_json::json!({}));
+    tx.send(raw_payload(
+        "ClientDetectionResponse",
+        serde_json::json!({"requestId": body["requestId"], "resultCode": 200}),
+    ))
+    .unwrap();
+    let (kind, _) = call("HealthCheckRequest").await;
+    assert_eq!(
+        kind, "HealthCheckResponse",
+        "still registered after answering"
+    );
+
+    // Silent from now on: probed again, then dropped and unregistered.
+    timeout(WAIT, async {
+        while let Ok(Some(p)) = inbound.message().await {
+            assert_eq!(raw_body(&p).0, "ClientDetectionRequest");
+        }
+    })
+    .await
+    .expect("the silent connection was dropped");
+    eventually("the session to go", || node.node.counts().0 == 0).await;
+    let (kind, body) = call("HealthCheckRequest").await;
+    assert_eq!(
+        (kind.as_str(), body["errorCode"].as_i64()),
+        ("ErrorResponse", Some(301))
+    );
+    node.shutdown().await;
+}

@@ -317,11 +317,8 @@ impl NacosGrpc {
             conn.subs.lock().remove(&key);
             self.nacos.node.unsubscribe(conn.session(), &key);
         }
-        let (view, time) = self.nacos.snapshot(&key);
-        let info = wire::service_info(
+        let (_, info) = self.nacos.service_info(
             &key,
-            view.as_deref(),
-            time,
             &InfoRequest {
                 clusters: &clusters,
                 healthy_only: false,
@@ -343,11 +340,8 @@ impl NacosGrpc {
         let healthy_only = flag(body, "healthyOnly")
             .or_else(|| flag(body, "healthOnly"))
             .unwrap_or(false);
-        let (view, time) = self.nacos.snapshot(&key);
-        let info = wire::service_info(
+        let (_, info) = self.nacos.service_info(
             &key,
-            view.as_deref(),
-            time,
             &InfoRequest {
                 clusters,
                 healthy_only,
@@ -428,19 +422,15 @@ impl NacosGrpc {
         let clusters = conn.subs.lock().get(&*key).cloned()?;
         // Nacos pushes the whole list: the current view covers every
         // update queued before it.
-        let (view, time) = self.nacos.snapshot(&key);
-        let revision = view.as_ref().map_or(0, |v| v.revision);
-        self.nacos.node.full_sent(conn.session(), &key, revision);
-        let info = wire::service_info(
+        let (revision, info) = self.nacos.service_info(
             &key,
-            view.as_deref(),
-            time,
             &InfoRequest {
                 clusters: &clusters,
                 healthy_only: false,
                 grouped_name: false,
             },
         );
+        self.nacos.node.full_sent(conn.session(), &key, revision);
         let rid = conn
             .next_request
             .fetch_add(1, Ordering::Relaxed)

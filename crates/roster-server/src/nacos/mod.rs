@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use roster_core::{ServiceKey, ServiceView};
+use roster_core::ServiceKey;
+use serde_json::Value;
 
 use crate::node::Node;
 
@@ -34,16 +35,32 @@ impl Nacos {
         })
     }
 
-    /// The current view of `key` and a `lastRefTime` for it, taken
-    /// together so that a later emission never carries an older view.
-    pub fn snapshot(&self, key: &ServiceKey) -> (Option<Arc<ServiceView>>, i64) {
-        let mut times = self.ref_times.lock();
-        let view = self.node.view(key);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        let last = times.entry(key.clone()).or_insert(0);
-        *last = now.max(*last + 1);
-        (view, *last)
+    /// The `ServiceInfo` of `key` now, and the revision it shows. The
+    /// view and its `lastRefTime` are taken together, so a later emission
+    /// never carries an older view.
+    pub fn service_info(&self, key: &ServiceKey, req: &wire::InfoRequest<'_>) -> (u64, Value) {
+        let (view, time) = {
+            let mut times = self.ref_times.lock();
+            let view = self.node.view(key);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            let time = match times.get_mut(key) {
+                Some(last) => {
+                    *last = now.max(*last + 1);
+                    *last
+                }
+                None => {
+                    times.insert(key.clone(), now);
+                    now
+                }
+            };
+            (view, time)
+        };
+        let revision = view.as_ref().map_or(0, |v| v.revision);
+        (
+            revision,
+            wire::service_info(key, view.as_deref(), time, req),
+        )
     }
 }

@@ -23,10 +23,7 @@ pub fn text<'a>(body: &'a Value, field: &str) -> Option<&'a str> {
 pub fn flag(body: &Value, field: &str) -> Option<bool> {
     match body.get(field)? {
         Value::Bool(b) => Some(*b),
-        Value::String(s) => s.parse::<bool>().ok().or_else(|| {
-            let lower = s.to_ascii_lowercase();
-            lower.parse().ok()
-        }),
+        Value::String(s) => s.to_ascii_lowercase().parse().ok(),
         _ => None,
     }
 }
