@@ -200,7 +200,12 @@ impl Subscriptions {
             .unwrap_or_default()
     }
 
-    /// Number of subscribers of a service.
+    /// Number of (session, service) subscriptions.
+    pub fn total(&self) -> usize {
+        self.by_session.values().map(HashSet::len).sum()
+    }
+
+    /// Subscribers of one service.
     pub fn count(&self, key: &ServiceKey) -> usize {
         self.by_service.get(key).map_or(0, HashMap::len)
     }

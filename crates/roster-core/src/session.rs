@@ -17,6 +17,10 @@ pub enum SessionKind {
     /// A lease renewed by heartbeats (HTTP clients): it cannot be probed, so
     /// an idle one is expired once the probe timeout has also passed.
     Lease,
+    /// Held open by the module that opened it, which decides the liveness
+    /// of each of its records itself (Nacos HTTP heartbeats): the sweep
+    /// never probes or expires it.
+    Held,
 }
 
 /// Intervals of the session sweep.
@@ -145,6 +149,9 @@ impl SessionTable {
     pub fn sweep(&mut self, now: Instant) -> Vec<SweepVerdict> {
         let mut verdicts = Vec::new();
         for s in self.sessions.values_mut() {
+            if s.kind == SessionKind::Held {
+                continue;
+            }
             match s.probe {
                 Some((_, deadline)) if now >= deadline => {
                     verdicts.push(SweepVerdict::Expire(s.id.clone()));
@@ -196,5 +203,14 @@ mod tests {
             table.sweep(t0 + Duration::from_secs(23)),
             vec![SweepVerdict::Expire("l".into())]
         );
+    }
+
+    #[test]
+    fn held_session_is_never_probed_or_expired() {
+        let t0 = Instant::now();
+        let mut table = SessionTable::new(SessionTimeouts::default());
+        table.insert("h".into(), SessionKind::Held, String::new(), t0);
+        assert!(table.sweep(t0 + Duration::from_secs(3600)).is_empty());
+        assert!(table.get("h").unwrap().probe.is_none());
     }
 }

@@ -40,6 +40,8 @@ pub struct Config {
     pub push: PushSection,
     /// Registry state.
     pub registry: RegistrySection,
+    /// Nacos compatibility (HTTP heartbeats, UDP push).
+    pub nacos: NacosSection,
 }
 
 /// `[server]`
@@ -89,6 +91,40 @@ pub struct RegistrySection {
     pub delta_window: usize,
 }
 
+/// `[nacos]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NacosSection {
+    /// An HTTP-registered instance without a beat this long turns
+    /// unhealthy (metadata `preserved.heart.beat.timeout` overrides it).
+    #[serde(with = "duration")]
+    pub beat_timeout: Duration,
+    /// ... and is removed after this long (`preserved.ip.delete.timeout`).
+    #[serde(with = "duration")]
+    pub delete_timeout: Duration,
+    /// How often heartbeat deadlines are checked.
+    #[serde(with = "duration")]
+    pub beat_check_interval: Duration,
+    /// How long a UDP push waits for its `push-ack` before it is sent once more.
+    #[serde(with = "duration")]
+    pub udp_ack_timeout: Duration,
+    /// A UDP subscriber that stopped polling is forgotten after this long.
+    #[serde(with = "duration")]
+    pub udp_subscriber_ttl: Duration,
+}
+
+impl Default for NacosSection {
+    fn default() -> Self {
+        Self {
+            beat_timeout: Duration::from_secs(15),
+            delete_timeout: Duration::from_secs(30),
+            beat_check_interval: Duration::from_secs(1),
+            udp_ack_timeout: Duration::from_secs(10),
+            udp_subscriber_ttl: Duration::from_secs(180),
+        }
+    }
+}
+
 impl Default for ServerSection {
     fn default() -> Self {
         Self {
@@ -132,6 +168,7 @@ impl Default for Config {
             session: SessionSection::default(),
             push: PushSection::default(),
             registry: RegistrySection::default(),
+            nacos: NacosSection::default(),
         }
     }
 }
@@ -176,6 +213,15 @@ impl Config {
         zero("session.keepalive", self.session.keepalive)?;
         zero("session.probe_timeout", self.session.probe_timeout)?;
         zero("session.sweep_interval", self.session.sweep_interval)?;
+        zero("nacos.beat_timeout", self.nacos.beat_timeout)?;
+        zero("nacos.beat_check_interval", self.nacos.beat_check_interval)?;
+        zero("nacos.udp_ack_timeout", self.nacos.udp_ack_timeout)?;
+        zero("nacos.udp_subscriber_ttl", self.nacos.udp_subscriber_ttl)?;
+        if self.nacos.delete_timeout < self.nacos.beat_timeout {
+            return Err(ConfigError::Invalid(
+                "nacos.delete_timeout must be at least nacos.beat_timeout".into(),
+            ));
+        }
         if self.push.queue_capacity == 0 || self.registry.delta_window == 0 {
             return Err(ConfigError::Invalid(
                 "push.queue_capacity and registry.delta_window must be above 0".into(),

@@ -133,7 +133,18 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tasks.spawn(node::run_pusher(node.clone(), changes));
     tasks.spawn(run_sweeper(node.clone()));
 
-    let nacos = nacos::Nacos::new(node.clone());
+    // Nacos v1 UDP pushes leave from the HTTP listener's address.
+    let udp_addr = SocketAddr::new(http_addr.ip(), 0);
+    let udp = tokio::net::UdpSocket::bind(udp_addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "nacos udp",
+            addr: udp_addr,
+            source,
+        })?;
+    let nacos = nacos::Nacos::new(node.clone(), Arc::new(udp));
+    tasks.spawn(nacos.clone().run_udp_acks());
+    tasks.spawn(run_beat_checker(nacos.clone()));
     let nacos_grpc = nacos::grpc::NacosGrpc::new(nacos.clone());
     let incoming =
         tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
@@ -153,10 +164,14 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         }
     });
 
-    let app = http::router(node.clone());
+    let app = http::router(node.clone()).merge(nacos::http::router(nacos));
     let stop = node.shutdown.clone();
     tasks.spawn(async move {
-        let serve = axum::serve(http_listener, app).with_graceful_shutdown(stop.cancelled_owned());
+        let serve = axum::serve(
+            http_listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.cancelled_owned());
         if let Err(e) = serve.await {
             tracing::error!("HTTP listener failed: {e}");
         }
@@ -168,6 +183,19 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         node,
         tasks,
     })
+}
+
+/// Every `nacos.beat_check_interval`: HTTP-registered Nacos instances
+/// without heartbeats turn unhealthy, then are removed.
+async fn run_beat_checker(nacos: Arc<nacos::Nacos>) {
+    let mut tick = tokio::time::interval(nacos.node.config().nacos.beat_check_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = nacos.node.shutdown.cancelled() => return,
+            _ = tick.tick() => nacos.check_beats(),
+        }
+    }
 }
 
 /// Every `session.sweep_interval`: probe idle sessions, expire silent ones.

@@ -245,6 +245,14 @@ impl Node {
             .open_session(SessionKind::Lease, client_name, Self::now())
     }
 
+    /// Opens a session that only [`Self::close_session`] ends: its opener
+    /// decides the liveness of each of its records.
+    pub fn open_held(&self, client_name: &str) -> SessionId {
+        self.core
+            .lock()
+            .open_session(SessionKind::Held, client_name, Self::now())
+    }
+
     /// Records activity on a session; false if it is not open.
     pub fn touch(&self, session: &str) -> bool {
         self.core.lock().touch(session, Self::now())
@@ -324,7 +332,8 @@ impl Node {
         })
     }
 
-    fn modify(
+    /// Edits an existing instance in place (owner kept, version bumped).
+    pub fn modify(
         &self,
         key: &ServiceKey,
         id: &str,
@@ -354,6 +363,11 @@ impl Node {
             core.service_count(),
             core.instance_count(),
         )
+    }
+
+    /// Number of (session, service) subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.lock().total()
     }
 
     /// Number of subscribers of a service.

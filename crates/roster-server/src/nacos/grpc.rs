@@ -236,7 +236,7 @@ impl NacosGrpc {
             }
             "deregisterInstance" => {
                 let instance = wire::instance(raw)?.normalize()?;
-                if let Some(id) = self.find(&key, &instance) {
+                if let Some(id) = self.nacos.find(&key, &instance) {
                     // Already gone is what was asked for.
                     let _ = self.nacos.node.deregister(&key, &id);
                 }
@@ -249,25 +249,6 @@ impl NacosGrpc {
             }
         }
         Ok(reply("InstanceResponse", rid, json!({ "type": action })))
-    }
-
-    /// The id of the instance at the address of `probe`: its id if it has
-    /// one, else the one at the same ip, port and cluster.
-    fn find(&self, key: &ServiceKey, probe: &roster_core::Instance) -> Option<String> {
-        let view = self.nacos.node.view(key)?;
-        if view.instances.contains_key(probe.id.as_str()) {
-            return Some(probe.id.clone());
-        }
-        let ip = probe.addresses.first()?.ip;
-        view.instances
-            .values()
-            .find(|r| {
-                let i = &r.instance;
-                i.port == probe.port
-                    && i.cluster == probe.cluster
-                    && i.addresses.iter().any(|a| a.ip == ip)
-            })
-            .map(|r| r.instance.id.clone())
     }
 
     /// Replaces the set of instances this connection publishes for the
@@ -362,7 +343,9 @@ impl NacosGrpc {
         let group = wire::group_or_default(text(body, "groupName"));
         let page_no = integer(body, "pageNo").unwrap_or(1).max(1);
         let page_size = integer(body, "pageSize").unwrap_or(10).max(0);
-        let (count, names) = page_of_services(&self.nacos, &namespace, group, page_no, page_size);
+        let (count, names) = self
+            .nacos
+            .page_of_services(&namespace, group, page_no, page_size);
         Ok(reply(
             "ServiceListResponse",
             rid,
@@ -452,32 +435,6 @@ impl NacosGrpc {
             }),
         ))
     }
-}
-
-/// One page of a namespace's services in `group`, by name: the total and
-/// the bare names.
-pub fn page_of_services(
-    nacos: &Nacos,
-    namespace: &str,
-    group: &str,
-    page_no: i64,
-    page_size: i64,
-) -> (usize, Vec<String>) {
-    let views = nacos.node.views();
-    let mut names: Vec<String> = views
-        .keys()
-        .filter(|k| k.namespace == namespace && k.group == group)
-        .map(|k| k.service.clone())
-        .collect();
-    names.sort();
-    let count = names.len();
-    let start = usize::try_from((page_no - 1).saturating_mul(page_size)).unwrap_or(usize::MAX);
-    let page = names
-        .into_iter()
-        .skip(start)
-        .take(usize::try_from(page_size).unwrap_or(0))
-        .collect();
-    (count, page)
 }
 
 #[tonic::async_trait]

@@ -1,0 +1,717 @@
+//! The Nacos HTTP Open API on the HTTP port: v1 under `/nacos/v1/ns/`
+//! (plain-text errors), v2 under `/nacos/v2/ns/` (`{code, message, data}`),
+//! login while auth is off, and the health URLs. Each operation is written
+//! once over [`Params`] (query string and form body merged) and rendered
+//! in either version's shape.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, on};
+use axum::{Json, Router};
+use roster_core::{Instance, RegistryError, ServiceKey, ValidationError};
+use serde_json::{Map, Value, json};
+
+use super::wire::{self, InfoRequest, flag, integer, number, text};
+use super::{Nacos, ServiceSettings};
+
+/// Largest form body accepted.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Which Open API a route belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    V1,
+    V2,
+}
+
+/// An operation's result.
+enum Reply {
+    /// Done: v1 `ok`, v2 `data: "ok"`.
+    Ok,
+    /// A JSON payload (v2 wraps it in the envelope).
+    Json(Value),
+    /// A JSON object sent as is by both versions (the beat reply).
+    Bare(Value),
+}
+
+/// A failed operation: HTTP status, v2 code and message.
+struct Fail {
+    status: StatusCode,
+    code: i64,
+    message: String,
+}
+
+/// v2 error codes.
+mod code {
+    pub const PARAMETER_MISSING: i64 = 10000;
+    pub const RESOURCE_NOT_FOUND: i64 = 20004;
+    pub const INSTANCE_NOT_FOUND: i64 = 21003;
+    pub const SERVICE_NOT_EXIST: i64 = 21008;
+    pub const SERVER_ERROR: i64 = 30000;
+}
+
+impl Fail {
+    fn bad(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: code::PARAMETER_MISSING,
+            message: message.into(),
+        }
+    }
+
+    fn missing(name: &str) -> Self {
+        Self::bad(format!("Parameter '{name}' is missing"))
+    }
+
+    fn no_service(key: &ServiceKey) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: code::SERVICE_NOT_EXIST,
+            message: format!("service not found: {}", wire::grouped(key)),
+        }
+    }
+
+    fn no_instance(key: &ServiceKey, id: &str) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: code::INSTANCE_NOT_FOUND,
+            message: format!("instance not found: {id} in {}", wire::grouped(key)),
+        }
+    }
+}
+
+impl From<ValidationError> for Fail {
+    fn from(e: ValidationError) -> Self {
+        Self::bad(e.to_string())
+    }
+}
+
+impl From<RegistryError> for Fail {
+    fn from(e: RegistryError) -> Self {
+        let (status, code) = match &e {
+            RegistryError::Invalid(v) => return v.clone().into(),
+            RegistryError::UnknownInstance { .. } => {
+                (StatusCode::NOT_FOUND, code::INSTANCE_NOT_FOUND)
+            }
+            RegistryError::UnknownService(_) => (StatusCode::NOT_FOUND, code::SERVICE_NOT_EXIST),
+            RegistryError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, code::SERVER_ERROR),
+            RegistryError::UnknownSession(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, code::SERVER_ERROR)
+            }
+        };
+        Self {
+            status,
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A request's parameters: the query string, then a form body (which wins).
+struct Params {
+    values: Value,
+    /// Who sent the request.
+    peer: Option<SocketAddr>,
+    api: Api,
+}
+
+impl Params {
+    fn text(&self, name: &str) -> Option<&str> {
+        text(&self.values, name).filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, name: &str) -> Result<&str, Fail> {
+        self.text(name).ok_or_else(|| Fail::missing(name))
+    }
+
+    fn flag(&self, name: &str) -> Result<Option<bool>, Fail> {
+        match self.text(name) {
+            None => Ok(None),
+            Some(_) => flag(&self.values, name)
+                .map(Some)
+                .ok_or_else(|| Fail::bad(format!("Parameter '{name}' must be true or false"))),
+        }
+    }
+
+    fn number(&self, name: &str) -> Result<Option<f64>, Fail> {
+        match self.text(name) {
+            None => Ok(None),
+            Some(_) => number(&self.values, name)
+                .filter(|n| n.is_finite())
+                .map(Some)
+                .ok_or_else(|| Fail::bad(format!("Parameter '{name}' must be a number"))),
+        }
+    }
+
+    /// The service: `serviceName` (required; `group@@name` carries its
+    /// group), `groupName`, `namespaceId`.
+    fn key(&self) -> Result<ServiceKey, Fail> {
+        let service = self.required("serviceName")?;
+        Ok(wire::service_key(
+            self.text("namespaceId").or_else(|| self.text("namespace")),
+            self.text("groupName"),
+            Some(service),
+        )?)
+    }
+
+    /// The cluster: `clusterName` or `cluster`; Python v1 sends `None`.
+    fn cluster(&self) -> &str {
+        match self.text("clusterName").or_else(|| self.text("cluster")) {
+            Some("None") | None => "",
+            Some(c) => c,
+        }
+    }
+
+    /// `metadata`: a JSON object, or `k=v,k2=v2`.
+    fn metadata(&self) -> Result<Option<BTreeMap<String, String>>, Fail> {
+        let Some(raw) = self.text("metadata") else {
+            return Ok(None);
+        };
+        parse_metadata(raw).map(Some)
+    }
+
+    /// The instance the parameters describe (ip and port required).
+    fn instance(&self) -> Result<Instance, Fail> {
+        let ip = roster_core::model::parse_ip("ip", self.required("ip")?)?;
+        let port = integer(&self.values, "port")
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| match self.text("port") {
+                None => Fail::missing("port"),
+                Some(_) => Fail::bad("Parameter 'port' must be 1..=65535"),
+            })?;
+        let mut i = Instance::new(ip, port);
+        i.cluster = self.cluster().to_owned();
+        if let Some(w) = self.number("weight")? {
+            i.weight = w;
+        }
+        if let Some(e) = self.flag("enabled")?.or(self.flag("enable")?) {
+            i.enabled = e;
+        }
+        if let Some(h) = self.flag("healthy")? {
+            i.healthy = h;
+        }
+        if let Some(e) = self.flag("ephemeral")? {
+            i.ephemeral = e;
+        }
+        if let Some(m) = self.metadata()? {
+            i.metadata = m;
+        }
+        Ok(i.normalize()?)
+    }
+}
+
+fn parse_metadata(raw: &str) -> Result<BTreeMap<String, String>, Fail> {
+    let raw = raw.trim();
+    if raw.starts_with('{') {
+        return match serde_json::from_str::<Value>(raw) {
+            Ok(Value::Object(m)) => Ok(wire::string_map(&m)),
+            _ => Err(Fail::bad("Parameter 'metadata' is not a JSON object")),
+        };
+    }
+    Ok(raw
+        .split(',')
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (k.trim().to_owned(), v.trim().to_owned()),
+            None => (kv.trim().to_owned(), String::new()),
+        })
+        .collect())
+}
+
+type Op = fn(&Arc<Nacos>, &Params) -> Result<Reply, Fail>;
+
+/// Reads the parameters, runs `op` and renders the result for `api`.
+async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Response {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let json_body = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return render(api, Err(Fail::bad(format!("cannot read body: {e}")))),
+    };
+    let mut values = Map::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        values.insert(k.into_owned(), Value::String(v.into_owned()));
+    }
+    if json_body {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(Value::Object(m)) => {
+                for (k, v) in m {
+                    let v = match v {
+                        Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    values.insert(k, Value::String(v));
+                }
+            }
+            _ => return render(api, Err(Fail::bad("the JSON body is not an object"))),
+        }
+    } else {
+        for (k, v) in form_urlencoded::parse(&body) {
+            values.insert(k.into_owned(), Value::String(v.into_owned()));
+        }
+    }
+    let params = Params {
+        values: Value::Object(values),
+        peer,
+        api,
+    };
+    render(api, op(&nacos, &params))
+}
+
+fn render(api: Api, result: Result<Reply, Fail>) -> Response {
+    match (api, result) {
+        (_, Ok(Reply::Bare(v))) => Json(v).into_response(),
+        (Api::V1, Ok(Reply::Ok)) => "ok".into_response(),
+        (Api::V1, Ok(Reply::Json(v))) => Json(v).into_response(),
+        (Api::V1, Err(f)) => (f.status, f.message).into_response(),
+        (Api::V2, Ok(Reply::Ok)) => envelope("ok".into()),
+        (Api::V2, Ok(Reply::Json(v))) => envelope(v),
+        (Api::V2, Err(f)) => (
+            f.status,
+            Json(json!({ "code": f.code, "message": f.message, "data": f.message })),
+        )
+            .into_response(),
+    }
+}
+
+fn envelope(data: Value) -> Response {
+    Json(json!({ "code": 0, "message": "success", "data": data })).into_response()
+}
+
+/// A route running `op` for every method in `methods`.
+fn op(
+    methods: &[axum::http::Method],
+    op: Op,
+    api: Api,
+    router: MethodRouter<Arc<Nacos>>,
+) -> MethodRouter<Arc<Nacos>> {
+    methods.iter().fold(router, |r, m| {
+        let filter = axum::routing::MethodFilter::try_from(m.clone())
+            .unwrap_or(axum::routing::MethodFilter::GET);
+        r.on(filter, move |State(n): State<Arc<Nacos>>, req: Request| {
+            serve(n, op, api, req)
+        })
+    })
+}
+
+/// The Nacos HTTP routes.
+pub fn router(nacos: Arc<Nacos>) -> Router {
+    use axum::http::Method as M;
+    let mut r = Router::new();
+    for (prefix, api) in [("/nacos/v1/ns", Api::V1), ("/nacos/v2/ns", Api::V2)] {
+        let instance = MethodRouter::new();
+        let instance = op(&[M::POST], register, api, instance);
+        let instance = op(&[M::DELETE], deregister, api, instance);
+        let instance = op(&[M::PUT], update, api, instance);
+        let instance = op(&[M::PATCH], patch, api, instance);
+        let instance = op(&[M::GET], detail, api, instance);
+        let service = MethodRouter::new();
+        let service = op(&[M::POST], create_service, api, service);
+        let service = op(&[M::DELETE], delete_service, api, service);
+        let service = op(&[M::PUT], update_service, api, service);
+        let service = op(&[M::GET], service_detail, api, service);
+        r = r
+            .route(&format!("{prefix}/instance"), instance)
+            .route(
+                &format!("{prefix}/instance/list"),
+                op(&[M::GET, M::POST], list, api, MethodRouter::new()),
+            )
+            .route(
+                &format!("{prefix}/instance/beat"),
+                op(&[M::PUT, M::POST], beat, api, MethodRouter::new()),
+            )
+            .route(&format!("{prefix}/service"), service)
+            .route(
+                &format!("{prefix}/service/list"),
+                op(&[M::GET], service_list, api, MethodRouter::new()),
+            )
+            .route(
+                &format!("{prefix}/operator/metrics"),
+                op(&[M::GET], metrics, api, MethodRouter::new()),
+            )
+            .route(
+                &format!("{prefix}/catalog/instances"),
+                op(&[M::GET], catalog_instances, api, MethodRouter::new()),
+            );
+    }
+    for path in [
+        "/nacos/v1/auth/login",
+        "/nacos/v1/auth/users/login",
+        "/nacos/v3/auth/user/login",
+    ] {
+        r = r.route(
+            path,
+            op(&[M::GET, M::POST], login, Api::V1, MethodRouter::new()),
+        );
+    }
+    r.route("/nacos/v1/console/health/liveness", get(|| async { "OK" }))
+        .route("/nacos/v1/console/health/readiness", get(readiness))
+        .route(
+            "/nacos/health",
+            on(axum::routing::MethodFilter::GET, || async { "success" }),
+        )
+        .with_state(nacos)
+}
+
+async fn readiness(State(n): State<Arc<Nacos>>) -> Response {
+    if n.node.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+    } else {
+        "OK".into_response()
+    }
+}
+
+// ---- instances ------------------------------------------------------------
+
+fn register(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    let instance = p.instance()?;
+    n.register_http(key, instance)?;
+    Ok(Reply::Ok)
+}
+
+fn deregister(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    let probe = p.instance()?;
+    // Already gone is what was asked for.
+    if let Some(id) = n.find(&key, &probe) {
+        n.deregister(&key, &id);
+    }
+    Ok(Reply::Ok)
+}
+
+/// The id of an existing instance at the parameters' address.
+fn existing(n: &Nacos, p: &Params) -> Result<(ServiceKey, String), Fail> {
+    let key = p.key()?;
+    let probe = p.instance()?;
+    match n.find(&key, &probe) {
+        Some(id) => Ok((key, id)),
+        None => Err(Fail::no_instance(&key, &probe.id)),
+    }
+}
+
+/// `PUT`: weight, enabled and metadata as given (absent ones keep).
+fn update(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let (key, id) = existing(n, p)?;
+    let weight = p.number("weight")?;
+    let enabled = p.flag("enabled")?.or(p.flag("enable")?);
+    let metadata = p.metadata()?;
+    n.node.modify(&key, &id, |i| {
+        if let Some(w) = weight {
+            i.weight = w;
+        }
+        if let Some(e) = enabled {
+            i.enabled = e;
+        }
+        if let Some(m) = metadata {
+            i.metadata = m;
+        }
+    })?;
+    Ok(Reply::Ok)
+}
+
+/// `PATCH`: like `PUT`, metadata merged into the existing entries, and
+/// `healthy` may be set too.
+fn patch(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let (key, id) = existing(n, p)?;
+    let weight = p.number("weight")?;
+    let enabled = p.flag("enabled")?.or(p.flag("enable")?);
+    let healthy = p.flag("healthy")?;
+    let metadata = p.metadata()?;
+    n.node.modify(&key, &id, |i| {
+        if let Some(w) = weight {
+            i.weight = w;
+        }
+        if let Some(e) = enabled {
+            i.enabled = e;
+        }
+        if let Some(h) = healthy {
+            i.healthy = h;
+        }
+        if let Some(m) = metadata {
+            i.metadata.extend(m);
+        }
+    })?;
+    Ok(Reply::Ok)
+}
+
+fn detail(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let (key, id) = existing(n, p)?;
+    let view = n.node.view(&key).ok_or_else(|| Fail::no_service(&key))?;
+    let record = view
+        .instances
+        .get(id.as_str())
+        .ok_or_else(|| Fail::no_instance(&key, &id))?;
+    let host = wire::hosts(&key, &record.instance)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let i = &record.instance;
+    Ok(Reply::Json(json!({
+        "service": wire::grouped(&key),
+        "serviceName": wire::grouped(&key),
+        "groupName": key.group,
+        "ip": host["ip"],
+        "port": i.port,
+        "clusterName": i.cluster,
+        "weight": i.weight,
+        "healthy": i.healthy,
+        "enabled": i.enabled,
+        "ephemeral": i.ephemeral,
+        "instanceId": i.id,
+        "metadata": host["metadata"],
+    })))
+}
+
+fn list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    let clusters = p.text("clusters").unwrap_or_default();
+    let healthy_only = p.flag("healthyOnly")?.unwrap_or(false);
+    let udp_port = integer(&p.values, "udpPort").unwrap_or(0);
+    if let Ok(port) = u16::try_from(udp_port)
+        && port != 0
+    {
+        let ip = match p.text("clientIP") {
+            Some(ip) => ip.parse::<IpAddr>().map_err(|_| {
+                Fail::bad(format!("Parameter 'clientIP' is not an IP address: {ip:?}"))
+            })?,
+            None => p
+                .peer
+                .map(|a| a.ip())
+                .ok_or_else(|| Fail::missing("clientIP"))?,
+        };
+        n.udp_poll(SocketAddr::new(ip, port), &key, clusters);
+    }
+    let (_, info) = n.service_info(
+        &key,
+        &InfoRequest {
+            clusters,
+            healthy_only,
+            grouped_name: true,
+        },
+    );
+    Ok(Reply::Json(info))
+}
+
+/// `beat`: the JSON `beat` parameter (when sent) overrides the others and
+/// lets an unknown instance be registered again.
+fn beat(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let beat = match p.text("beat") {
+        Some(raw) => match serde_json::from_str::<Value>(raw) {
+            Ok(v @ Value::Object(_)) => Some(v),
+            _ => return Err(Fail::bad("Parameter 'beat' is not a JSON object")),
+        },
+        None => None,
+    };
+    let mut values = p.values.as_object().cloned().unwrap_or_default();
+    if let Some(b) = &beat {
+        for (from, to) in [
+            ("serviceName", "serviceName"),
+            ("ip", "ip"),
+            ("port", "port"),
+            ("cluster", "clusterName"),
+            ("weight", "weight"),
+            ("ephemeral", "ephemeral"),
+        ] {
+            match b.get(from) {
+                Some(Value::String(s)) if !s.is_empty() => {
+                    values.insert(to.into(), Value::String(s.clone()));
+                }
+                Some(v @ (Value::Number(_) | Value::Bool(_))) => {
+                    values.insert(to.into(), Value::String(v.to_string()));
+                }
+                _ => {}
+            }
+        }
+        if let Some(Value::Object(m)) = b.get("metadata") {
+            values.insert(
+                "metadata".into(),
+                Value::String(Value::Object(m.clone()).to_string()),
+            );
+        }
+    }
+    let merged = Params {
+        values: Value::Object(values),
+        peer: p.peer,
+        api: p.api,
+    };
+    let key = merged.key()?;
+    let instance = merged.instance()?;
+    let known = n.beat(&key, instance, beat.is_some())?;
+    Ok(Reply::Bare(json!({
+        "clientBeatInterval": n.beat_interval_ms(),
+        "code": if known { 10200 } else { 20404 },
+        "lightBeatEnabled": true,
+    })))
+}
+
+fn catalog_instances(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    let (_, info) = n.service_info(
+        &key,
+        &InfoRequest {
+            clusters: p.text("clusterName").unwrap_or_default(),
+            healthy_only: false,
+            grouped_name: true,
+        },
+    );
+    let list = info["hosts"].clone();
+    let count = list.as_array().map_or(0, Vec::len);
+    Ok(Reply::Json(json!({ "list": list, "count": count })))
+}
+
+// ---- services -------------------------------------------------------------
+
+fn settings(p: &Params, base: ServiceSettings) -> Result<ServiceSettings, Fail> {
+    Ok(ServiceSettings {
+        protect_threshold: p
+            .number("protectThreshold")?
+            .unwrap_or(base.protect_threshold),
+        metadata: p.metadata()?.unwrap_or(base.metadata),
+        selector: p.text("selector").map_or(base.selector, str::to_owned),
+    })
+}
+
+fn create_service(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    if n.service_exists(&key) {
+        return Err(Fail::bad(format!(
+            "specified service already exists: {}",
+            wire::grouped(&key)
+        )));
+    }
+    n.set_service(key, settings(p, ServiceSettings::default())?);
+    Ok(Reply::Ok)
+}
+
+fn delete_service(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    if !n.service_exists(&key) {
+        return Err(Fail::no_service(&key));
+    }
+    if n.node.view(&key).is_some_and(|v| !v.instances.is_empty()) {
+        return Err(Fail::bad(format!(
+            "service {} still has instances; deregister them first",
+            wire::grouped(&key)
+        )));
+    }
+    n.remove_service(&key);
+    Ok(Reply::Ok)
+}
+
+fn update_service(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    if !n.service_exists(&key) {
+        return Err(Fail::no_service(&key));
+    }
+    let updated = settings(p, n.service_settings(&key))?;
+    n.set_service(key, updated);
+    Ok(Reply::Ok)
+}
+
+fn service_detail(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let key = p.key()?;
+    if !n.service_exists(&key) {
+        return Err(Fail {
+            status: StatusCode::BAD_REQUEST,
+            code: code::RESOURCE_NOT_FOUND,
+            ..Fail::no_service(&key)
+        });
+    }
+    let s = n.service_settings(&key);
+    let clusters: std::collections::BTreeSet<String> = n
+        .node
+        .view(&key)
+        .map(|v| {
+            v.instances
+                .values()
+                .map(|r| r.instance.cluster.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let selector = serde_json::from_str::<Value>(&s.selector)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({ "type": "none" }));
+    Ok(Reply::Json(json!({
+        "namespaceId": key.namespace,
+        "namespace": key.namespace,
+        "groupName": key.group,
+        "name": key.service,
+        "serviceName": key.service,
+        "protectThreshold": s.protect_threshold,
+        "metadata": s.metadata,
+        "selector": selector,
+        "ephemeral": true,
+        "clusters": clusters.iter().map(|c| json!({
+            "name": c,
+            "healthChecker": { "type": "TCP" },
+            "metadata": {},
+        })).collect::<Vec<_>>(),
+    })))
+}
+
+fn service_list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let namespace = ServiceKey::new(
+        p.text("namespaceId")
+            .or_else(|| p.text("namespace"))
+            .unwrap_or_default(),
+        "",
+        "x",
+    )?
+    .namespace;
+    let group = wire::group_or_default(p.text("groupName"));
+    let page_no = integer(&p.values, "pageNo").unwrap_or(1).max(1);
+    let page_size = integer(&p.values, "pageSize").unwrap_or(10).max(0);
+    let (count, names) = n.page_of_services(&namespace, group, page_no, page_size);
+    Ok(Reply::Json(match p.api {
+        Api::V1 => json!({ "count": count, "doms": names }),
+        Api::V2 => json!({ "count": count, "services": names }),
+    }))
+}
+
+// ---- operator, auth ---------------------------------------------------------
+
+fn metrics(n: &Arc<Nacos>, _: &Params) -> Result<Reply, Fail> {
+    let (sessions, services, instances) = n.node.counts();
+    Ok(Reply::Json(json!({
+        "status": "UP",
+        "serviceCount": services,
+        "instanceCount": instances,
+        "subscribeCount": n.node.subscription_count(),
+        "clientCount": sessions,
+        "connectionBasedClientCount": sessions,
+        "ephemeralIpPortClientCount": 0,
+        "persistentIpPortClientCount": 0,
+        "responsibleClientCount": sessions,
+        "cpu": 0.0,
+        "load": 0.0,
+        "mem": 0.0,
+    })))
+}
+
+/// Auth is off: any credentials get a token (clients configured with a
+/// username keep working).
+fn login(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let _ = n;
+    Ok(Reply::Bare(json!({
+        "accessToken": "roster-auth-disabled",
+        "tokenTtl": 18000,
+        "globalAdmin": true,
+        "username": p.text("username").unwrap_or("nacos"),
+    })))
+}

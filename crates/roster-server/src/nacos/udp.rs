@@ -1,0 +1,306 @@
+//! Nacos v1 UDP push: an HTTP client that polls `instance/list` with a
+//! `udpPort` becomes a subscriber at `clientIP:udpPort`, held as a Roster
+//! stream session, so it is pushed like any other subscriber. Pushes are
+//! `{"type":"dom",...}` datagrams (gzip from 1 KiB); a `push-ack` feeds
+//! drain tracking, an unacknowledged push is sent once more. A subscriber
+//! that stops polling is forgotten after `nacos.udp_subscriber_ttl`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use roster_core::ServiceKey;
+use roster_core::push::Outbound;
+use roster_proto::v1;
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+
+use super::Nacos;
+use super::wire::{InfoRequest, integer, text};
+use crate::node::SessionLink;
+
+/// Datagrams at least this long are gzip-compressed (clients detect gzip
+/// by its magic bytes).
+const GZIP_FROM: usize = 1024;
+
+/// A push waiting for its `push-ack`.
+struct Pending {
+    key: ServiceKey,
+    revision: u64,
+    packet: Vec<u8>,
+    sent: Instant,
+    resent: bool,
+}
+
+/// One UDP subscriber (one client socket).
+struct Subscriber {
+    addr: SocketAddr,
+    link: Arc<SessionLink>,
+    /// Subscribed services and the cluster list each asked for.
+    subs: Mutex<HashMap<ServiceKey, String>>,
+    last_poll: Mutex<Instant>,
+    /// Pushes sent, by the `lastRefTime` the ack echoes.
+    pending: Mutex<HashMap<i64, Pending>>,
+    last_stamp: Mutex<i64>,
+}
+
+impl Subscriber {
+    /// A `lastRefTime` for a packet, unique for this subscriber.
+    fn stamp(&self, at_least: i64) -> i64 {
+        let mut last = self.last_stamp.lock();
+        *last = at_least.max(*last + 1);
+        *last
+    }
+}
+
+/// The UDP subscribers of a node and the socket they are pushed from.
+pub struct UdpPush {
+    socket: Arc<UdpSocket>,
+    subscribers: Mutex<HashMap<SocketAddr, Arc<Subscriber>>>,
+}
+
+impl UdpPush {
+    /// Pushes go out of `socket`; acks come back to it.
+    pub fn new(socket: Arc<UdpSocket>) -> Self {
+        Self {
+            socket,
+            subscribers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Where pushes come from.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.socket.local_addr().ok()
+    }
+
+    /// UDP subscribers now.
+    pub fn len(&self) -> usize {
+        self.subscribers.lock().len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.subscribers.lock().is_empty()
+    }
+}
+
+impl Nacos {
+    /// Records a poll of `key` by the UDP subscriber at `addr`: it is kept
+    /// alive, and subscribed to `key` (pushed the current list, then every
+    /// change) if it was not already.
+    pub fn udp_poll(self: &Arc<Self>, addr: SocketAddr, key: &ServiceKey, clusters: &str) {
+        let (sub, new) = {
+            let mut all = self.udp.subscribers.lock();
+            match all.get(&addr) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let link = self.node.open_stream(&format!("nacos-udp {addr}"));
+                    let s = Arc::new(Subscriber {
+                        addr,
+                        link,
+                        subs: Mutex::new(HashMap::new()),
+                        last_poll: Mutex::new(Instant::now()),
+                        pending: Mutex::new(HashMap::new()),
+                        last_stamp: Mutex::new(0),
+                    });
+                    all.insert(addr, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if new {
+            tracing::debug!(%addr, "nacos UDP subscriber");
+            tokio::spawn(self.clone().run_subscriber(sub.clone()));
+        }
+        *sub.last_poll.lock() = Instant::now();
+        self.node.touch(&sub.link.id);
+        let changed =
+            sub.subs.lock().insert(key.clone(), clusters.to_owned()) != Some(clusters.to_owned());
+        if changed {
+            // The session exists: it was opened above and only this
+            // subscriber's task closes it.
+            let _ = self.node.subscribe(&sub.link.id, key.clone());
+        }
+    }
+
+    /// Sends a subscriber its pushes until it is forgotten or the node stops.
+    async fn run_subscriber(self: Arc<Self>, sub: Arc<Subscriber>) {
+        let config = self.node.config().nacos.clone();
+        let mut resend = tokio::time::interval(config.udp_ack_timeout / 2);
+        resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                item = sub.link.next() => {
+                    let Some(item) = item else { break };
+                    if !self.udp_outbound(&sub, item, config.udp_subscriber_ttl).await {
+                        break;
+                    }
+                }
+                _ = resend.tick() => self.udp_resend(&sub, config.udp_ack_timeout).await,
+            }
+        }
+        self.udp.subscribers.lock().remove(&sub.addr);
+        self.node.close_session(&sub.link.id);
+        tracing::debug!(addr = %sub.addr, "nacos UDP subscriber forgotten");
+    }
+
+    /// Handles one dequeued item; false when the subscriber is to go.
+    async fn udp_outbound(
+        &self,
+        sub: &Subscriber,
+        item: Outbound<crate::node::Frame>,
+        ttl: Duration,
+    ) -> bool {
+        let key = match item {
+            Outbound::Control(frame) => {
+                // The session sweep probes idle sessions; a UDP subscriber
+                // answers by having polled recently.
+                if matches!(frame.message.kind, Some(v1::server_message::Kind::Probe(_))) {
+                    if sub.last_poll.lock().elapsed() >= ttl {
+                        return false;
+                    }
+                    self.node.touch(&sub.link.id);
+                }
+                return true;
+            }
+            Outbound::Update { key, .. } | Outbound::FullView(key) => key,
+        };
+        let Some(clusters) = sub.subs.lock().get(&*key).cloned() else {
+            return true;
+        };
+        let (revision, info) = self.service_info(
+            &key,
+            &InfoRequest {
+                clusters: &clusters,
+                healthy_only: false,
+                grouped_name: true,
+            },
+        );
+        self.node.full_sent(&sub.link.id, &key, revision);
+        let time = info.get("lastRefTime").and_then(Value::as_i64).unwrap_or(0);
+        let stamp = sub.stamp(time);
+        let packet = encode(&json!({
+            "type": "dom",
+            "data": info.to_string(),
+            "lastRefTime": stamp,
+        }));
+        self.send(sub.addr, &packet).await;
+        sub.pending.lock().insert(
+            stamp,
+            Pending {
+                key: (*key).clone(),
+                revision,
+                packet,
+                sent: Instant::now(),
+                resent: false,
+            },
+        );
+        true
+    }
+
+    /// Sends unacknowledged pushes once more, and gives up on those already
+    /// sent twice.
+    async fn udp_resend(&self, sub: &Subscriber, timeout: Duration) {
+        let mut again = Vec::new();
+        sub.pending.lock().retain(|_, p| {
+            if p.sent.elapsed() < timeout {
+                return true;
+            }
+            if p.resent {
+                return false;
+            }
+            p.resent = true;
+            p.sent = Instant::now();
+            again.push(p.packet.clone());
+            true
+        });
+        for packet in again {
+            self.send(sub.addr, &packet).await;
+        }
+    }
+
+    async fn send(&self, addr: SocketAddr, packet: &[u8]) {
+        match self.udp.socket.send_to(packet, addr).await {
+            Ok(_) => {
+                self.node.metrics.pushes_sent.inc();
+            }
+            Err(e) => tracing::debug!(%addr, "UDP push failed: {e}"),
+        }
+    }
+
+    /// Reads client replies (`push-ack`) until the node stops.
+    pub async fn run_udp_acks(self: Arc<Self>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let got = tokio::select! {
+                _ = self.node.shutdown.cancelled() => return,
+                got = self.udp.socket.recv_from(&mut buf) => got,
+            };
+            let (n, from) = match got {
+                Ok(x) => x,
+                // Errors such as ICMP port unreachable from a gone client.
+                Err(e) => {
+                    tracing::debug!("UDP receive: {e}");
+                    continue;
+                }
+            };
+            let Ok(reply) = serde_json::from_slice::<Value>(&buf[..n]) else {
+                tracing::debug!(%from, "unparseable UDP reply");
+                continue;
+            };
+            if text(&reply, "type") != Some("push-ack") {
+                continue;
+            }
+            let Some(stamp) = integer(&reply, "lastRefTime") else {
+                continue;
+            };
+            let sub = self.udp.subscribers.lock().get(&from).cloned();
+            let Some(sub) = sub else { continue };
+            let acked = sub.pending.lock().remove(&stamp);
+            if let Some(p) = acked {
+                *sub.last_poll.lock() = Instant::now();
+                self.node.touch(&sub.link.id);
+                self.node.ack(&sub.link.id, &p.key, p.revision);
+            }
+        }
+    }
+}
+
+/// A push datagram: JSON, gzip-compressed when long.
+fn encode(packet: &Value) -> Vec<u8> {
+    let json = packet.to_string().into_bytes();
+    if json.len() < GZIP_FROM {
+        return json;
+    }
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing to a Vec cannot fail.
+    match gz.write_all(&json).and_then(|()| gz.finish()) {
+        Ok(compressed) => compressed,
+        Err(_) => json,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn long_packets_are_gzipped_short_ones_are_not() {
+        let short = encode(&json!({"type": "dom", "data": "x"}));
+        assert_eq!(short[0], b'{');
+        let long = encode(&json!({"type": "dom", "data": "x".repeat(2000)}));
+        assert_eq!(&long[..2], &[0x1f, 0x8b]);
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(&long[..])
+            .read_to_string(&mut text)
+            .unwrap();
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back["data"].as_str().unwrap().len(), 2000);
+    }
+}
