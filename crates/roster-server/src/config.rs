@@ -52,6 +52,9 @@ pub struct ServerSection {
     pub http: SocketAddr,
     /// gRPC listener (sessions and the native API).
     pub grpc: SocketAddr,
+    /// Acknowledge gRPC reads at once (`TCP_QUICKACK`, Linux): clients that
+    /// keep Nagle's algorithm on otherwise wait ~40 ms per call.
+    pub tcp_quickack: bool,
 }
 
 /// `[session]`
@@ -130,6 +133,7 @@ impl Default for ServerSection {
         Self {
             http: SocketAddr::from(([127, 0, 0, 1], 8848)),
             grpc: SocketAddr::from(([127, 0, 0, 1], 9848)),
+            tcp_quickack: true,
         }
     }
 }

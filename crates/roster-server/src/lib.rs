@@ -10,6 +10,7 @@ pub mod http;
 pub mod metrics;
 pub mod nacos;
 pub mod node;
+pub mod quickack;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -146,8 +147,11 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tasks.spawn(nacos.clone().run_udp_acks());
     tasks.spawn(run_beat_checker(nacos.clone()));
     let nacos_grpc = nacos::grpc::NacosGrpc::new(nacos.clone());
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let quick_ack = node.config().server.tcp_quickack;
+    let incoming = futures_util::StreamExt::map(
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+        move |conn| conn.map(|tcp| quickack::QuickAck::new(tcp, quick_ack)),
+    );
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .add_service(RegistryServer::new(grpc::GrpcApi::new(node.clone())))

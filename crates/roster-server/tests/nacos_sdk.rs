@@ -457,7 +457,11 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
         (kind.as_str(), body["errorCode"].as_i64()),
         ("ErrorResponse", Some(400))
     );
-    assert_eq!(node.node.counts().0, base + 1, "the connection is a session");
+    assert_eq!(
+        node.node.counts().0,
+        base + 1,
+        "the connection is a session"
+    );
 
     // Idle past the keep-alive window: a detection request arrives; the
     // answer keeps the connection.
