@@ -134,8 +134,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tasks.spawn(node::run_pusher(node.clone(), changes));
     tasks.spawn(run_sweeper(node.clone()));
 
-    // Nacos v1 UDP pushes leave from the HTTP listener's address.
-    let udp_addr = SocketAddr::new(http_addr.ip(), 0);
+    // Nacos v1 UDP pushes go to whatever address clients report (often
+    // not the one they reached us on), so the socket is bound to any.
+    let any: std::net::IpAddr = match http_addr {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let udp_addr = SocketAddr::new(any, 0);
     let udp = tokio::net::UdpSocket::bind(udp_addr)
         .await
         .map_err(|source| StartError::Bind {

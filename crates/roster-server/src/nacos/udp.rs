@@ -5,7 +5,7 @@
 //! drain tracking, an unacknowledged push is sent once more. A subscriber
 //! that stops polling is forgotten after `nacos.udp_subscriber_ttl`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,8 +40,9 @@ struct Pending {
 struct Subscriber {
     addr: SocketAddr,
     link: Arc<SessionLink>,
-    /// Subscribed services and the cluster list each asked for.
-    subs: Mutex<HashMap<ServiceKey, String>>,
+    /// Subscribed services and the cluster lists polled for each (a
+    /// client caches each list separately; each is pushed).
+    subs: Mutex<HashMap<ServiceKey, BTreeSet<String>>>,
     last_poll: Mutex<Instant>,
     /// Pushes sent, by the `lastRefTime` the ack echoes.
     pending: Mutex<HashMap<i64, Pending>>,
@@ -118,9 +119,14 @@ impl Nacos {
         }
         *sub.last_poll.lock() = Instant::now();
         self.node.touch(&sub.link.id);
-        let changed =
-            sub.subs.lock().insert(key.clone(), clusters.to_owned()) != Some(clusters.to_owned());
-        if changed {
+        let new_service = {
+            let mut subs = sub.subs.lock();
+            let lists = subs.entry(key.clone()).or_default();
+            let new_service = lists.is_empty();
+            lists.insert(clusters.to_owned());
+            new_service
+        };
+        if new_service {
             // The session exists: it was opened above and only this
             // subscriber's task closes it.
             let _ = self.node.subscribe(&sub.link.id, key.clone());
@@ -169,36 +175,38 @@ impl Nacos {
             }
             Outbound::Update { key, .. } | Outbound::FullView(key) => key,
         };
-        let Some(clusters) = sub.subs.lock().get(&*key).cloned() else {
+        let Some(lists) = sub.subs.lock().get(&*key).cloned() else {
             return true;
         };
-        let (revision, info) = self.service_info(
-            &key,
-            &InfoRequest {
-                clusters: &clusters,
-                healthy_only: false,
-                grouped_name: true,
-            },
-        );
-        self.node.full_sent(&sub.link.id, &key, revision);
-        let time = info.get("lastRefTime").and_then(Value::as_i64).unwrap_or(0);
-        let stamp = sub.stamp(time);
-        let packet = encode(&json!({
-            "type": "dom",
-            "data": info.to_string(),
-            "lastRefTime": stamp,
-        }));
-        self.send(sub.addr, &packet).await;
-        sub.pending.lock().insert(
-            stamp,
-            Pending {
-                key: (*key).clone(),
-                revision,
-                packet,
-                sent: Instant::now(),
-                resent: false,
-            },
-        );
+        for clusters in &lists {
+            let (revision, info) = self.service_info(
+                &key,
+                &InfoRequest {
+                    clusters,
+                    healthy_only: false,
+                    grouped_name: true,
+                },
+            );
+            self.node.full_sent(&sub.link.id, &key, revision);
+            let time = info.get("lastRefTime").and_then(Value::as_i64).unwrap_or(0);
+            let stamp = sub.stamp(time);
+            let packet = encode(&json!({
+                "type": "dom",
+                "data": info.to_string(),
+                "lastRefTime": stamp,
+            }));
+            self.send(sub.addr, &packet).await;
+            sub.pending.lock().insert(
+                stamp,
+                Pending {
+                    key: (*key).clone(),
+                    revision,
+                    packet,
+                    sent: Instant::now(),
+                    resent: false,
+                },
+            );
+        }
         true
     }
 

@@ -1,0 +1,112 @@
+//! Real Nacos clients in other languages against a Roster node on free
+//! loopback ports, each driven by a script that exits non-zero on failure:
+//! - `tests/python/nacos_clients.py`: `nacos-sdk-python==2.0.11`, which
+//!   registers with its HTTP v1 client, lists and subscribes with its gRPC
+//!   client, and checks pushes both ways;
+//! - `tests/node/nacos_naming.js`: npm `nacos@2.6.3` (HTTP v1 and UDP push).
+//!
+//! Their environments are made by `.ci/run` under `target/` (or named by
+//! `ROSTER_NACOS_PYTHON` / `ROSTER_NACOS_NODE_MODULES`). Without them a test
+//! says so and passes, unless `ROSTER_REQUIRE_CLIENTS` is set (as `.ci/run`
+//! does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use roster_server::{Config, RunningServer};
+
+/// The scripts bound themselves; this bounds a hung interpreter.
+const LIMIT: Duration = Duration::from_secs(180);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `$var`, else `target/<default>` if it exists; `None` means skip.
+fn environment(var: &str, default: &str) -> Option<PathBuf> {
+    let found = std::env::var_os(var)
+        .map(PathBuf::from)
+        .or_else(|| Some(root().join("target").join(default)).filter(|p| p.exists()));
+    if found.is_none() {
+        assert!(
+            std::env::var_os("ROSTER_REQUIRE_CLIENTS").is_none(),
+            "ROSTER_REQUIRE_CLIENTS is set but {var} is not and target/{default} is missing"
+        );
+        eprintln!("SKIPPED: no {default}; `bash .ci/run` creates it");
+    }
+    found
+}
+
+async fn server() -> RunningServer {
+    let mut config = Config::default();
+    config.server.http = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc = "127.0.0.1:0".parse().unwrap();
+    roster_server::start(config).await.unwrap()
+}
+
+/// Runs `command` to completion (or kills it after [`LIMIT`]) and asserts
+/// it succeeded and printed `ok_line`.
+async fn run(mut command: Command, ok_line: &'static str) {
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+        let deadline = Instant::now() + LIMIT;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&outcome.stdout);
+    let stderr = String::from_utf8_lossy(&outcome.stderr);
+    assert!(
+        outcome.status.success() && stdout.contains(ok_line),
+        "client failed ({}):\n{stdout}\n{stderr}",
+        outcome.status
+    );
+}
+
+fn script(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_http_and_grpc_clients_share_one_registry() {
+    let Some(python) = environment("ROSTER_NACOS_PYTHON", "nacos-python/bin/python") else {
+        return;
+    };
+    let server = server().await;
+    let work = tempfile::tempdir().unwrap();
+    let mut command = Command::new(python);
+    command
+        .arg(script("tests/python/nacos_clients.py"))
+        .arg(server.http_addr.port().to_string())
+        .arg(server.grpc_addr.port().to_string())
+        .arg(work.path());
+    run(command, "python nacos clients: ok").await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_client_registers_and_is_pushed_over_udp() {
+    let Some(modules) = environment("ROSTER_NACOS_NODE_MODULES", "nacos-node/node_modules") else {
+        return;
+    };
+    let server = server().await;
+    let mut command = Command::new("node");
+    command
+        .env("NODE_PATH", modules)
+        .arg(script("tests/node/nacos_naming.js"))
+        .arg(server.http_addr.port().to_string());
+    run(command, "node nacos client: ok").await;
+    server.shutdown().await;
+}
