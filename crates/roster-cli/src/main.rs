@@ -3,6 +3,7 @@
 //! (tables for people, `--json` for scripts). Errors are one line on stderr
 //! and a non-zero exit.
 
+mod bench;
 mod output;
 
 use std::collections::BTreeMap;
@@ -23,14 +24,10 @@ use roster_core::{Instance, ServiceKey};
     about = "Roster: a service registry for very large fleets"
 )]
 struct Cli {
-    /// The registry's gRPC address.
-    #[arg(
-        long,
-        global = true,
-        env = "ROSTER_SERVER",
-        default_value = "127.0.0.1:9848"
-    )]
-    server: String,
+    /// The registry's gRPC address [default: 127.0.0.1:9848; `bench`
+    /// starts its own node when none is given].
+    #[arg(long, global = true, env = "ROSTER_SERVER")]
+    server: Option<String>,
     /// Machine-readable output (JSON; JSON lines for `watch`).
     #[arg(long, global = true)]
     json: bool,
@@ -97,6 +94,9 @@ enum Command {
         #[command(flatten)]
         service: ServiceArgs,
     },
+    /// Measure a load shape against a node (its own local node unless
+    /// `--server` is given): throughput, latency, server CPU and memory.
+    Bench(bench::BenchArgs),
     /// Drain an instance (weight 0, or remove) and wait for every subscriber.
     Drain {
         #[command(flatten)]
@@ -210,8 +210,13 @@ fn main() {
     }
 }
 
+/// The node commands talk to when `--server` is not given.
+const DEFAULT_SERVER: &str = "127.0.0.1:9848";
+
 async fn run(cli: Cli) -> Result<()> {
     let json = cli.json;
+    let given = cli.server.clone();
+    let addr = given.clone().unwrap_or_else(|| DEFAULT_SERVER.to_owned());
     match cli.command {
         Command::Server { config, http, grpc } => server(config, http, grpc).await,
         Command::Register {
@@ -235,7 +240,7 @@ async fn run(cli: Cli) -> Result<()> {
                 node_name,
             }
             .normalize()?;
-            let client = sdk(&cli.server, &format!("roster-cli register {}", key.service)).await?;
+            let client = sdk(&addr, &format!("roster-cli register {}", key.service)).await?;
             let registration = client.register(&key, instance).await?;
             output::registered(
                 json,
@@ -251,7 +256,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Deregister { service, at } => {
             let key = service.key()?;
-            let client = Connection::connect(&cli.server).await?;
+            let client = Connection::connect(&addr).await?;
             let revision = client.deregister(at.reference(&key)?).await?;
             output::revision(json, "deregistered", revision);
             Ok(())
@@ -261,19 +266,20 @@ async fn run(cli: Cli) -> Result<()> {
             healthy_only,
         } => {
             let key = service.key()?;
-            let client = sdk(&cli.server, "roster-cli list").await?;
+            let client = sdk(&addr, "roster-cli list").await?;
             let r = client.connection().await?.query(&key, healthy_only).await?;
             client.shutdown().await;
             output::instances(json, &key, r.revision, &r.instances);
             Ok(())
         }
         Command::Services { namespace, group } => {
-            let client = Connection::connect(&cli.server).await?;
+            let client = Connection::connect(&addr).await?;
             let services = client.list_services(&namespace, &group).await?;
             output::services(json, &services);
             Ok(())
         }
-        Command::Watch { service } => watch(&cli.server, json, service.key()?).await,
+        Command::Watch { service } => watch(&addr, json, service.key()?).await,
+        Command::Bench(args) => bench::run(given.as_deref(), json, args).await,
         Command::Drain {
             service,
             at,
@@ -281,7 +287,7 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
         } => {
             let key = service.key()?;
-            let client = Connection::connect(&cli.server).await?;
+            let client = Connection::connect(&addr).await?;
             let r = client.drain(at.reference(&key)?, remove, timeout).await?;
             output::drained(json, &r);
             if !r.complete {

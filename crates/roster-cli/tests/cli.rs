@@ -275,3 +275,106 @@ fn server_shuts_down_cleanly_on_interrupt_and_rejects_bad_config() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
+
+fn bench_json(o: &Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(stdout(o).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)))
+}
+
+#[test]
+fn bench_measures_a_given_server_including_its_cpu_and_memory() {
+    let (node, grpc) = server();
+    let pid = node.0.id().to_string();
+    let out = roster(
+        &grpc,
+        &[
+            "--json",
+            "bench",
+            "register",
+            "--instances",
+            "300",
+            "--clients",
+            "3",
+            "--services",
+            "4",
+            "--pid",
+            &pid,
+        ],
+    );
+    let r = bench_json(&out);
+    assert_eq!(r["shape"], "register");
+    assert_eq!(r["operations"], 300);
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["parameters"]["clients"], 3);
+    assert_eq!(r["latency"]["samples"], 300);
+    assert!(r["latency"]["p99_us"].as_u64().unwrap() >= r["latency"]["p50_us"].as_u64().unwrap());
+    assert!(r["server_cpu_us_per_op"].is_number(), "{r}");
+    assert!(r["server_rss_after_bytes"].as_u64().unwrap() > 0);
+    assert!(r["bytes_per_instance"].is_number());
+
+    let out = roster(
+        &grpc,
+        &[
+            "--json",
+            "bench",
+            "query",
+            "--readers",
+            "2",
+            "--size",
+            "5",
+            "--duration",
+            "300ms",
+        ],
+    );
+    let r = bench_json(&out);
+    assert!(r["operations"].as_u64().unwrap() > 0);
+    assert!(r["throughput_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        r.get("server_cpu_us_per_op").is_none(),
+        "no --pid, no CPU figure"
+    );
+}
+
+#[test]
+fn bench_starts_its_own_server_and_counts_every_push() {
+    let out = Command::new(BIN)
+        .args([
+            "--json",
+            "bench",
+            "push",
+            "--subscribers",
+            "6",
+            "--changes",
+            "4",
+            "--interval",
+            "5ms",
+        ])
+        .env_remove("ROSTER_SERVER")
+        .output()
+        .unwrap();
+    let r = bench_json(&out);
+    assert_eq!(r["shape"], "push");
+    assert_eq!(r["operations"], 24, "every change reached every subscriber");
+    assert_eq!(r["extra"]["missed_updates"], 0);
+    assert_eq!(r["extra"]["ack_latency"]["samples"], 24);
+    assert!(r["server_rss_idle_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bench_rejects_bad_parameters() {
+    let out = Command::new(BIN)
+        .args(["bench", "register", "--clients", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--clients"));
+    let out = Command::new(BIN)
+        .args(["bench", "storm-of-the-century"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}

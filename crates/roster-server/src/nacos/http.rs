@@ -406,31 +406,20 @@ fn existing(n: &Nacos, p: &Params) -> Result<(ServiceKey, String), Fail> {
 
 /// `PUT`: weight, enabled and metadata as given (absent ones keep).
 fn update(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
-    let (key, id) = existing(n, p)?;
-    let weight = p.number("weight")?;
-    let enabled = p.flag("enabled")?.or(p.flag("enable")?);
-    let metadata = p.metadata()?;
-    n.node.modify(&key, &id, |i| {
-        if let Some(w) = weight {
-            i.weight = w;
-        }
-        if let Some(e) = enabled {
-            i.enabled = e;
-        }
-        if let Some(m) = metadata {
-            i.metadata = m;
-        }
-    })?;
-    Ok(Reply::Ok)
+    edit(n, p, false)
 }
 
-/// `PATCH`: like `PUT`, metadata merged into the existing entries, and
-/// `healthy` may be set too.
+/// `PATCH`: like `PUT`, but metadata is merged into the existing entries
+/// and `healthy` may be set too.
 fn patch(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    edit(n, p, true)
+}
+
+fn edit(n: &Nacos, p: &Params, partial: bool) -> Result<Reply, Fail> {
     let (key, id) = existing(n, p)?;
     let weight = p.number("weight")?;
     let enabled = p.flag("enabled")?.or(p.flag("enable")?);
-    let healthy = p.flag("healthy")?;
+    let healthy = if partial { p.flag("healthy")? } else { None };
     let metadata = p.metadata()?;
     n.node.modify(&key, &id, |i| {
         if let Some(w) = weight {
@@ -442,8 +431,10 @@ fn patch(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
         if let Some(h) = healthy {
             i.healthy = h;
         }
-        if let Some(m) = metadata {
-            i.metadata.extend(m);
+        match metadata {
+            Some(m) if partial => i.metadata.extend(m),
+            Some(m) => i.metadata = m,
+            None => {}
         }
     })?;
     Ok(Reply::Ok)

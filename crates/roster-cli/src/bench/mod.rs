@@ -1,0 +1,338 @@
+//! `roster bench`: load shapes against a registry node, bounded in count and
+//! time, with latency histograms, throughput and (for a local server) the
+//! server's CPU time per operation and resident memory. Without `--server`
+//! it starts its own node from this binary on free loopback ports.
+
+mod procfs;
+mod shapes;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use roster_client::Connection;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// A load shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Shape {
+    /// C clients register N instances over S services: instances/s.
+    Register,
+    /// K concurrent readers query one service for D: queries/s.
+    Query,
+    /// M subscribers on one service, X changes: change-to-receipt latency.
+    Push,
+}
+
+/// `roster bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    shape: Shape,
+    /// Concurrent registering clients (register).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    clients: u32,
+    /// Instances to register (register).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    instances: u32,
+    /// Services the instances are spread over (register).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    services: u32,
+    /// Instances in the queried service (query).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    size: u32,
+    /// Concurrent readers (query).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    readers: u32,
+    /// How long readers run (query).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Subscribers of the changed service (push).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    subscribers: u32,
+    /// Changes made (push).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    changes: u32,
+    /// Pause between changes (push).
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// PID of the server when `--server` names a local one (for its CPU
+    /// time and memory).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Give up on the whole run after this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    limit: Duration,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    p50_us: u64,
+    p90_us: u64,
+    p99_us: u64,
+    max_us: u64,
+    samples: u64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        Self {
+            p50_us: h.value_at_quantile(0.50),
+            p90_us: h.value_at_quantile(0.90),
+            p99_us: h.value_at_quantile(0.99),
+            max_us: h.max(),
+            samples: h.len(),
+        }
+    }
+}
+
+/// A histogram of microseconds from 1 µs to 10 min, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records `d` in microseconds (clamped to the histogram's range).
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).max(1));
+}
+
+/// What a shape measured.
+pub struct Measured {
+    /// Operations done (registrations, queries, deliveries).
+    pub operations: u64,
+    /// Failed operations.
+    pub errors: u64,
+    /// Wall time of the measured part.
+    pub elapsed: Duration,
+    /// Latency of each operation.
+    pub latency: Histogram<u64>,
+    /// Shape-specific figures.
+    pub extra: BTreeMap<&'static str, Value>,
+    /// Instances the server holds at the end (for bytes per instance).
+    pub instances_held: u64,
+    /// What keeps those instances registered until the report is made.
+    pub hold: Vec<Box<dyn std::any::Any + Send>>,
+}
+
+/// One run's report (`--json` prints it as one object).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    shape: String,
+    parameters: Value,
+    operations: u64,
+    errors: u64,
+    elapsed_s: f64,
+    throughput_per_s: f64,
+    latency: Latency,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_cpu_us_per_op: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_rss_idle_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    server_rss_after_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bytes_per_instance: Option<f64>,
+    extra: BTreeMap<&'static str, Value>,
+}
+
+/// The server under load: given, or started here.
+struct Target {
+    grpc: String,
+    pid: Option<u32>,
+    child: Option<Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `roster server` from this binary on free loopback ports (it
+/// prints the addresses it bound) and waits until it answers.
+async fn spawn_server() -> Result<Target> {
+    let exe = std::env::current_exe().context("cannot find this binary to start a server")?;
+    let mut child = Command::new(exe)
+        .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .env("ROSTER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start a local server")?;
+    let stdout = child.stdout.take().context("no server output")?;
+    let mut target = Target {
+        grpc: String::new(),
+        pid: Some(child.id()),
+        child: Some(child),
+    };
+    let line = tokio::time::timeout(
+        Duration::from_secs(15),
+        tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+                .map(|_| line)
+        }),
+    )
+    .await
+    .context("the local server did not start within 15 s")???;
+    target.grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .with_context(|| format!("unexpected server output {line:?}"))?
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Connection::connect(&target.grpc).await.is_err() {
+        if Instant::now() >= deadline {
+            bail!("the local server at {} does not answer", target.grpc);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(target)
+}
+
+/// A progress bar for `total` operations, drawn only on a terminal and
+/// only once a run lasts over a second.
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr_with_hz(4),
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Runs one shape and prints its report.
+pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Result<()> {
+    let target = match server {
+        Some(addr) => Target {
+            grpc: addr.to_owned(),
+            pid: args.pid,
+            child: None,
+        },
+        None => spawn_server().await?,
+    };
+    let pid = target.pid;
+    let rss_idle = pid.and_then(procfs::resident_bytes);
+    let cpu_before = pid.and_then(procfs::cpu_time);
+    let shape = args.shape;
+    let parameters = parameters(&args);
+    let measured = tokio::time::timeout(args.limit, shapes::run(&target.grpc, &args))
+        .await
+        .with_context(|| format!("the run did not finish within --limit {:?}", args.limit))??;
+    let cpu_after = pid.and_then(procfs::cpu_time);
+    let rss_after = pid.and_then(procfs::resident_bytes);
+    let ops = measured.operations.max(1);
+    let report = Report {
+        shape: format!("{shape:?}").to_lowercase(),
+        parameters,
+        operations: measured.operations,
+        errors: measured.errors,
+        elapsed_s: measured.elapsed.as_secs_f64(),
+        throughput_per_s: measured.operations as f64 / measured.elapsed.as_secs_f64().max(1e-9),
+        latency: Latency::of(&measured.latency),
+        server_cpu_us_per_op: cpu_before
+            .zip(cpu_after)
+            .map(|(b, a)| a.saturating_sub(b).as_secs_f64() * 1e6 / ops as f64),
+        server_rss_idle_bytes: rss_idle,
+        server_rss_after_bytes: rss_after,
+        bytes_per_instance: rss_idle
+            .zip(rss_after)
+            .filter(|_| measured.instances_held > 0)
+            .map(|(i, a)| a.saturating_sub(i) as f64 / measured.instances_held as f64),
+        extra: measured.extra,
+    };
+    drop(measured.hold);
+    drop(target);
+    if json_output {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    if report.errors > 0 {
+        bail!(
+            "{} of {} operations failed",
+            report.errors,
+            report.operations + report.errors
+        );
+    }
+    Ok(())
+}
+
+fn parameters(a: &BenchArgs) -> Value {
+    match a.shape {
+        Shape::Register => {
+            json!({"clients": a.clients, "instances": a.instances, "services": a.services})
+        }
+        Shape::Query => {
+            json!({"readers": a.readers, "size": a.size, "duration_s": a.duration.as_secs_f64()})
+        }
+        Shape::Push => {
+            json!({"subscribers": a.subscribers, "changes": a.changes, "interval_ms": a.interval.as_millis() as u64})
+        }
+    }
+}
+
+fn print_table(r: &Report) {
+    let rows: Vec<(String, String)> = [
+        ("shape", r.shape.clone()),
+        ("parameters", r.parameters.to_string()),
+        ("operations", r.operations.to_string()),
+        ("errors", r.errors.to_string()),
+        ("elapsed", format!("{:.3} s", r.elapsed_s)),
+        ("throughput", format!("{:.0} /s", r.throughput_per_s)),
+        (
+            "latency p50 / p90 / p99 / max",
+            format!(
+                "{} / {} / {} / {} µs",
+                r.latency.p50_us, r.latency.p90_us, r.latency.p99_us, r.latency.max_us
+            ),
+        ),
+        (
+            "server CPU per operation",
+            r.server_cpu_us_per_op
+                .map_or("n/a (not a local process)".into(), |c| format!("{c:.1} µs")),
+        ),
+        (
+            "server resident memory idle / after",
+            match (r.server_rss_idle_bytes, r.server_rss_after_bytes) {
+                (Some(i), Some(a)) => format!("{:.1} / {:.1} MiB", mib(i), mib(a)),
+                _ => "n/a".into(),
+            },
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .chain(
+        r.bytes_per_instance
+            .map(|b| ("bytes per instance".to_owned(), format!("{b:.0}"))),
+    )
+    .chain(
+        r.extra
+            .iter()
+            .map(|(k, v)| (k.replace('_', " "), v.to_string())),
+    )
+    .collect();
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:<width$}  {v}");
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
