@@ -434,6 +434,9 @@ async fn v1_service_crud_metrics_login_and_health() {
     // A service with instances cannot be deleted; an empty one can.
     let inst = [svc.as_slice(), &[("ip", "10.0.0.1"), ("port", "80")]].concat();
     call(&server, Method::POST, "/v1/ns/instance", &inst, &[]).await;
+    let catalog = json_of(&server, "/v1/ns/catalog/instances", &svc).await;
+    assert_eq!(catalog["count"], 1);
+    assert_eq!(catalog["list"][0]["ip"], "10.0.0.1");
     let (s, body) = call(&server, Method::DELETE, "/v1/ns/service", &svc, &[]).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
     call(&server, Method::DELETE, "/v1/ns/instance", &inst, &[]).await;
@@ -444,7 +447,11 @@ async fn v1_service_crud_metrics_login_and_health() {
 
     let metrics = json_of(&server, "/v1/ns/operator/metrics", &[]).await;
     assert_eq!(metrics["status"], "UP");
-    for path in ["/v1/auth/login", "/v1/auth/users/login"] {
+    for path in [
+        "/v1/auth/login",
+        "/v1/auth/users/login",
+        "/v3/auth/user/login",
+    ] {
         let (s, body) = call(
             &server,
             Method::POST,
@@ -467,6 +474,10 @@ async fn v1_service_crud_metrics_login_and_health() {
             (StatusCode::OK, "OK".to_owned())
         );
     }
+    assert_eq!(
+        call(&server, Method::GET, "/health", &[], &[]).await,
+        (StatusCode::OK, "success".to_owned())
+    );
     server.shutdown().await;
 }
 

@@ -204,15 +204,21 @@ async fn spawn_server() -> Result<Target> {
 /// A progress bar for `total` operations, drawn only on a terminal and
 /// only once a run lasts over a second.
 pub fn progress(total: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(
-        Some(total),
-        indicatif::ProgressDrawTarget::stderr_with_hz(4),
-    );
+    // Hidden at first: short runs print nothing but their report.
+    let bar = ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::hidden());
     bar.set_style(
         ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(what.to_owned());
+    let shown = bar.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !shown.is_finished() {
+            // Draws only when stderr is a terminal.
+            shown.set_draw_target(indicatif::ProgressDrawTarget::stderr_with_hz(4));
+        }
+    });
     bar
 }
 

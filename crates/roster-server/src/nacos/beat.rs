@@ -91,16 +91,6 @@ impl Beats {
         self.beats.contains_key(&(key.clone(), id.to_owned()))
     }
 
-    /// Instances tracked.
-    pub fn len(&self) -> usize {
-        self.beats.len()
-    }
-
-    /// True when nothing is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.beats.is_empty()
-    }
-
     /// Which instances turn unhealthy and which are removed at `now`. A
     /// removed instance is no longer tracked; an unhealthy one is reported
     /// once.

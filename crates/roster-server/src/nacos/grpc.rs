@@ -237,8 +237,7 @@ impl NacosGrpc {
             "deregisterInstance" => {
                 let instance = wire::instance(raw)?.normalize()?;
                 if let Some(id) = self.nacos.find(&key, &instance) {
-                    // Already gone is what was asked for.
-                    let _ = self.nacos.node.deregister(&key, &id);
+                    self.nacos.deregister(&key, &id);
                 }
             }
             other => {

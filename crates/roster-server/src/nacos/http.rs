@@ -387,7 +387,6 @@ fn register(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
 fn deregister(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     let key = p.key()?;
     let probe = p.instance()?;
-    // Already gone is what was asked for.
     if let Some(id) = n.find(&key, &probe) {
         n.deregister(&key, &id);
     }
@@ -697,8 +696,7 @@ fn metrics(n: &Arc<Nacos>, _: &Params) -> Result<Reply, Fail> {
 
 /// Auth is off: any credentials get a token (clients configured with a
 /// username keep working).
-fn login(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
-    let _ = n;
+fn login(_: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     Ok(Reply::Bare(json!({
         "accessToken": "roster-auth-disabled",
         "tokenTtl": 18000,

@@ -32,13 +32,6 @@ pub struct ServiceSettings {
     pub selector: String,
 }
 
-/// `clientBeatInterval` sent to HTTP clients, in milliseconds: a third of
-/// the beat timeout, so two beats may be lost before an instance turns
-/// unhealthy (5 s with the default 15 s).
-fn beat_interval_ms(node: &Node) -> u64 {
-    (node.config().nacos.beat_timeout.as_millis() / 3).max(1) as u64
-}
-
 /// State shared by the Nacos listeners of one node.
 pub struct Nacos {
     /// The registry.
@@ -142,10 +135,11 @@ impl Nacos {
         Ok(id)
     }
 
-    /// Removes an instance whoever registered it; true if it existed.
-    pub fn deregister(&self, key: &ServiceKey, id: &str) -> bool {
+    /// Removes an instance whoever registered it (already gone is fine:
+    /// it is what was asked for).
+    pub fn deregister(&self, key: &ServiceKey, id: &str) {
         self.beats.lock().forget(key, id);
-        self.node.deregister(key, id).is_ok()
+        let _ = self.node.deregister(key, id);
     }
 
     /// A heartbeat for the instance at `probe`'s address. An unknown one is
@@ -183,9 +177,11 @@ impl Nacos {
         }
     }
 
-    /// `clientBeatInterval` for HTTP clients, in milliseconds.
+    /// `clientBeatInterval` sent to HTTP clients, in milliseconds: a third
+    /// of the beat timeout, so two beats may be lost before an instance
+    /// turns unhealthy (5 s with the default 15 s).
     pub fn beat_interval_ms(&self) -> u64 {
-        beat_interval_ms(&self.node)
+        (self.node.config().nacos.beat_timeout.as_millis() / 3).max(1) as u64
     }
 
     /// Applies heartbeat deadlines: silent HTTP instances turn unhealthy,

@@ -72,21 +72,6 @@ impl UdpPush {
             subscribers: Mutex::new(HashMap::new()),
         }
     }
-
-    /// Where pushes come from.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.socket.local_addr().ok()
-    }
-
-    /// UDP subscribers now.
-    pub fn len(&self) -> usize {
-        self.subscribers.lock().len()
-    }
-
-    /// True when there are none.
-    pub fn is_empty(&self) -> bool {
-        self.subscribers.lock().is_empty()
-    }
 }
 
 impl Nacos {
@@ -136,7 +121,8 @@ impl Nacos {
     /// Sends a subscriber its pushes until it is forgotten or the node stops.
     async fn run_subscriber(self: Arc<Self>, sub: Arc<Subscriber>) {
         let config = self.node.config().nacos.clone();
-        let mut resend = tokio::time::interval(config.udp_ack_timeout / 2);
+        let period = (config.udp_ack_timeout / 2).max(Duration::from_millis(1));
+        let mut resend = tokio::time::interval(period);
         resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
