@@ -378,3 +378,107 @@ fn bench_rejects_bad_parameters() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Runs `roster --json bench ARGS` against a server it starts itself.
+fn bench_own(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["--json", "bench"])
+        .args(args)
+        .env_remove("ROSTER_SERVER")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn bench_storm_lists_every_instance_and_probes_throughout() {
+    let r = bench_json(&bench_own(&[
+        "storm",
+        "--instances",
+        "600",
+        "--clients",
+        "6",
+        "--services",
+        "7",
+    ]));
+    assert_eq!(r["shape"], "storm");
+    assert_eq!(r["operations"], 600);
+    assert_eq!(r["extra"]["listed"], 600, "{r}");
+    assert_eq!(r["extra"]["lost"], 0);
+    assert!(r["extra"]["probe_latency"]["samples"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn bench_speaks_nacos_grpc_and_http_to_the_same_shapes() {
+    for protocol in ["nacos-grpc", "nacos-http"] {
+        let r = bench_json(&bench_own(&[
+            "register",
+            "--protocol",
+            protocol,
+            "--instances",
+            "200",
+            "--clients",
+            "2",
+            "--services",
+            "3",
+        ]));
+        assert_eq!(r["parameters"]["protocol"], protocol);
+        assert_eq!(r["operations"], 200, "{protocol}: {r}");
+        let r = bench_json(&bench_own(&[
+            "query",
+            "--protocol",
+            protocol,
+            "--readers",
+            "2",
+            "--size",
+            "4",
+            "--duration",
+            "200ms",
+        ]));
+        // A query that lists other than the 4 instances counts as an error.
+        assert!(r["operations"].as_u64().unwrap() > 0, "{protocol}: {r}");
+    }
+    let r = bench_json(&bench_own(&[
+        "push",
+        "--protocol",
+        "nacos-grpc",
+        "--subscribers",
+        "3",
+        "--changes",
+        "4",
+        "--interval",
+        "5ms",
+    ]));
+    assert_eq!(r["operations"], 12, "every change reached every subscriber");
+    assert_eq!(r["extra"]["missed_updates"], 0);
+}
+
+#[test]
+fn bench_churn_leaves_every_subscriber_with_the_servers_view() {
+    for protocol in ["native", "nacos-grpc"] {
+        let r = bench_json(&bench_own(&[
+            "churn",
+            "--protocol",
+            protocol,
+            "--clients",
+            "3",
+            "--subscribers",
+            "4",
+            "--size",
+            "3",
+            "--rate",
+            "300",
+            "--duration",
+            "400ms",
+        ]));
+        assert!(r["operations"].as_u64().unwrap() > 10, "{protocol}: {r}");
+        assert_eq!(r["extra"]["subscribers_diverged"], 0, "{protocol}: {r}");
+        assert!(r["extra"]["pushes_received"].as_u64().unwrap() > 4);
+    }
+}
+
+#[test]
+fn bench_push_over_http_is_refused_with_a_reason() {
+    let out = bench_own(&["push", "--protocol", "nacos-http", "--subscribers", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("streaming protocol"));
+}

@@ -3,6 +3,8 @@
 //! server's CPU time per operation and resident memory. Without `--server`
 //! it starts its own node from this binary on free loopback ports.
 
+mod client;
+mod nacos;
 mod procfs;
 mod shapes;
 
@@ -12,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use client::{Endpoints, Protocol};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use roster_client::Connection;
@@ -27,6 +30,12 @@ pub enum Shape {
     Query,
     /// M subscribers on one service, X changes: change-to-receipt latency.
     Push,
+    /// N registrations as fast as C clients can, a probe query every 10 ms
+    /// throughout, then a check that every instance is listed.
+    Storm,
+    /// C clients register and deregister at a steady rate for D while M
+    /// subscribers follow; their views must match the server's at the end.
+    Churn,
 }
 
 /// `roster bench` options.
@@ -35,25 +44,34 @@ pub struct BenchArgs {
     /// What to measure.
     #[arg(value_enum)]
     shape: Shape,
-    /// Concurrent registering clients (register).
+    /// How to talk to the server; `--server` names its gRPC address for
+    /// every protocol.
+    #[arg(long, value_enum, default_value_t = Protocol::Native)]
+    protocol: Protocol,
+    /// The server's HTTP address (nacos-http), when `--server` is given;
+    /// by default the gRPC port minus 1000, the Nacos convention.
+    #[arg(long)]
+    http: Option<String>,
+    /// Concurrent registering clients (register, storm, churn).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     clients: u32,
-    /// Instances to register (register).
+    /// Instances to register (register, storm).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     instances: u32,
-    /// Services the instances are spread over (register).
+    /// Services the instances are spread over (register, storm).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     services: u32,
-    /// Instances in the queried service (query).
+    /// Instances in the queried service (query); live instances each
+    /// client keeps (churn).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     size: u32,
     /// Concurrent readers (query).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     readers: u32,
-    /// How long readers run (query).
+    /// How long readers or churning clients run (query, churn).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Subscribers of the changed service (push).
+    /// Subscribers of the changed service (push, churn).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     subscribers: u32,
     /// Changes made (push).
@@ -62,6 +80,10 @@ pub struct BenchArgs {
     /// Pause between changes (push).
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
     interval: Duration,
+    /// Registrations and deregistrations per second, all clients
+    /// together (churn).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rate: u64,
     /// PID of the server when `--server` names a local one (for its CPU
     /// time and memory).
     #[arg(long)]
@@ -144,7 +166,7 @@ pub struct Report {
 
 /// The server under load: given, or started here.
 struct Target {
-    grpc: String,
+    at: Endpoints,
     pid: Option<u32>,
     child: Option<Child>,
 }
@@ -172,7 +194,10 @@ async fn spawn_server() -> Result<Target> {
         .context("cannot start a local server")?;
     let stdout = child.stdout.take().context("no server output")?;
     let mut target = Target {
-        grpc: String::new(),
+        at: Endpoints {
+            grpc: String::new(),
+            http: String::new(),
+        },
         pid: Some(child.id()),
         child: Some(child),
     };
@@ -186,15 +211,18 @@ async fn spawn_server() -> Result<Target> {
     )
     .await
     .context("the local server did not start within 15 s")???;
-    target.grpc = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .with_context(|| format!("unexpected server output {line:?}"))?
-        .to_owned();
+    let bound = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map(str::to_owned)
+            .with_context(|| format!("unexpected server output {line:?}"))
+    };
+    target.at.grpc = bound("grpc=")?;
+    target.at.http = bound("http=")?;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while Connection::connect(&target.grpc).await.is_err() {
+    while Connection::connect(&target.at.grpc).await.is_err() {
         if Instant::now() >= deadline {
-            bail!("the local server at {} does not answer", target.grpc);
+            bail!("the local server at {} does not answer", target.at.grpc);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -226,7 +254,13 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
 pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Result<()> {
     let target = match server {
         Some(addr) => Target {
-            grpc: addr.to_owned(),
+            at: Endpoints {
+                grpc: addr.to_owned(),
+                http: match &args.http {
+                    Some(http) => http.clone(),
+                    None => nacos_http_address(addr)?,
+                },
+            },
             pid: args.pid,
             child: None,
         },
@@ -237,7 +271,7 @@ pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Re
     let cpu_before = pid.and_then(procfs::cpu_time);
     let shape = args.shape;
     let parameters = parameters(&args);
-    let measured = tokio::time::timeout(args.limit, shapes::run(&target.grpc, &args))
+    let measured = tokio::time::timeout(args.limit, shapes::run(&target.at, &args))
         .await
         .with_context(|| format!("the run did not finish within --limit {:?}", args.limit))??;
     let cpu_after = pid.and_then(procfs::cpu_time);
@@ -279,9 +313,21 @@ pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Re
     Ok(())
 }
 
+/// The Nacos HTTP address for a gRPC address: its port minus 1000.
+fn nacos_http_address(grpc: &str) -> Result<String> {
+    let (host, port) = grpc
+        .rsplit_once(':')
+        .with_context(|| format!("--server {grpc:?} is not host:port"))?;
+    let port: u16 =
+        port.parse().ok().filter(|p| *p > 1000).with_context(|| {
+            format!("--server {grpc:?}: cannot derive the HTTP port; give --http")
+        })?;
+    Ok(format!("{host}:{}", port - 1000))
+}
+
 fn parameters(a: &BenchArgs) -> Value {
-    match a.shape {
-        Shape::Register => {
+    let mut v = match a.shape {
+        Shape::Register | Shape::Storm => {
             json!({"clients": a.clients, "instances": a.instances, "services": a.services})
         }
         Shape::Query => {
@@ -290,7 +336,17 @@ fn parameters(a: &BenchArgs) -> Value {
         Shape::Push => {
             json!({"subscribers": a.subscribers, "changes": a.changes, "interval_ms": a.interval.as_millis() as u64})
         }
-    }
+        Shape::Churn => json!({
+            "clients": a.clients, "subscribers": a.subscribers, "rate_per_s": a.rate,
+            "live_per_client": a.size, "duration_s": a.duration.as_secs_f64(),
+        }),
+    };
+    v["protocol"] = json!(
+        a.protocol
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+    );
+    v
 }
 
 fn print_table(r: &Report) {

@@ -1,161 +1,106 @@
-//! The load shapes over the native gRPC API. Each sets up what it needs
-//! (untimed), then times only the operations it measures.
+//! The load shapes. Each sets up what it needs (untimed), then times only
+//! the operations it measures, speaking through [`Client`] and
+//! [`Subscriber`] so that the protocol is a parameter.
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Result, bail};
+use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use roster_client::raw::Session;
-use roster_client::{Connection, proto};
-use roster_core::{Instance, ServiceKey};
+use roster_client::Connection;
 use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{BenchArgs, Measured, Shape, histogram, progress, record};
+use super::client::{Client, Endpoints, Protocol, Pushed, Spec, Subscriber};
+use super::{BenchArgs, Latency, Measured, Shape, histogram, progress, record};
 
-/// Runs the shape `args` names against `addr`.
-pub async fn run(addr: &str, args: &BenchArgs) -> Result<Measured> {
-    match args.shape {
-        Shape::Register => register(addr, args.clients, args.instances, args.services).await,
-        Shape::Query => query(addr, args.readers, args.size, args.duration).await,
-        Shape::Push => push(addr, args.subscribers, args.changes, args.interval).await,
+/// Runs the shape `args` names against the server at `at`.
+pub async fn run(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+    let p = a.protocol;
+    match a.shape {
+        Shape::Register => {
+            let (m, _) = register(p, at, a.clients, a.instances, a.services, None).await?;
+            Ok(m)
+        }
+        Shape::Storm => storm(p, at, a.clients, a.instances, a.services).await,
+        Shape::Query => query(p, at, a.readers, a.size, a.duration).await,
+        Shape::Push => push(p, at, a.subscribers, a.changes, a.interval).await,
+        Shape::Churn => churn(p, at, a, a.duration).await,
     }
 }
 
-/// Instance `n`: a distinct IPv4 address, two metadata entries.
-fn instance(n: u32) -> Instance {
-    let mut i = Instance::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 8080);
-    i.metadata.insert("zone".into(), format!("z{}", n % 4));
-    i.metadata.insert("version".into(), "1.0.0".into());
-    i
+fn service(n: u32) -> String {
+    format!("bench-{n}")
 }
 
-fn service(n: u32) -> ServiceKey {
-    ServiceKey::simple(format!("bench-{n}")).expect("a valid service name")
-}
-
-async fn connect(addr: &str) -> Result<Connection> {
-    Connection::connect(addr)
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))
-}
-
-/// Registers through `session`, returning the revision of the change.
-async fn register_one(
-    conn: &Connection,
-    session: &Session,
-    key: &ServiceKey,
-    i: &Instance,
-) -> Result<u64> {
-    let r = conn
-        .grpc()
-        .register(proto::RegisterRequest {
-            session_id: session.id().to_owned(),
-            service: Some(key.into()),
-            instance: Some(proto::Instance::from_model(i)),
-        })
-        .await?;
-    Ok(r.into_inner().revision)
-}
-
-async fn register(addr: &str, clients: u32, instances: u32, services: u32) -> Result<Measured> {
-    // Connections and sessions first, untimed.
+/// Registers `instances` over `services` from `clients` concurrent
+/// clients; `probe` (the storm's) is told when they are done. Returns the
+/// measurement and the clients (to verify through one of them).
+async fn register(
+    p: Protocol,
+    at: &Endpoints,
+    clients: u32,
+    instances: u32,
+    services: u32,
+    probe: Option<tokio::sync::watch::Sender<bool>>,
+) -> Result<(Measured, Vec<Arc<Client>>)> {
+    // Connections (and native sessions) first, untimed.
     let mut workers = Vec::new();
     for c in 0..clients {
-        let conn = connect(addr).await?;
-        let session = conn.open_session(&format!("bench-register-{c}")).await?;
-        workers.push((conn, session));
+        workers.push(Arc::new(
+            Client::connect(p, at, &format!("bench-register-{c}")).await?,
+        ));
     }
     let bar = progress(u64::from(instances), "register");
     let start = Instant::now();
     let mut set = JoinSet::new();
-    for (c, (conn, session)) in workers.into_iter().enumerate() {
-        let bar = bar.clone();
+    for (c, client) in workers.iter().enumerate() {
+        let (bar, client) = (bar.clone(), client.clone());
         set.spawn(async move {
             let mut h = histogram();
             let mut errors = 0u64;
             let mut n = c as u32;
             while n < instances {
-                let i = instance(n);
                 let t = Instant::now();
-                match register_one(&conn, &session, &service(n % services), &i).await {
-                    Ok(_) => record(&mut h, t.elapsed()),
+                match client
+                    .register(&service(n % services), &Spec::numbered(n))
+                    .await
+                {
+                    Ok(()) => record(&mut h, t.elapsed()),
                     Err(_) => errors += 1,
                 }
                 bar.inc(1);
                 n += clients;
             }
-            (h, errors, conn, session)
-        });
-    }
-    let mut latency = histogram();
-    let mut errors = 0;
-    let mut keep = Vec::new();
-    while let Some(done) = set.join_next().await {
-        let (h, e, conn, session) = done?;
-        latency.add(&h).ok();
-        errors += e;
-        keep.push((conn, session));
-    }
-    let elapsed = start.elapsed();
-    bar.finish_and_clear();
-    // Let the server settle before its memory is read; the sessions (and
-    // so the instances) are held until the report is made.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Ok(Measured {
-        operations: latency.len(),
-        errors,
-        elapsed,
-        instances_held: latency.len(),
-        latency,
-        extra: BTreeMap::new(),
-        hold: vec![Box::new(keep)],
-    })
-}
-
-async fn query(addr: &str, readers: u32, instances: u32, duration: Duration) -> Result<Measured> {
-    let key = ServiceKey::simple("bench-query")?;
-    let owner_conn = connect(addr).await?;
-    let owner = owner_conn.open_session("bench-query-owner").await?;
-    for n in 0..instances {
-        register_one(&owner_conn, &owner, &key, &instance(n)).await?;
-    }
-    let mut conns = Vec::new();
-    for _ in 0..readers {
-        conns.push(connect(addr).await?);
-    }
-    let bar = progress(duration.as_millis() as u64, "query (ms)");
-    let start = Instant::now();
-    let deadline = start + duration;
-    let mut set = JoinSet::new();
-    for conn in conns {
-        let key = key.clone();
-        set.spawn(async move {
-            let mut h = histogram();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let t = Instant::now();
-                match conn.query(&key, false).await {
-                    Ok(r) if r.instances.len() == instances as usize => record(&mut h, t.elapsed()),
-                    _ => errors += 1,
-                }
-            }
             (h, errors)
         });
     }
-    let ticker = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            while Instant::now() < deadline {
-                bar.set_position(start.elapsed().as_millis() as u64);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let (latency, errors) = join_histograms(&mut set).await?;
+    let elapsed = start.elapsed();
+    if let Some(probe) = probe {
+        probe.send_replace(true);
+    }
+    bar.finish_and_clear();
+    Ok((
+        Measured {
+            operations: latency.len(),
+            errors,
+            elapsed,
+            instances_held: latency.len(),
+            latency,
+            extra: BTreeMap::new(),
+            hold: vec![Box::new(workers.clone())],
+        },
+        workers,
+    ))
+}
+
+async fn join_histograms(
+    set: &mut JoinSet<(Histogram<u64>, u64)>,
+) -> Result<(Histogram<u64>, u64)> {
     let mut latency = histogram();
     let mut errors = 0;
     while let Some(done) = set.join_next().await {
@@ -163,6 +108,103 @@ async fn query(addr: &str, readers: u32, instances: u32, duration: Duration) -> 
         latency.add(&h).ok();
         errors += e;
     }
+    Ok((latency, errors))
+}
+
+/// Registers as fast as the clients can while a probe queries one service
+/// every 10 ms; then checks every instance is listed.
+async fn storm(
+    p: Protocol,
+    at: &Endpoints,
+    clients: u32,
+    instances: u32,
+    services: u32,
+) -> Result<Measured> {
+    let prober = Client::connect(p, at, "bench-storm-probe").await?;
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    done.mark_unchanged();
+    let probing = tokio::spawn(async move {
+        let mut h = histogram();
+        let mut errors = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // At least one probe, however short the storm.
+        loop {
+            let t = Instant::now();
+            match prober.query(&service(0)).await {
+                Ok(_) => record(&mut h, t.elapsed()),
+                Err(_) => errors += 1,
+            }
+            tokio::select! {
+                _ = done.changed() => break,
+                _ = tick.tick() => {}
+            }
+        }
+        (h, errors)
+    });
+    let (mut m, workers) = register(p, at, clients, instances, services, Some(done_tx)).await?;
+    let (probe, probe_errors) = probing.await?;
+    // Every registration that succeeded must be listed.
+    let mut listed = 0u64;
+    for s in 0..services.min(instances) {
+        listed += workers[0].query(&service(s)).await? as u64;
+    }
+    let lost = m.operations.saturating_sub(listed);
+    m.errors += lost + probe_errors;
+    m.extra.insert("listed", json!(listed));
+    m.extra.insert("lost", json!(lost));
+    m.extra
+        .insert("probe_latency", serde_json::to_value(Latency::of(&probe))?);
+    m.extra.insert("probe_errors", json!(probe_errors));
+    Ok(m)
+}
+
+/// For Nacos HTTP, whose registrations expire without beats, fixtures are
+/// registered over Nacos gRPC (their connection keeps them).
+fn fixture_protocol(p: Protocol) -> Protocol {
+    match p {
+        Protocol::NacosHttp => Protocol::NacosGrpc,
+        other => other,
+    }
+}
+
+async fn query(
+    p: Protocol,
+    at: &Endpoints,
+    readers: u32,
+    instances: u32,
+    duration: Duration,
+) -> Result<Measured> {
+    let name = "bench-query";
+    let owner = Client::connect(fixture_protocol(p), at, "bench-query-owner").await?;
+    for n in 0..instances {
+        owner.register(name, &Spec::numbered(n)).await?;
+    }
+    let mut conns = Vec::new();
+    for c in 0..readers {
+        conns.push(Client::connect(p, at, &format!("bench-reader-{c}")).await?);
+    }
+    let bar = progress(duration.as_millis() as u64, "query (ms)");
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for conn in conns {
+        set.spawn(async move {
+            let mut h = histogram();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match conn.query(name).await {
+                    Ok(n) if n == instances as usize => record(&mut h, t.elapsed()),
+                    _ => errors += 1,
+                }
+            }
+            conn.close().await;
+            (h, errors)
+        });
+    }
+    let ticker = tick_progress(&bar, start, deadline);
+    let (latency, errors) = join_histograms(&mut set).await?;
     let elapsed = start.elapsed();
     ticker.abort();
     bar.finish_and_clear();
@@ -178,62 +220,106 @@ async fn query(addr: &str, readers: u32, instances: u32, duration: Duration) -> 
     })
 }
 
-/// Subscribers per gRPC connection (their streams share it).
+/// Moves a time-based progress bar until `deadline`.
+fn tick_progress(
+    bar: &indicatif::ProgressBar,
+    start: Instant,
+    deadline: Instant,
+) -> tokio::task::JoinHandle<()> {
+    let bar = bar.clone();
+    tokio::spawn(async move {
+        while Instant::now() < deadline {
+            bar.set_position(start.elapsed().as_millis() as u64);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// Native subscribers per gRPC connection (their streams share it); each
+/// Nacos subscriber is a connection of its own, as in Nacos clients.
 const STREAMS_PER_CONNECTION: u32 = 50;
 
-async fn push(addr: &str, subscribers: u32, changes: u32, interval: Duration) -> Result<Measured> {
-    let key = ServiceKey::simple("bench-push")?;
-    let writer_conn = connect(addr).await?;
-    let writer = writer_conn.open_session("bench-push-writer").await?;
-    let mut changed = instance(0);
-    register_one(&writer_conn, &writer, &key, &changed).await?;
+/// What each subscriber saw: every push, in order.
+type Seen = Arc<Mutex<Vec<Pushed>>>;
 
-    // Subscribers: each records when it saw (and acknowledged) each revision.
-    type Seen = Arc<Mutex<Vec<(u64, Instant, Instant)>>>;
-    let mut seen: Vec<Seen> = Vec::new();
-    let mut tasks = JoinSet::new();
-    let mut conn = connect(addr).await?;
-    for s in 0..subscribers {
-        if s > 0 && s % STREAMS_PER_CONNECTION == 0 {
-            conn = connect(addr).await?;
-        }
-        let mut session = conn.open_session(&format!("bench-push-{s}")).await?;
-        session.subscribe(&key).await?;
+/// Subscribes `count` subscribers to `name`; each records what it sees.
+async fn subscribers(
+    p: Protocol,
+    at: &Endpoints,
+    name: &str,
+    count: u32,
+    tasks: &mut JoinSet<()>,
+) -> Result<Vec<Seen>> {
+    let mut seen = Vec::new();
+    let mut conn = None;
+    for s in 0..count {
+        let mut sub = match p {
+            Protocol::Native => {
+                if s.is_multiple_of(STREAMS_PER_CONNECTION) {
+                    conn = Some(Connection::connect(&at.grpc).await?);
+                }
+                let conn = conn.as_ref().expect("connected above");
+                Subscriber::native(conn, name).await?
+            }
+            Protocol::NacosGrpc => Subscriber::nacos(at, name).await?,
+            Protocol::NacosHttp => {
+                bail!("subscribers need a streaming protocol: native or nacos-grpc")
+            }
+        };
         let log: Seen = Arc::default();
         seen.push(log.clone());
         tasks.spawn(async move {
-            while let Some(Ok(update)) = session.next_update().await {
-                let got = Instant::now();
-                let _ = session.ack(&key_of(&update), update.revision).await;
-                log.lock().push((update.revision, got, Instant::now()));
+            while let Some(pushed) = sub.next().await {
+                log.lock().push(pushed);
             }
         });
     }
+    Ok(seen)
+}
+
+/// Waits (at most `limit`) until `done` holds for every subscriber.
+async fn settle(seen: &[Seen], limit: Duration, done: impl Fn(&[Pushed]) -> bool) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until && !seen.iter().all(|s| done(&s.lock())) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn push(
+    p: Protocol,
+    at: &Endpoints,
+    subscribers_n: u32,
+    changes: u32,
+    interval: Duration,
+) -> Result<Measured> {
+    let name = "bench-push";
+    let writer = Client::connect(fixture_protocol(p), at, "bench-push-writer").await?;
+    let mut changed = Spec::numbered(0);
+    changed.seq = Some(0);
+    writer.register(name, &changed).await?;
+    let mut tasks = JoinSet::new();
+    let seen = subscribers(p, at, name, subscribers_n, &mut tasks).await?;
 
     let bar = progress(u64::from(changes), "push");
     let start = Instant::now();
     let mut made: Vec<(u64, Instant)> = Vec::new();
     let mut errors = 0u64;
-    for x in 1..=changes {
-        changed.weight = f64::from(1 + x % 100);
+    for x in 1..=u64::from(changes) {
+        changed.seq = Some(x);
+        changed.weight = (1 + x % 100) as f64;
         let t = Instant::now();
-        match register_one(&writer_conn, &writer, &key, &changed).await {
-            Ok(revision) => made.push((revision, t)),
+        match writer.register(name, &changed).await {
+            Ok(()) => made.push((x, t)),
             Err(_) => errors += 1,
         }
         bar.inc(1);
         tokio::time::sleep(interval).await;
     }
-    // Wait (bounded) for every subscriber to see the last change.
-    let last = made.last().map_or(0, |(r, _)| *r);
-    let settle = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < settle
-        && !seen
-            .iter()
-            .all(|s| s.lock().iter().any(|(r, _, _)| *r >= last))
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let last = made.last().map_or(0, |(x, _)| *x);
+    settle(&seen, Duration::from_secs(10), |log| {
+        log.iter().any(|s| s.seq >= Some(last))
+    })
+    .await;
     let elapsed = start.elapsed();
     bar.finish_and_clear();
     tasks.abort_all();
@@ -243,25 +329,24 @@ async fn push(addr: &str, subscribers: u32, changes: u32, interval: Duration) ->
     let mut missed = 0u64;
     for log in &seen {
         let log = log.lock();
-        for (revision, at) in &made {
-            // The first update carrying this change (or a later one).
-            match log.iter().find(|(r, _, _)| r >= revision) {
-                Some((_, got, ack)) => {
-                    record(&mut receipt, got.saturating_duration_since(*at));
-                    record(&mut acked, ack.saturating_duration_since(*at));
+        for (x, at) in &made {
+            // The first push carrying this change (or a later one).
+            match log.iter().find(|s| s.seq >= Some(*x)) {
+                Some(s) => {
+                    record(&mut receipt, s.received.saturating_duration_since(*at));
+                    record(&mut acked, s.acked.saturating_duration_since(*at));
                 }
                 None => missed += 1,
             }
         }
     }
-    let ack = super::Latency::of(&acked);
     let mut extra = BTreeMap::new();
     extra.insert("missed_updates", json!(missed));
-    extra.insert("ack_latency", serde_json::to_value(&ack)?);
+    extra.insert("ack_latency", serde_json::to_value(Latency::of(&acked))?);
     writer.close().await;
     Ok(Measured {
         operations: receipt.len(),
-        errors,
+        errors: errors + missed,
         elapsed,
         latency: receipt,
         extra,
@@ -270,10 +355,95 @@ async fn push(addr: &str, subscribers: u32, changes: u32, interval: Duration) ->
     })
 }
 
-fn key_of(update: &proto::ServiceUpdate) -> ServiceKey {
-    update
-        .service
-        .as_ref()
-        .and_then(|s| ServiceKey::new(&s.namespace, &s.group, &s.service).ok())
-        .unwrap_or_else(|| ServiceKey::simple("bench-push").expect("a valid name"))
+/// Clients register and deregister at a steady total `--rate`, each
+/// keeping about `--size` instances live, while subscribers follow the
+/// service; at the end every subscriber's view must match the server's.
+async fn churn(p: Protocol, at: &Endpoints, a: &BenchArgs, duration: Duration) -> Result<Measured> {
+    let name = "bench-churn";
+    let mut workers = Vec::new();
+    for c in 0..a.clients {
+        workers.push(Client::connect(p, at, &format!("bench-churn-{c}")).await?);
+    }
+    let mut tasks = JoinSet::new();
+    let seen = subscribers(p, at, name, a.subscribers, &mut tasks).await?;
+    let per_client = Duration::from_secs_f64(f64::from(a.clients) / a.rate.max(1) as f64);
+    let keep = a.size as usize;
+    let bar = progress(duration.as_millis() as u64, "churn (ms)");
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut set = JoinSet::new();
+    for (c, client) in workers.into_iter().enumerate() {
+        set.spawn(async move {
+            let mut h = histogram();
+            let mut errors = 0u64;
+            let mut live = VecDeque::new();
+            // Each client numbers its instances apart from the others'.
+            let mut next = (c as u32) << 20;
+            let mut tick = tokio::time::interval(per_client);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while Instant::now() < deadline {
+                tick.tick().await;
+                let t = Instant::now();
+                let outcome = if live.len() > keep || (live.len() == keep && next.is_multiple_of(2))
+                {
+                    let gone: Spec = live.pop_front().expect("non-empty");
+                    client.deregister(name, &gone).await
+                } else {
+                    let born = Spec::numbered(next);
+                    next += 1;
+                    let r = client.register(name, &born).await;
+                    live.push_back(born);
+                    r
+                };
+                match outcome {
+                    Ok(()) => record(&mut h, t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (h, errors, client)
+        });
+    }
+    let ticker = tick_progress(&bar, start, deadline);
+    let mut latency = histogram();
+    let mut errors = 0;
+    let mut clients = Vec::new();
+    while let Some(done) = set.join_next().await {
+        let (h, e, client) = done?;
+        latency.add(&h).ok();
+        errors += e;
+        clients.push(client);
+    }
+    let elapsed = start.elapsed();
+    ticker.abort();
+    bar.finish_and_clear();
+    let Some(checker) = clients.first() else {
+        bail!("no clients");
+    };
+    let listed = checker.query(name).await?;
+    settle(&seen, Duration::from_secs(10), |log| {
+        log.last().is_some_and(|s| s.instances == listed)
+    })
+    .await;
+    tasks.abort_all();
+    let diverged = seen
+        .iter()
+        .filter(|s| s.lock().last().is_none_or(|s| s.instances != listed))
+        .count() as u64;
+    let pushes: usize = seen.iter().map(|s| s.lock().len()).sum();
+    let mut extra = BTreeMap::new();
+    extra.insert("listed_at_end", json!(listed));
+    extra.insert("pushes_received", json!(pushes));
+    extra.insert("subscribers_diverged", json!(diverged));
+    for c in clients {
+        c.close().await;
+    }
+    Ok(Measured {
+        operations: latency.len(),
+        errors: errors + diverged,
+        elapsed,
+        latency,
+        extra,
+        instances_held: 0,
+        hold: Vec::new(),
+    })
 }

@@ -1,0 +1,332 @@
+//! The bench's clients, one per protocol: Roster's native gRPC API, the
+//! Nacos gRPC protocol, the Nacos HTTP v1 Open API. Shapes speak only
+//! through [`Client`] and [`Subscriber`], so each runs unchanged against
+//! Roster and against any Nacos-compatible server such as rnacos.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use roster_client::cache::ServiceCache;
+use roster_client::raw::Session;
+use roster_client::{Connection, proto};
+use roster_core::{Instance, ServiceKey};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::nacos::NacosConn;
+
+/// How the bench talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// Roster's own gRPC API.
+    Native,
+    /// The Nacos 2.x gRPC protocol (on the gRPC port).
+    NacosGrpc,
+    /// The Nacos 1.x HTTP Open API (on the HTTP port); registrations
+    /// through it live until the server's beat timeout.
+    NacosHttp,
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// The gRPC address (native and Nacos gRPC).
+    pub grpc: String,
+    /// The HTTP address (Nacos HTTP).
+    pub http: String,
+}
+
+/// An instance the bench registers: a distinct IPv4 address per number,
+/// port 8080, two metadata entries, and an optional change sequence number
+/// (metadata `bench.seq`) by which subscribers tell changes apart.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub weight: f64,
+    pub seq: Option<u64>,
+}
+
+/// The metadata key carrying a change's sequence number.
+const SEQ: &str = "bench.seq";
+
+impl Spec {
+    /// Instance number `n`.
+    pub fn numbered(n: u32) -> Self {
+        Self {
+            ip: Ipv4Addr::from(0x0a00_0000 + n),
+            port: 8080,
+            weight: 1.0,
+            seq: None,
+        }
+    }
+
+    fn metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("zone".to_owned(), format!("z{}", u32::from(self.ip) % 4));
+        m.insert("version".to_owned(), "1.0.0".to_owned());
+        if let Some(seq) = self.seq {
+            m.insert(SEQ.to_owned(), seq.to_string());
+        }
+        m
+    }
+
+    fn native(&self) -> Instance {
+        let mut i = Instance::new(IpAddr::V4(self.ip), self.port);
+        i.weight = self.weight;
+        i.metadata = self.metadata();
+        i
+    }
+
+    fn nacos_json(&self) -> Value {
+        json!({
+            "ip": self.ip.to_string(), "port": self.port, "weight": self.weight,
+            "healthy": true, "enabled": true, "ephemeral": true,
+            "clusterName": "DEFAULT", "metadata": self.metadata(),
+        })
+    }
+}
+
+fn native_key(service: &str) -> Result<ServiceKey> {
+    Ok(ServiceKey::simple(service)?)
+}
+
+/// One client connection.
+pub enum Client {
+    /// A native connection and the session that owns what it registers.
+    Native(Connection, Session),
+    /// A Nacos gRPC connection (it owns what it registers).
+    NacosGrpc(NacosConn),
+    /// An HTTP/1.1 keep-alive connection pool and the server's base URL.
+    NacosHttp(reqwest::Client, String),
+}
+
+impl Client {
+    /// Connects; `name` labels the native session.
+    pub async fn connect(protocol: Protocol, at: &Endpoints, name: &str) -> Result<Self> {
+        Ok(match protocol {
+            Protocol::Native => {
+                let conn = Connection::connect(&at.grpc)
+                    .await
+                    .with_context(|| format!("cannot connect to {}", at.grpc))?;
+                let session = conn.open_session(name).await?;
+                Self::Native(conn, session)
+            }
+            Protocol::NacosGrpc => Self::NacosGrpc(NacosConn::connect(&at.grpc).await?),
+            Protocol::NacosHttp => {
+                let http = reqwest::Client::builder()
+                    .tcp_nodelay(true)
+                    .pool_max_idle_per_host(1)
+                    .build()?;
+                Self::NacosHttp(http, format!("http://{}/nacos/v1/ns", at.http))
+            }
+        })
+    }
+
+    /// Registers (or re-registers, changed) an instance.
+    pub async fn register(&self, service: &str, i: &Spec) -> Result<()> {
+        match self {
+            Self::Native(conn, session) => {
+                conn.grpc()
+                    .register(proto::RegisterRequest {
+                        session_id: session.id().to_owned(),
+                        service: Some((&native_key(service)?).into()),
+                        instance: Some(proto::Instance::from_model(&i.native())),
+                    })
+                    .await?;
+                Ok(())
+            }
+            Self::NacosGrpc(c) => c.instance(service, i.nacos_json(), false).await,
+            Self::NacosHttp(http, base) => {
+                let form = [
+                    ("serviceName", service.to_owned()),
+                    ("ip", i.ip.to_string()),
+                    ("port", i.port.to_string()),
+                    ("weight", i.weight.to_string()),
+                    ("ephemeral", "true".to_owned()),
+                    ("metadata", serde_json::to_string(&i.metadata())?),
+                ];
+                let r = http
+                    .post(format!("{base}/instance"))
+                    .form(&form)
+                    .send()
+                    .await?;
+                ok(r).await.map(drop)
+            }
+        }
+    }
+
+    /// Removes an instance.
+    pub async fn deregister(&self, service: &str, i: &Spec) -> Result<()> {
+        match self {
+            Self::Native(conn, _) => {
+                conn.deregister(proto::InstanceRef {
+                    service: Some((&native_key(service)?).into()),
+                    id: String::new(),
+                    ip: i.ip.to_string(),
+                    port: u32::from(i.port),
+                    cluster: String::new(),
+                })
+                .await?;
+                Ok(())
+            }
+            Self::NacosGrpc(c) => c.instance(service, i.nacos_json(), true).await,
+            Self::NacosHttp(http, base) => {
+                let query = [
+                    ("serviceName", service.to_owned()),
+                    ("ip", i.ip.to_string()),
+                    ("port", i.port.to_string()),
+                    ("ephemeral", "true".to_owned()),
+                ];
+                let r = http
+                    .delete(format!("{base}/instance"))
+                    .query(&query)
+                    .send()
+                    .await?;
+                ok(r).await.map(drop)
+            }
+        }
+    }
+
+    /// How many instances the service has (all, healthy or not).
+    pub async fn query(&self, service: &str) -> Result<usize> {
+        match self {
+            Self::Native(conn, _) => Ok(conn
+                .query(&native_key(service)?, false)
+                .await?
+                .instances
+                .len()),
+            Self::NacosGrpc(c) => Ok(hosts(&c.query(service).await?).len()),
+            Self::NacosHttp(http, base) => {
+                let query = [("serviceName", service), ("healthyOnly", "false")];
+                let r = http
+                    .get(format!("{base}/instance/list"))
+                    .query(&query)
+                    .send()
+                    .await?;
+                let body: Value = serde_json::from_slice(&ok(r).await?)?;
+                Ok(hosts(&body).len())
+            }
+        }
+    }
+
+    /// Ends the client; the server drops what its session registered.
+    pub async fn close(self) {
+        if let Self::Native(_, session) = self {
+            session.close().await;
+        }
+    }
+}
+
+/// The body of a 2xx reply, or an error with the status and message.
+async fn ok(r: reqwest::Response) -> Result<bytes::Bytes> {
+    let status = r.status();
+    let body = r.bytes().await?;
+    if !status.is_success() {
+        bail!("HTTP {status}: {}", String::from_utf8_lossy(&body).trim());
+    }
+    Ok(body)
+}
+
+fn hosts(service_info: &Value) -> &[Value] {
+    service_info
+        .get("hosts")
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// The largest change sequence number among these hosts.
+fn seq_of_hosts(hosts: &[Value]) -> Option<u64> {
+    hosts
+        .iter()
+        .filter_map(|h| h["metadata"][SEQ].as_str()?.parse().ok())
+        .max()
+}
+
+/// A push as a subscriber saw it.
+pub struct Pushed {
+    /// The newest change it carries (see [`Spec::seq`]).
+    pub seq: Option<u64>,
+    /// Instances in the subscriber's view after applying it.
+    pub instances: usize,
+    pub received: Instant,
+    pub acked: Instant,
+}
+
+/// A subscriber of one service: a connection of its own over a streaming
+/// protocol, acknowledging every push it receives.
+pub enum Subscriber {
+    Native {
+        session: Session,
+        key: ServiceKey,
+        cache: ServiceCache,
+    },
+    Nacos(NacosConn),
+}
+
+impl Subscriber {
+    /// Subscribes natively, through a new session on `conn`.
+    pub async fn native(conn: &Connection, service: &str) -> Result<Self> {
+        let key = native_key(service)?;
+        let session = conn.open_session("bench-subscriber").await?;
+        session.subscribe(&key).await?;
+        Ok(Self::Native {
+            session,
+            key,
+            cache: ServiceCache::default(),
+        })
+    }
+
+    /// Subscribes over a Nacos gRPC connection of its own.
+    pub async fn nacos(at: &Endpoints, service: &str) -> Result<Self> {
+        let c = NacosConn::connect(&at.grpc).await?;
+        c.subscribe(service).await?;
+        Ok(Self::Nacos(c))
+    }
+
+    /// The next push; `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<Pushed> {
+        match self {
+            Self::Native {
+                session,
+                key,
+                cache,
+            } => {
+                let update = session.next_update().await?.ok()?;
+                let received = Instant::now();
+                let _ = session.ack(key, update.revision).await;
+                let acked = Instant::now();
+                let changed = match &update.kind {
+                    Some(proto::service_update::Kind::Full(f)) => &f.instances[..],
+                    Some(proto::service_update::Kind::Delta(d)) => &d.upserted[..],
+                    None => &[],
+                };
+                let seq = changed
+                    .iter()
+                    .filter_map(|i| i.metadata.get(SEQ)?.parse().ok())
+                    .max();
+                if cache.apply(&update).is_err() {
+                    cache.expect_reset();
+                }
+                Some(Pushed {
+                    seq,
+                    instances: cache.len(),
+                    received,
+                    acked,
+                })
+            }
+            Self::Nacos(c) => {
+                let n = c.next_notified().await?;
+                let hosts = hosts(&n.service_info);
+                Some(Pushed {
+                    seq: seq_of_hosts(hosts),
+                    instances: hosts.len(),
+                    received: n.received,
+                    acked: n.acked,
+                })
+            }
+        }
+    }
+}
