@@ -100,6 +100,11 @@ impl From<RegistryError> for Failure {
 
 /// A payload of `kind` with a JSON body.
 fn payload(kind: &str, body: &Value) -> Payload {
+    raw_payload(kind, serde_json::to_vec(body).unwrap_or_default())
+}
+
+/// A payload around a JSON body already serialized.
+fn raw_payload(kind: &str, body: Vec<u8>) -> Payload {
     Payload {
         metadata: Some(Metadata {
             r#type: kind.to_owned(),
@@ -108,7 +113,7 @@ fn payload(kind: &str, body: &Value) -> Payload {
         }),
         body: Some(Any {
             type_url: String::new(),
-            value: Bytes::from(serde_json::to_vec(body).unwrap_or_default()),
+            value: Bytes::from(body),
         }),
     }
 }
@@ -296,6 +301,7 @@ impl NacosGrpc {
         } else {
             conn.subs.lock().remove(&key);
             self.nacos.node.unsubscribe(conn.session(), &key);
+            self.forget_unwatched([&key]);
         }
         let (_, info) = self.nacos.service_info(
             &key,
@@ -381,6 +387,16 @@ impl NacosGrpc {
         }
     }
 
+    /// Drops the shared push text of those services nobody subscribes to
+    /// any more.
+    fn forget_unwatched<'a>(&self, keys: impl IntoIterator<Item = &'a ServiceKey>) {
+        for key in keys {
+            if self.nacos.node.subscriber_count(key) == 0 {
+                self.nacos.forget_push_info(key);
+            }
+        }
+    }
+
     /// The payload for a dequeued outbound item, if any.
     fn outbound(&self, conn: &Conn, item: Outbound<Frame>) -> Option<Payload> {
         let key = match item {
@@ -404,14 +420,7 @@ impl NacosGrpc {
         let clusters = conn.subs.lock().get(&*key).cloned()?;
         // Nacos pushes the whole list: the current view covers every
         // update queued before it.
-        let (revision, info) = self.nacos.service_info(
-            &key,
-            &InfoRequest {
-                clusters: &clusters,
-                healthy_only: false,
-                grouped_name: false,
-            },
-        );
+        let (revision, info) = self.nacos.push_info(&key, &clusters);
         self.nacos.node.full_sent(conn.session(), &key, revision);
         let rid = conn
             .next_request
@@ -421,18 +430,21 @@ impl NacosGrpc {
             .lock()
             .insert(rid.clone(), ((*key).clone(), revision));
         self.nacos.node.metrics.pushes_sent.inc();
-        Some(payload(
-            "NotifySubscriberRequest",
-            &json!({
-                "headers": {},
-                "requestId": rid,
-                "module": "naming",
-                "namespace": key.namespace,
-                "serviceName": key.service,
-                "groupName": key.group,
-                "serviceInfo": info,
-            }),
-        ))
+        // The envelope around the shared `serviceInfo` text.
+        let mut body = json!({
+            "headers": {},
+            "requestId": rid,
+            "module": "naming",
+            "namespace": key.namespace,
+            "serviceName": key.service,
+            "groupName": key.group,
+        })
+        .to_string();
+        body.pop();
+        body.push_str(",\"serviceInfo\":");
+        body.push_str(&info);
+        body.push('}');
+        Some(raw_payload("NotifySubscriberRequest", body.into_bytes()))
     }
 }
 
@@ -501,6 +513,8 @@ impl BiRequestStream for NacosGrpc {
             }
             drop(conns);
             this.nacos.node.close_session(reader.session());
+            let subs = std::mem::take(&mut *reader.subs.lock());
+            this.forget_unwatched(subs.keys());
             tracing::debug!(connection = %reader.id, "nacos connection closed");
         });
 

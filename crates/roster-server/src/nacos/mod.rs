@@ -47,6 +47,10 @@ pub struct Nacos {
     services: Mutex<BTreeMap<ServiceKey, ServiceSettings>>,
     /// UDP push to HTTP v1 subscribers.
     pub udp: udp::UdpPush,
+    /// The serialized gRPC `ServiceInfo` last pushed per (service, cluster
+    /// list), with its revision: every subscriber of that revision gets
+    /// the same text instead of a rebuild each.
+    pushed: Mutex<HashMap<(ServiceKey, String), (u64, Arc<str>)>>,
 }
 
 impl Nacos {
@@ -62,6 +66,7 @@ impl Nacos {
             services: Mutex::new(BTreeMap::new()),
             ref_times: Mutex::new(HashMap::new()),
             udp: udp::UdpPush::new(udp),
+            pushed: Mutex::new(HashMap::new()),
             node,
         })
     }
@@ -97,6 +102,36 @@ impl Nacos {
             revision,
             wire::service_info(key, view.as_deref(), time, req),
         )
+    }
+
+    /// The gRPC `ServiceInfo` (JSON text) of `key` for subscribers of
+    /// `clusters`, and the revision it shows; built once per revision and
+    /// shared. Its `lastRefTime` is that of the first emission: a
+    /// subscriber that got the same revision later in a reply may drop
+    /// this copy, which holds nothing new for it.
+    pub fn push_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
+        let current = self.node.view(key).map_or(0, |v| v.revision);
+        let slot = (key.clone(), clusters.to_owned());
+        if let Some((revision, text)) = self.pushed.lock().get(&slot)
+            && *revision == current
+        {
+            return (*revision, text.clone());
+        }
+        let request = wire::InfoRequest {
+            clusters,
+            healthy_only: false,
+            grouped_name: false,
+        };
+        let (revision, info) = self.service_info(key, &request);
+        let text: Arc<str> = info.to_string().into();
+        self.pushed.lock().insert(slot, (revision, text.clone()));
+        (revision, text)
+    }
+
+    /// Forgets the shared `ServiceInfo`s of a service nobody on this node
+    /// subscribes to any more.
+    pub fn forget_push_info(&self, key: &ServiceKey) {
+        self.pushed.lock().retain(|(k, _), _| k != key);
     }
 
     /// The id of the instance at the address of `probe`: its id if it has
