@@ -32,6 +32,9 @@ pub struct ServiceSettings {
     pub selector: String,
 }
 
+/// A serialized `ServiceInfo` and the revision it shows.
+type SharedInfo = (u64, Arc<str>);
+
 /// State shared by the Nacos listeners of one node.
 pub struct Nacos {
     /// The registry.
@@ -50,7 +53,7 @@ pub struct Nacos {
     /// The serialized gRPC `ServiceInfo` last pushed per (service, cluster
     /// list), with its revision: every subscriber of that revision gets
     /// the same text instead of a rebuild each.
-    pushed: Mutex<HashMap<(ServiceKey, String), (u64, Arc<str>)>>,
+    pushed: Mutex<HashMap<(ServiceKey, String), SharedInfo>>,
 }
 
 impl Nacos {
