@@ -6,7 +6,6 @@
 mod bench;
 mod output;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -236,7 +235,7 @@ async fn run(cli: Cli) -> Result<()> {
                 enabled: true,
                 ephemeral: true,
                 cluster: at.cluster.clone(),
-                metadata: meta.into_iter().collect::<BTreeMap<_, _>>(),
+                metadata: meta.into_iter().collect(),
                 node_name,
             }
             .normalize()?;

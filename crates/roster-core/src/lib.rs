@@ -14,7 +14,7 @@ pub mod session;
 
 pub use model::{
     Address, DEFAULT_CLUSTER, DEFAULT_GROUP, DEFAULT_NAMESPACE, DEFAULT_NETWORK, Instance,
-    InstanceRecord, ServiceKey, SessionId, ValidationError, Version,
+    InstanceRecord, Metadata, ServiceKey, SessionId, ValidationError, Version,
 };
 pub use registry::{Change, Registry, RegistryConfig, RegistryError};
 pub use service::{Delta, ServiceView};

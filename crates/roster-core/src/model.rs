@@ -3,7 +3,6 @@
 //! Owns normalisation (defaults, derived ids); must not know about wire
 //! formats or storage.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -155,6 +154,12 @@ pub struct Version {
     pub sequence: u64,
 }
 
+/// Instance metadata, ordered by key. A sorted vector rather than a
+/// `BTreeMap`: instances carry a handful of entries, and a B-tree leaf
+/// costs over 500 bytes however few it holds, the largest part of an
+/// instance's memory at a million instances.
+pub type Metadata = litemap::LiteMap<String, String>;
+
 /// An instance of a service, as registered (validated and normalised).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Instance {
@@ -175,7 +180,7 @@ pub struct Instance {
     /// Cluster name; default [`DEFAULT_CLUSTER`].
     pub cluster: String,
     /// Free key/value pairs, at most [`MAX_METADATA_BYTES`] in all.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// The host the instance runs on (may be empty).
     pub node_name: String,
 }
@@ -192,7 +197,7 @@ impl Instance {
             enabled: true,
             ephemeral: true,
             cluster: String::new(),
-            metadata: BTreeMap::new(),
+            metadata: Metadata::new(),
             node_name: String::new(),
         }
     }

@@ -202,7 +202,7 @@ impl RegisterBody {
             enabled: self.enabled.unwrap_or(true),
             ephemeral: self.ephemeral.unwrap_or(true),
             cluster: self.cluster.clone(),
-            metadata: self.metadata.clone(),
+            metadata: self.metadata.clone().into_iter().collect(),
             node_name: self.node_name.clone(),
         })
     }
@@ -346,7 +346,7 @@ impl From<&InstanceRecord> for InstanceJson {
             enabled: i.enabled,
             ephemeral: i.ephemeral,
             cluster: i.cluster.clone(),
-            metadata: i.metadata.clone(),
+            metadata: i.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             node_name: i.node_name.clone(),
             owner: r.owner.to_string(),
             version: [r.version.incarnation, r.version.sequence],

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
@@ -76,7 +77,7 @@ impl Spec {
     fn native(&self) -> Instance {
         let mut i = Instance::new(IpAddr::V4(self.ip), self.port);
         i.weight = self.weight;
-        i.metadata = self.metadata();
+        i.metadata = self.metadata().into_iter().collect();
         i
     }
 
@@ -97,8 +98,9 @@ fn native_key(service: &str) -> Result<ServiceKey> {
 pub enum Client {
     /// A native connection and the session that owns what it registers.
     Native(Connection, Session),
-    /// A Nacos gRPC connection (it owns what it registers).
-    NacosGrpc(NacosConn),
+    /// A Nacos gRPC connection, maybe shared (it owns what is registered
+    /// through it).
+    NacosGrpc(Arc<NacosConn>),
     /// An HTTP/1.1 keep-alive connection pool and the server's base URL.
     NacosHttp(reqwest::Client, String),
 }
@@ -114,7 +116,7 @@ impl Client {
                 let session = conn.open_session(name).await?;
                 Self::Native(conn, session)
             }
-            Protocol::NacosGrpc => Self::NacosGrpc(NacosConn::connect(&at.grpc).await?),
+            Protocol::NacosGrpc => Self::NacosGrpc(Arc::new(NacosConn::connect(&at.grpc).await?)),
             Protocol::NacosHttp => {
                 let http = reqwest::Client::builder()
                     .tcp_nodelay(true)
@@ -123,6 +125,39 @@ impl Client {
                 Self::NacosHttp(http, format!("http://{}/nacos/v1/ns", at.http))
             }
         })
+    }
+
+    /// Another client on the same connection (HTTP/2 multiplexes them; a
+    /// native one gets a session of its own). Nacos HTTP clients share a
+    /// pool, which opens a connection per request in flight.
+    pub async fn share(&self, name: &str) -> Result<Self> {
+        Ok(match self {
+            Self::Native(conn, _) => Self::Native(conn.clone(), conn.open_session(name).await?),
+            Self::NacosGrpc(c) => Self::NacosGrpc(c.clone()),
+            Self::NacosHttp(http, base) => Self::NacosHttp(http.clone(), base.clone()),
+        })
+    }
+
+    /// `count` clients over `connections` connections, round robin.
+    pub async fn many(
+        protocol: Protocol,
+        at: &Endpoints,
+        count: u32,
+        connections: Option<u32>,
+        name: &str,
+    ) -> Result<Vec<Self>> {
+        let connections = connections.unwrap_or(count).clamp(1, count.max(1));
+        let mut out: Vec<Self> = Vec::new();
+        for c in 0..count {
+            let label = format!("{name}-{c}");
+            let client = if c < connections {
+                Self::connect(protocol, at, &label).await?
+            } else {
+                out[(c % connections) as usize].share(&label).await?
+            };
+            out.push(client);
+        }
+        Ok(out)
     }
 
     /// Registers (or re-registers, changed) an instance.

@@ -65,6 +65,10 @@ pub struct BenchArgs {
     /// client keeps (churn).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     size: u32,
+    /// Connections the clients or readers share (register, storm, query);
+    /// by default one each. Over gRPC their calls are multiplexed.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    connections: Option<u32>,
     /// Concurrent readers (query).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     readers: u32,
@@ -327,12 +331,14 @@ fn nacos_http_address(grpc: &str) -> Result<String> {
 
 fn parameters(a: &BenchArgs) -> Value {
     let mut v = match a.shape {
-        Shape::Register | Shape::Storm => {
-            json!({"clients": a.clients, "instances": a.instances, "services": a.services})
-        }
-        Shape::Query => {
-            json!({"readers": a.readers, "size": a.size, "duration_s": a.duration.as_secs_f64()})
-        }
+        Shape::Register | Shape::Storm => json!({
+            "clients": a.clients, "instances": a.instances, "services": a.services,
+            "connections": a.connections.unwrap_or(a.clients).min(a.clients),
+        }),
+        Shape::Query => json!({
+            "readers": a.readers, "size": a.size, "duration_s": a.duration.as_secs_f64(),
+            "connections": a.connections.unwrap_or(a.readers).min(a.readers),
+        }),
         Shape::Push => {
             json!({"subscribers": a.subscribers, "changes": a.changes, "interval_ms": a.interval.as_millis() as u64})
         }

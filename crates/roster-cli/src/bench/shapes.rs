@@ -22,11 +22,11 @@ pub async fn run(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let p = a.protocol;
     match a.shape {
         Shape::Register => {
-            let (m, _) = register(p, at, a.clients, a.instances, a.services, None).await?;
+            let (m, _) = register(p, at, a, None).await?;
             Ok(m)
         }
-        Shape::Storm => storm(p, at, a.clients, a.instances, a.services).await,
-        Shape::Query => query(p, at, a.readers, a.size, a.duration).await,
+        Shape::Storm => storm(p, at, a).await,
+        Shape::Query => query(p, at, a).await,
         Shape::Push => push(p, at, a.subscribers, a.changes, a.interval).await,
         Shape::Churn => churn(p, at, a, a.duration).await,
     }
@@ -42,18 +42,16 @@ fn service(n: u32) -> String {
 async fn register(
     p: Protocol,
     at: &Endpoints,
-    clients: u32,
-    instances: u32,
-    services: u32,
+    a: &BenchArgs,
     probe: Option<tokio::sync::watch::Sender<bool>>,
 ) -> Result<(Measured, Vec<Arc<Client>>)> {
+    let (clients, instances, services) = (a.clients, a.instances, a.services);
     // Connections (and native sessions) first, untimed.
-    let mut workers = Vec::new();
-    for c in 0..clients {
-        workers.push(Arc::new(
-            Client::connect(p, at, &format!("bench-register-{c}")).await?,
-        ));
-    }
+    let workers: Vec<Arc<Client>> = Client::many(p, at, clients, a.connections, "bench-register")
+        .await?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
     let bar = progress(u64::from(instances), "register");
     let start = Instant::now();
     let mut set = JoinSet::new();
@@ -113,13 +111,7 @@ async fn join_histograms(
 
 /// Registers as fast as the clients can while a probe queries one service
 /// every 10 ms; then checks every instance is listed.
-async fn storm(
-    p: Protocol,
-    at: &Endpoints,
-    clients: u32,
-    instances: u32,
-    services: u32,
-) -> Result<Measured> {
+async fn storm(p: Protocol, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let prober = Client::connect(p, at, "bench-storm-probe").await?;
     let (done_tx, mut done) = tokio::sync::watch::channel(false);
     done.mark_unchanged();
@@ -142,11 +134,11 @@ async fn storm(
         }
         (h, errors)
     });
-    let (mut m, workers) = register(p, at, clients, instances, services, Some(done_tx)).await?;
+    let (mut m, workers) = register(p, at, a, Some(done_tx)).await?;
     let (probe, probe_errors) = probing.await?;
     // Every registration that succeeded must be listed.
     let mut listed = 0u64;
-    for s in 0..services.min(instances) {
+    for s in 0..a.services.min(a.instances) {
         listed += workers[0].query(&service(s)).await? as u64;
     }
     let lost = m.operations.saturating_sub(listed);
@@ -168,22 +160,14 @@ fn fixture_protocol(p: Protocol) -> Protocol {
     }
 }
 
-async fn query(
-    p: Protocol,
-    at: &Endpoints,
-    readers: u32,
-    instances: u32,
-    duration: Duration,
-) -> Result<Measured> {
+async fn query(p: Protocol, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+    let (instances, duration) = (a.size, a.duration);
     let name = "bench-query";
     let owner = Client::connect(fixture_protocol(p), at, "bench-query-owner").await?;
     for n in 0..instances {
         owner.register(name, &Spec::numbered(n)).await?;
     }
-    let mut conns = Vec::new();
-    for c in 0..readers {
-        conns.push(Client::connect(p, at, &format!("bench-reader-{c}")).await?);
-    }
+    let conns = Client::many(p, at, a.readers, a.connections, "bench-reader").await?;
     let bar = progress(duration.as_millis() as u64, "query (ms)");
     let start = Instant::now();
     let deadline = start + duration;

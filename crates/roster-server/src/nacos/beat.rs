@@ -55,7 +55,7 @@ impl Beats {
         &mut self,
         key: &ServiceKey,
         id: &str,
-        metadata: &std::collections::BTreeMap<String, String>,
+        metadata: &roster_core::Metadata,
         now: Instant,
     ) -> bool {
         let millis = |k: &str| {
@@ -114,7 +114,7 @@ impl Beats {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use roster_core::Metadata;
 
     use super::*;
 
@@ -127,11 +127,11 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut beats = Beats::new(s(15), s(30));
-        beats.beat(&key(), "a", &BTreeMap::new(), t0);
-        beats.beat(&key(), "b", &BTreeMap::new(), t0);
+        beats.beat(&key(), "a", &Metadata::new(), t0);
+        beats.beat(&key(), "b", &Metadata::new(), t0);
         assert_eq!(beats.check(t0 + s(14)), Verdicts::default());
         // "b" keeps beating.
-        beats.beat(&key(), "b", &BTreeMap::new(), t0 + s(14));
+        beats.beat(&key(), "b", &Metadata::new(), t0 + s(14));
         let v = beats.check(t0 + s(15));
         assert_eq!(v.unhealthy, vec![(key(), "a".to_owned())]);
         assert!(
@@ -149,10 +149,10 @@ mod tests {
         let t0 = Instant::now();
         let s = Duration::from_secs;
         let mut beats = Beats::new(s(15), s(30));
-        assert!(!beats.beat(&key(), "a", &BTreeMap::new(), t0));
+        assert!(!beats.beat(&key(), "a", &Metadata::new(), t0));
         beats.check(t0 + s(20));
-        assert!(beats.beat(&key(), "a", &BTreeMap::new(), t0 + s(21)));
-        assert!(!beats.beat(&key(), "a", &BTreeMap::new(), t0 + s(22)));
+        assert!(beats.beat(&key(), "a", &Metadata::new(), t0 + s(21)));
+        assert!(!beats.beat(&key(), "a", &Metadata::new(), t0 + s(22)));
     }
 
     #[test]
@@ -160,10 +160,12 @@ mod tests {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut beats = Beats::new(ms(15_000), ms(30_000));
-        let meta = BTreeMap::from([
+        let meta: Metadata = [
             (BEAT_TIMEOUT_KEY.to_owned(), "100".to_owned()),
             (DELETE_TIMEOUT_KEY.to_owned(), "200".to_owned()),
-        ]);
+        ]
+        .into_iter()
+        .collect();
         beats.beat(&key(), "a", &meta, t0);
         assert_eq!(beats.check(t0 + ms(100)).unhealthy.len(), 1);
         assert_eq!(beats.check(t0 + ms(200)).expired.len(), 1);

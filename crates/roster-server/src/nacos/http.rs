@@ -4,7 +4,6 @@
 //! once over [`Params`] (query string and form body merged) and rendered
 //! in either version's shape.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -13,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, on};
 use axum::{Json, Router};
-use roster_core::{Instance, RegistryError, ServiceKey, ValidationError};
+use roster_core::{Instance, Metadata, RegistryError, ServiceKey, ValidationError};
 use serde_json::{Map, Value, json};
 
 use super::wire::{self, InfoRequest, flag, integer, number, text};
@@ -168,7 +167,7 @@ impl Params {
     }
 
     /// `metadata`: a JSON object, or `k=v,k2=v2`.
-    fn metadata(&self) -> Result<Option<BTreeMap<String, String>>, Fail> {
+    fn metadata(&self) -> Result<Option<Metadata>, Fail> {
         let Some(raw) = self.text("metadata") else {
             return Ok(None);
         };
@@ -206,7 +205,7 @@ impl Params {
     }
 }
 
-fn parse_metadata(raw: &str) -> Result<BTreeMap<String, String>, Fail> {
+fn parse_metadata(raw: &str) -> Result<Metadata, Fail> {
     let raw = raw.trim();
     if raw.starts_with('{') {
         return match serde_json::from_str::<Value>(raw) {
@@ -571,7 +570,7 @@ fn settings(p: &Params, base: ServiceSettings) -> Result<ServiceSettings, Fail> 
         protect_threshold: p
             .number("protectThreshold")?
             .unwrap_or(base.protect_threshold),
-        metadata: p.metadata()?.unwrap_or(base.metadata),
+        metadata: p.metadata()?.map_or(base.metadata, |m| m.into_iter().collect()),
         selector: p.text("selector").map_or(base.selector, str::to_owned),
     })
 }

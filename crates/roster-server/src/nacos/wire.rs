@@ -3,9 +3,8 @@
 //! Roster instances, and building `ServiceInfo` and replies that never
 //! contain `null`.
 
-use std::collections::BTreeMap;
 
-use roster_core::{DEFAULT_GROUP, Instance, ServiceKey, ServiceView, ValidationError};
+use roster_core::{DEFAULT_GROUP, Instance, Metadata, ServiceKey, ServiceView, ValidationError};
 use serde_json::{Map, Value, json};
 
 /// Separates group and service in Nacos' grouped names.
@@ -93,7 +92,7 @@ pub fn instance(body: &Value) -> Result<Instance, ValidationError> {
 }
 
 /// A JSON object's entries as strings (non-string values as their JSON).
-pub fn string_map(m: &Map<String, Value>) -> BTreeMap<String, String> {
+pub fn string_map(m: &Map<String, Value>) -> Metadata {
     m.iter()
         .map(|(k, v)| {
             let v = match v {
