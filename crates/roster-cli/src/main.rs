@@ -178,6 +178,12 @@ fn parse_meta(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
+/// mimalloc rather than the system allocator: a registry is millions of
+/// small, long-lived allocations, which it packs without per-block headers
+/// (measured with `roster bench register` at 1M instances).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| {
