@@ -346,7 +346,11 @@ impl From<&InstanceRecord> for InstanceJson {
             enabled: i.enabled,
             ephemeral: i.ephemeral,
             cluster: i.cluster.clone(),
-            metadata: i.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            metadata: i
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             node_name: i.node_name.clone(),
             owner: r.owner.to_string(),
             version: [r.version.incarnation, r.version.sequence],

@@ -41,17 +41,18 @@ pub struct Endpoints {
 
 /// An instance the bench registers: a distinct IPv4 address per number,
 /// port 8080, two metadata entries, and an optional change sequence number
-/// (metadata `bench.seq`) by which subscribers tell changes apart.
+/// by which subscribers tell changes apart. The number travels as the
+/// weight (`seq + 1`), the one field every server updates on
+/// re-registration (rnacos keeps the first registration's metadata).
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub ip: Ipv4Addr,
     pub port: u16,
-    pub weight: f64,
     pub seq: Option<u64>,
 }
 
-/// The metadata key carrying a change's sequence number.
-const SEQ: &str = "bench.seq";
+/// The largest change sequence number (weights go up to 10,000).
+const MAX_SEQ: u64 = 9_999;
 
 impl Spec {
     /// Instance number `n`.
@@ -59,7 +60,6 @@ impl Spec {
         Self {
             ip: Ipv4Addr::from(0x0a00_0000 + n),
             port: 8080,
-            weight: 1.0,
             seq: None,
         }
     }
@@ -68,22 +68,23 @@ impl Spec {
         let mut m = BTreeMap::new();
         m.insert("zone".to_owned(), format!("z{}", u32::from(self.ip) % 4));
         m.insert("version".to_owned(), "1.0.0".to_owned());
-        if let Some(seq) = self.seq {
-            m.insert(SEQ.to_owned(), seq.to_string());
-        }
         m
+    }
+
+    fn weight(&self) -> f64 {
+        self.seq.map_or(1.0, |s| (s.min(MAX_SEQ) + 1) as f64)
     }
 
     fn native(&self) -> Instance {
         let mut i = Instance::new(IpAddr::V4(self.ip), self.port);
-        i.weight = self.weight;
+        i.weight = self.weight();
         i.metadata = self.metadata().into_iter().collect();
         i
     }
 
     fn nacos_json(&self) -> Value {
         json!({
-            "ip": self.ip.to_string(), "port": self.port, "weight": self.weight,
+            "ip": self.ip.to_string(), "port": self.port, "weight": self.weight(),
             "healthy": true, "enabled": true, "ephemeral": true,
             "clusterName": "DEFAULT", "metadata": self.metadata(),
         })
@@ -97,7 +98,7 @@ fn native_key(service: &str) -> Result<ServiceKey> {
 /// One client connection.
 pub enum Client {
     /// A native connection and the session that owns what it registers.
-    Native(Connection, Session),
+    Native(Connection, Box<Session>),
     /// A Nacos gRPC connection, maybe shared (it owns what is registered
     /// through it).
     NacosGrpc(Arc<NacosConn>),
@@ -114,7 +115,7 @@ impl Client {
                     .await
                     .with_context(|| format!("cannot connect to {}", at.grpc))?;
                 let session = conn.open_session(name).await?;
-                Self::Native(conn, session)
+                Self::Native(conn, Box::new(session))
             }
             Protocol::NacosGrpc => Self::NacosGrpc(Arc::new(NacosConn::connect(&at.grpc).await?)),
             Protocol::NacosHttp => {
@@ -132,7 +133,9 @@ impl Client {
     /// pool, which opens a connection per request in flight.
     pub async fn share(&self, name: &str) -> Result<Self> {
         Ok(match self {
-            Self::Native(conn, _) => Self::Native(conn.clone(), conn.open_session(name).await?),
+            Self::Native(conn, _) => {
+                Self::Native(conn.clone(), Box::new(conn.open_session(name).await?))
+            }
             Self::NacosGrpc(c) => Self::NacosGrpc(c.clone()),
             Self::NacosHttp(http, base) => Self::NacosHttp(http.clone(), base.clone()),
         })
@@ -179,7 +182,7 @@ impl Client {
                     ("serviceName", service.to_owned()),
                     ("ip", i.ip.to_string()),
                     ("port", i.port.to_string()),
-                    ("weight", i.weight.to_string()),
+                    ("weight", i.weight().to_string()),
                     ("ephemeral", "true".to_owned()),
                     ("metadata", serde_json::to_string(&i.metadata())?),
                 ];
@@ -272,11 +275,16 @@ fn hosts(service_info: &Value) -> &[Value] {
         .map_or(&[], Vec::as_slice)
 }
 
+/// The change sequence number a weight carries.
+fn seq_of_weight(weight: f64) -> u64 {
+    (weight.max(1.0) - 1.0) as u64
+}
+
 /// The largest change sequence number among these hosts.
 fn seq_of_hosts(hosts: &[Value]) -> Option<u64> {
     hosts
         .iter()
-        .filter_map(|h| h["metadata"][SEQ].as_str()?.parse().ok())
+        .filter_map(|h| Some(seq_of_weight(h["weight"].as_f64()?)))
         .max()
 }
 
@@ -340,7 +348,7 @@ impl Subscriber {
                 };
                 let seq = changed
                     .iter()
-                    .filter_map(|i| i.metadata.get(SEQ)?.parse().ok())
+                    .map(|i| seq_of_weight(i.weight.unwrap_or(1.0)))
                     .max();
                 if cache.apply(&update).is_err() {
                     cache.expect_reset();

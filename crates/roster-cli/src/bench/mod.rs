@@ -78,8 +78,8 @@ pub struct BenchArgs {
     /// Subscribers of the changed service (push, churn).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     subscribers: u32,
-    /// Changes made (push).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    /// Changes made (push); each is a new weight, so at most 9999.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=9_999))]
     changes: u32,
     /// Pause between changes (push).
     #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]

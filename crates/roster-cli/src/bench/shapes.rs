@@ -290,7 +290,6 @@ async fn push(
     let mut errors = 0u64;
     for x in 1..=u64::from(changes) {
         changed.seq = Some(x);
-        changed.weight = (1 + x % 100) as f64;
         let t = Instant::now();
         match writer.register(name, &changed).await {
             Ok(()) => made.push((x, t)),

@@ -570,7 +570,9 @@ fn settings(p: &Params, base: ServiceSettings) -> Result<ServiceSettings, Fail> 
         protect_threshold: p
             .number("protectThreshold")?
             .unwrap_or(base.protect_threshold),
-        metadata: p.metadata()?.map_or(base.metadata, |m| m.into_iter().collect()),
+        metadata: p
+            .metadata()?
+            .map_or(base.metadata, |m| m.into_iter().collect()),
         selector: p.text("selector").map_or(base.selector, str::to_owned),
     })
 }

@@ -3,7 +3,6 @@
 //! Roster instances, and building `ServiceInfo` and replies that never
 //! contain `null`.
 
-
 use roster_core::{DEFAULT_GROUP, Instance, Metadata, ServiceKey, ServiceView, ValidationError};
 use serde_json::{Map, Value, json};
 

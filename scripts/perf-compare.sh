@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Runs the docs/performance.md comparison: every shape RUNS times against
+# a fresh Roster (started by `roster bench` itself) and a fresh rnacos,
+# through the same protocol and the same bench client, appending one JSON
+# report per run to OUT. Summarise with scripts/perf-summary.py OUT.
+#   usage: scripts/perf-compare.sh OUT [RUNS]   (needs target/release/roster
+#          and `rnacos` on PATH or in $RNACOS: cargo install rnacos)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=$1
+runs=${2:-3}
+roster=target/release/roster
+rnacos=${RNACOS:-rnacos}
+http=28848 # rnacos: gRPC on http+1000
+
+start_rnacos() {
+  data=$(mktemp -d)
+  RNACOS_HTTP_PORT=$http RNACOS_DATA_DIR=$data RUST_LOG=error "$rnacos" >/dev/null 2>&1 &
+  rnacos_pid=$!
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$((http + 1000))) 2>/dev/null && break
+    sleep 0.1
+  done
+  sleep 1
+}
+
+stop_rnacos() {
+  kill "$rnacos_pid" 2>/dev/null || true
+  wait "$rnacos_pid" 2>/dev/null || true
+  rm -rf "$data"
+}
+
+# One shape against both servers: label, then `roster bench` arguments.
+both() {
+  local label=$1
+  shift
+  for run in $(seq "$runs"); do
+    "$roster" --json bench "$@" |
+      python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='roster'; r['label']='$label'; print(json.dumps(r))" >>"$out"
+    start_rnacos
+    "$roster" --server 127.0.0.1:$((http + 1000)) --json bench "$@" --pid "$rnacos_pid" |
+      python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='rnacos'; r['label']='$label'; print(json.dumps(r))" >>"$out" || true
+    stop_rnacos
+    echo "$label run $run done" >&2
+  done
+}
+
+# Roster alone (the native API has no peer to compare with).
+alone() {
+  local label=$1
+  shift
+  for run in $(seq "$runs"); do
+    "$roster" --json bench "$@" |
+      python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='roster'; r['label']='$label'; print(json.dumps(r))" >>"$out"
+    echo "$label run $run done" >&2
+  done
+}
+
+both register-grpc register --protocol nacos-grpc --instances 20000 --clients 8
+both register-http register --protocol nacos-http --instances 20000 --clients 8
+both query-grpc query --protocol nacos-grpc --readers 8 --size 10 --duration 3s
+both query-http query --protocol nacos-http --readers 8 --size 10 --duration 3s
+both push-100-grpc push --protocol nacos-grpc --subscribers 100 --changes 20 --interval 100ms
+both storm-grpc storm --protocol nacos-grpc --instances 50000 --clients 16
+both churn-grpc churn --protocol nacos-grpc --subscribers 50 --rate 500 --duration 3s
+
+alone register-native register --instances 20000 --clients 8
+alone register-native-mux register --instances 50000 --clients 64 --connections 4
+alone query-native query --readers 8 --size 10 --duration 3s
+alone query-native-mux query --readers 64 --connections 4 --size 10 --duration 3s
+alone push-100 push --subscribers 100 --changes 50
+alone push-1000 push --subscribers 1000 --changes 50
+alone push-10000 push --subscribers 10000 --changes 20 --interval 200ms
+alone storm-100k storm --instances 100000 --clients 64 --connections 4 --services 100
+alone churn-native churn --subscribers 50 --rate 500 --duration 3s
