@@ -5,6 +5,7 @@
 # report per run to OUT. Summarise with scripts/perf-summary.py OUT.
 #   usage: scripts/perf-compare.sh OUT [RUNS]   (needs target/release/roster
 #          and `rnacos` on PATH or in $RNACOS: cargo install rnacos)
+#   ONLY=REGEX runs only the shapes whose label matches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1
@@ -34,6 +35,7 @@ stop_rnacos() {
 both() {
   local label=$1
   shift
+  [[ $label =~ ${ONLY:-.} ]] || return 0
   for run in $(seq "$runs"); do
     "$roster" --json bench "$@" |
       python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='roster'; r['label']='$label'; print(json.dumps(r))" >>"$out"
@@ -49,6 +51,7 @@ both() {
 alone() {
   local label=$1
   shift
+  [[ $label =~ ${ONLY:-.} ]] || return 0
   for run in $(seq "$runs"); do
     "$roster" --json bench "$@" |
       python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='roster'; r['label']='$label'; print(json.dumps(r))" >>"$out"

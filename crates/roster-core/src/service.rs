@@ -56,6 +56,9 @@ pub struct ServiceView {
     /// The transport layer's encoding of this view, made once per revision
     /// and shared by every subscriber that needs the full view.
     pub encoded: OnceLock<Bytes>,
+    /// The Nacos layer's JSON `ServiceInfo` of this view (all clusters),
+    /// likewise made once per revision and shared by pushes and queries.
+    pub nacos_info: OnceLock<std::sync::Arc<str>>,
 }
 
 impl ServiceView {
@@ -196,6 +199,7 @@ impl ServiceState {
                     checksum: self.checksum,
                     instances: self.instances.clone(),
                     encoded: OnceLock::new(),
+                    nacos_info: OnceLock::new(),
                 })
             })
             .clone()

@@ -118,6 +118,17 @@ fn raw_payload(kind: &str, body: Vec<u8>) -> Payload {
     }
 }
 
+/// The JSON object `head` with a `serviceInfo` field holding `info`, a
+/// shared, already serialized `ServiceInfo`.
+fn with_service_info(head: Value, info: &str) -> Vec<u8> {
+    let mut body = head.to_string();
+    body.pop(); // the closing brace
+    body.push_str(",\"serviceInfo\":");
+    body.push_str(info);
+    body.push('}');
+    body.into_bytes()
+}
+
 /// A successful reply: the common fields plus `fields`.
 fn reply(kind: &str, request_id: &str, fields: Value) -> Payload {
     let mut body = json!({
@@ -326,6 +337,19 @@ impl NacosGrpc {
         let healthy_only = flag(body, "healthyOnly")
             .or_else(|| flag(body, "healthOnly"))
             .unwrap_or(false);
+        // The common query shares the text pushes use; a filtered one
+        // is built for the asker alone.
+        if !healthy_only && clusters.is_empty() {
+            let (_, info) = self.nacos.shared_info(&key, clusters);
+            let head = json!({
+                "resultCode": 200, "errorCode": 0, "message": "",
+                "requestId": rid, "success": true,
+            });
+            return Ok(raw_payload(
+                "QueryServiceResponse",
+                with_service_info(head, &info),
+            ));
+        }
         let (_, info) = self.nacos.service_info(
             &key,
             &InfoRequest {
@@ -420,7 +444,7 @@ impl NacosGrpc {
         let clusters = conn.subs.lock().get(&*key).cloned()?;
         // Nacos pushes the whole list: the current view covers every
         // update queued before it.
-        let (revision, info) = self.nacos.push_info(&key, &clusters);
+        let (revision, info) = self.nacos.shared_info(&key, &clusters);
         self.nacos.node.full_sent(conn.session(), &key, revision);
         let rid = conn
             .next_request
@@ -430,21 +454,18 @@ impl NacosGrpc {
             .lock()
             .insert(rid.clone(), ((*key).clone(), revision));
         self.nacos.node.metrics.pushes_sent.inc();
-        // The envelope around the shared `serviceInfo` text.
-        let mut body = json!({
+        let head = json!({
             "headers": {},
             "requestId": rid,
             "module": "naming",
             "namespace": key.namespace,
             "serviceName": key.service,
             "groupName": key.group,
-        })
-        .to_string();
-        body.pop();
-        body.push_str(",\"serviceInfo\":");
-        body.push_str(&info);
-        body.push('}');
-        Some(raw_payload("NotifySubscriberRequest", body.into_bytes()))
+        });
+        Some(raw_payload(
+            "NotifySubscriberRequest",
+            with_service_info(head, &info),
+        ))
     }
 }
 

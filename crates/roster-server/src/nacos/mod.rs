@@ -85,20 +85,7 @@ impl Nacos {
         let (view, time) = {
             let mut times = self.ref_times.lock();
             let view = self.node.view(key);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            let time = match times.get_mut(key) {
-                Some(last) => {
-                    *last = now.max(*last + 1);
-                    *last
-                }
-                None => {
-                    times.insert(key.clone(), now);
-                    now
-                }
-            };
-            (view, time)
+            (view, Self::next_ref_time(&mut times, key))
         };
         let revision = view.as_ref().map_or(0, |v| v.revision);
         (
@@ -107,12 +94,35 @@ impl Nacos {
         )
     }
 
-    /// The gRPC `ServiceInfo` (JSON text) of `key` for subscribers of
+    /// The gRPC `ServiceInfo` (JSON text, all hosts) of `key` for
     /// `clusters`, and the revision it shows; built once per revision and
-    /// shared. Its `lastRefTime` is that of the first emission: a
-    /// subscriber that got the same revision later in a reply may drop
-    /// this copy, which holds nothing new for it.
-    pub fn push_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
+    /// shared by every push and query of it (for all clusters, on the view
+    /// itself; for a cluster list, here while someone subscribes to it).
+    /// Its `lastRefTime` is that of the first emission: a client that got
+    /// the same revision later may drop this copy, which holds nothing new.
+    pub fn shared_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
+        let request = wire::InfoRequest {
+            clusters,
+            healthy_only: false,
+            grouped_name: false,
+        };
+        if clusters.is_empty() {
+            // Under the clock's lock, as in `service_info`: a view is never
+            // given a newer time than a later view.
+            let mut times = self.ref_times.lock();
+            let Some(view) = self.node.view(key) else {
+                drop(times);
+                let (revision, info) = self.service_info(key, &request);
+                return (revision, info.to_string().into());
+            };
+            let text = view.nacos_info.get_or_init(|| {
+                let time = Self::next_ref_time(&mut times, key);
+                wire::service_info(key, Some(&view), time, &request)
+                    .to_string()
+                    .into()
+            });
+            return (view.revision, text.clone());
+        }
         let current = self.node.view(key).map_or(0, |v| v.revision);
         let slot = (key.clone(), clusters.to_owned());
         if let Some((revision, text)) = self.pushed.lock().get(&slot)
@@ -120,11 +130,6 @@ impl Nacos {
         {
             return (*revision, text.clone());
         }
-        let request = wire::InfoRequest {
-            clusters,
-            healthy_only: false,
-            grouped_name: false,
-        };
         let (revision, info) = self.service_info(key, &request);
         let text: Arc<str> = info.to_string().into();
         self.pushed.lock().insert(slot, (revision, text.clone()));
@@ -135,6 +140,24 @@ impl Nacos {
     /// subscribes to any more.
     pub fn forget_push_info(&self, key: &ServiceKey) {
         self.pushed.lock().retain(|(k, _), _| k != key);
+    }
+
+    /// The next `lastRefTime` of `key`: now in ms, and always above the
+    /// last one given out.
+    fn next_ref_time(times: &mut HashMap<ServiceKey, i64>, key: &ServiceKey) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        match times.get_mut(key) {
+            Some(last) => {
+                *last = now.max(*last + 1);
+                *last
+            }
+            None => {
+                times.insert(key.clone(), now);
+                now
+            }
+        }
     }
 
     /// The id of the instance at the address of `probe`: its id if it has
