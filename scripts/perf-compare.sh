@@ -31,17 +31,23 @@ stop_rnacos() {
   rm -rf "$data"
 }
 
+# `roster bench ARGS`, its JSON report tagged with server and label.
+record() {
+  local server=$1 label=$2
+  shift 2
+  "$roster" --json bench "$@" |
+    python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='$server'; r['label']='$label'; print(json.dumps(r))" >>"$out"
+}
+
 # One shape against both servers: label, then `roster bench` arguments.
 both() {
   local label=$1
   shift
   [[ $label =~ ${ONLY:-.} ]] || return 0
   for run in $(seq "$runs"); do
-    "$roster" --json bench "$@" |
-      python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='roster'; r['label']='$label'; print(json.dumps(r))" >>"$out"
+    record roster "$label" "$@"
     start_rnacos
-    "$roster" --server 127.0.0.1:$((http + 1000)) --json bench "$@" --pid "$rnacos_pid" |
-      python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='rnacos'; r['label']='$label'; print(json.dumps(r))" >>"$out" || true
+    record rnacos "$label" --server 127.0.0.1:$((http + 1000)) "$@" --pid "$rnacos_pid" || true
     stop_rnacos
     echo "$label run $run done" >&2
   done
@@ -53,8 +59,7 @@ alone() {
   shift
   [[ $label =~ ${ONLY:-.} ]] || return 0
   for run in $(seq "$runs"); do
-    "$roster" --json bench "$@" |
-      python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='roster'; r['label']='$label'; print(json.dumps(r))" >>"$out"
+    record roster "$label" "$@"
     echo "$label run $run done" >&2
   done
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::ValueEnum;
 use roster_client::cache::ServiceCache;
 use roster_client::raw::Session;
@@ -111,9 +111,7 @@ impl Client {
     pub async fn connect(protocol: Protocol, at: &Endpoints, name: &str) -> Result<Self> {
         Ok(match protocol {
             Protocol::Native => {
-                let conn = Connection::connect(&at.grpc)
-                    .await
-                    .with_context(|| format!("cannot connect to {}", at.grpc))?;
+                let conn = Connection::connect(&at.grpc).await?;
                 let session = conn.open_session(name).await?;
                 Self::Native(conn, Box::new(session))
             }

@@ -260,9 +260,11 @@ pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Re
         Some(addr) => Target {
             at: Endpoints {
                 grpc: addr.to_owned(),
-                http: match &args.http {
-                    Some(http) => http.clone(),
-                    None => nacos_http_address(addr)?,
+                http: match (&args.http, args.protocol) {
+                    (Some(http), _) => http.clone(),
+                    (None, Protocol::NacosHttp) => nacos_http_address(addr)?,
+                    // Only the Nacos HTTP client uses it.
+                    (None, _) => String::new(),
                 },
             },
             pid: args.pid,

@@ -32,7 +32,7 @@ pub struct Notified {
 pub struct NacosConn {
     unary: RequestClient<Channel>,
     next_id: AtomicU64,
-    notified: tokio::sync::Mutex<mpsc::Receiver<Notified>>,
+    notified: mpsc::Receiver<Notified>,
     reader: tokio::task::JoinHandle<()>,
 }
 
@@ -77,8 +77,8 @@ impl NacosConn {
             .connect()
             .await
             .with_context(|| format!("cannot connect to {addr}"))?;
-        let mut conn_unary = RequestClient::new(channel.clone());
-        let check = conn_unary
+        let mut unary = RequestClient::new(channel.clone());
+        let check = unary
             .request(payload("ServerCheckRequest", &json!({"headers": {}})))
             .await?
             .into_inner();
@@ -105,9 +105,9 @@ impl NacosConn {
         let (note_tx, note_rx) = mpsc::channel(4096);
         let reader = tokio::spawn(read_stream(inbound, out_tx, note_tx));
         let conn = Self {
-            unary: conn_unary,
+            unary,
             next_id: AtomicU64::new(1),
-            notified: tokio::sync::Mutex::new(note_rx),
+            notified: note_rx,
             reader,
         };
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -191,8 +191,8 @@ impl NacosConn {
     }
 
     /// The next push, acknowledged; `None` once the stream has ended.
-    pub async fn next_notified(&self) -> Option<Notified> {
-        self.notified.lock().await.recv().await
+    pub async fn next_notified(&mut self) -> Option<Notified> {
+        self.notified.recv().await
     }
 }
 

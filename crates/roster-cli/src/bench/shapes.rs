@@ -19,16 +19,12 @@ use super::{BenchArgs, Latency, Measured, Shape, histogram, progress, record};
 
 /// Runs the shape `args` names against the server at `at`.
 pub async fn run(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
-    let p = a.protocol;
     match a.shape {
-        Shape::Register => {
-            let (m, _) = register(p, at, a, None).await?;
-            Ok(m)
-        }
-        Shape::Storm => storm(p, at, a).await,
-        Shape::Query => query(p, at, a).await,
-        Shape::Push => push(p, at, a.subscribers, a.changes, a.interval).await,
-        Shape::Churn => churn(p, at, a, a.duration).await,
+        Shape::Register => Ok(register(at, a, None).await?.0),
+        Shape::Storm => storm(at, a).await,
+        Shape::Query => query(at, a).await,
+        Shape::Push => push(at, a).await,
+        Shape::Churn => churn(at, a).await,
     }
 }
 
@@ -40,18 +36,18 @@ fn service(n: u32) -> String {
 /// clients; `probe` (the storm's) is told when they are done. Returns the
 /// measurement and the clients (to verify through one of them).
 async fn register(
-    p: Protocol,
     at: &Endpoints,
     a: &BenchArgs,
     probe: Option<tokio::sync::watch::Sender<bool>>,
 ) -> Result<(Measured, Vec<Arc<Client>>)> {
     let (clients, instances, services) = (a.clients, a.instances, a.services);
     // Connections (and native sessions) first, untimed.
-    let workers: Vec<Arc<Client>> = Client::many(p, at, clients, a.connections, "bench-register")
-        .await?
-        .into_iter()
-        .map(Arc::new)
-        .collect();
+    let workers: Vec<Arc<Client>> =
+        Client::many(a.protocol, at, clients, a.connections, "bench-register")
+            .await?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
     let bar = progress(u64::from(instances), "register");
     let start = Instant::now();
     let mut set = JoinSet::new();
@@ -111,8 +107,8 @@ async fn join_histograms(
 
 /// Registers as fast as the clients can while a probe queries one service
 /// every 10 ms; then checks every instance is listed.
-async fn storm(p: Protocol, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
-    let prober = Client::connect(p, at, "bench-storm-probe").await?;
+async fn storm(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+    let prober = Client::connect(a.protocol, at, "bench-storm-probe").await?;
     let (done_tx, mut done) = tokio::sync::watch::channel(false);
     done.mark_unchanged();
     let probing = tokio::spawn(async move {
@@ -134,7 +130,7 @@ async fn storm(p: Protocol, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
         }
         (h, errors)
     });
-    let (mut m, workers) = register(p, at, a, Some(done_tx)).await?;
+    let (mut m, workers) = register(at, a, Some(done_tx)).await?;
     let (probe, probe_errors) = probing.await?;
     // Every registration that succeeded must be listed.
     let mut listed = 0u64;
@@ -160,14 +156,14 @@ fn fixture_protocol(p: Protocol) -> Protocol {
     }
 }
 
-async fn query(p: Protocol, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+async fn query(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let (instances, duration) = (a.size, a.duration);
     let name = "bench-query";
-    let owner = Client::connect(fixture_protocol(p), at, "bench-query-owner").await?;
+    let owner = Client::connect(fixture_protocol(a.protocol), at, "bench-query-owner").await?;
     for n in 0..instances {
         owner.register(name, &Spec::numbered(n)).await?;
     }
-    let conns = Client::many(p, at, a.readers, a.connections, "bench-reader").await?;
+    let conns = Client::many(a.protocol, at, a.readers, a.connections, "bench-reader").await?;
     let bar = progress(duration.as_millis() as u64, "query (ms)");
     let start = Instant::now();
     let deadline = start + duration;
@@ -269,20 +265,15 @@ async fn settle(seen: &[Seen], limit: Duration, done: impl Fn(&[Pushed]) -> bool
     }
 }
 
-async fn push(
-    p: Protocol,
-    at: &Endpoints,
-    subscribers_n: u32,
-    changes: u32,
-    interval: Duration,
-) -> Result<Measured> {
+async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+    let (changes, interval) = (a.changes, a.interval);
     let name = "bench-push";
-    let writer = Client::connect(fixture_protocol(p), at, "bench-push-writer").await?;
+    let writer = Client::connect(fixture_protocol(a.protocol), at, "bench-push-writer").await?;
     let mut changed = Spec::numbered(0);
     changed.seq = Some(0);
     writer.register(name, &changed).await?;
     let mut tasks = JoinSet::new();
-    let seen = subscribers(p, at, name, subscribers_n, &mut tasks).await?;
+    let seen = subscribers(a.protocol, at, name, a.subscribers, &mut tasks).await?;
 
     let bar = progress(u64::from(changes), "push");
     let start = Instant::now();
@@ -341,14 +332,11 @@ async fn push(
 /// Clients register and deregister at a steady total `--rate`, each
 /// keeping about `--size` instances live, while subscribers follow the
 /// service; at the end every subscriber's view must match the server's.
-async fn churn(p: Protocol, at: &Endpoints, a: &BenchArgs, duration: Duration) -> Result<Measured> {
-    let name = "bench-churn";
-    let mut workers = Vec::new();
-    for c in 0..a.clients {
-        workers.push(Client::connect(p, at, &format!("bench-churn-{c}")).await?);
-    }
+async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+    let (name, duration) = ("bench-churn", a.duration);
+    let workers = Client::many(a.protocol, at, a.clients, None, "bench-churn").await?;
     let mut tasks = JoinSet::new();
-    let seen = subscribers(p, at, name, a.subscribers, &mut tasks).await?;
+    let seen = subscribers(a.protocol, at, name, a.subscribers, &mut tasks).await?;
     let per_client = Duration::from_secs_f64(f64::from(a.clients) / a.rate.max(1) as f64);
     let keep = a.size as usize;
     let bar = progress(duration.as_millis() as u64, "churn (ms)");
@@ -367,9 +355,9 @@ async fn churn(p: Protocol, at: &Endpoints, a: &BenchArgs, duration: Duration) -
             while Instant::now() < deadline {
                 tick.tick().await;
                 let t = Instant::now();
-                let outcome = if live.len() > keep || (live.len() == keep && next.is_multiple_of(2))
-                {
-                    let gone: Spec = live.pop_front().expect("non-empty");
+                // Up to one above `keep`, then alternately down and up.
+                let outcome = if live.len() > keep {
+                    let gone: Spec = live.pop_front().expect("more than `keep` live");
                     client.deregister(name, &gone).await
                 } else {
                     let born = Spec::numbered(next);

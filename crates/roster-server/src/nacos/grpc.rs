@@ -129,15 +129,20 @@ fn with_service_info(head: Value, info: &str) -> Vec<u8> {
     body.into_bytes()
 }
 
-/// A successful reply: the common fields plus `fields`.
-fn reply(kind: &str, request_id: &str, fields: Value) -> Payload {
-    let mut body = json!({
+/// The common fields of a successful reply.
+fn reply_head(request_id: &str) -> Value {
+    json!({
         "resultCode": 200,
         "errorCode": 0,
         "message": "",
         "requestId": request_id,
         "success": true,
-    });
+    })
+}
+
+/// A successful reply: the common fields plus `fields`.
+fn reply(kind: &str, request_id: &str, fields: Value) -> Payload {
+    let mut body = reply_head(request_id);
     if let (Some(b), Value::Object(extra)) = (body.as_object_mut(), fields) {
         b.extend(extra);
     }
@@ -341,13 +346,9 @@ impl NacosGrpc {
         // is built for the asker alone.
         if !healthy_only && clusters.is_empty() {
             let (_, info) = self.nacos.shared_info(&key, clusters);
-            let head = json!({
-                "resultCode": 200, "errorCode": 0, "message": "",
-                "requestId": rid, "success": true,
-            });
             return Ok(raw_payload(
                 "QueryServiceResponse",
-                with_service_info(head, &info),
+                with_service_info(reply_head(rid), &info),
             ));
         }
         let (_, info) = self.nacos.service_info(
@@ -416,7 +417,7 @@ impl NacosGrpc {
     fn forget_unwatched<'a>(&self, keys: impl IntoIterator<Item = &'a ServiceKey>) {
         for key in keys {
             if self.nacos.node.subscriber_count(key) == 0 {
-                self.nacos.forget_push_info(key);
+                self.nacos.forget_shared_info(key);
             }
         }
     }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use roster_core::{Instance, RegistryError, ServiceKey, SessionId};
+use roster_core::{Instance, RegistryError, ServiceKey, ServiceView, SessionId};
 use serde_json::Value;
 
 use crate::node::Node;
@@ -50,10 +50,11 @@ pub struct Nacos {
     services: Mutex<BTreeMap<ServiceKey, ServiceSettings>>,
     /// UDP push to HTTP v1 subscribers.
     pub udp: udp::UdpPush,
-    /// The serialized gRPC `ServiceInfo` last pushed per (service, cluster
-    /// list), with its revision: every subscriber of that revision gets
-    /// the same text instead of a rebuild each.
-    pushed: Mutex<HashMap<(ServiceKey, String), SharedInfo>>,
+    /// The serialized gRPC `ServiceInfo` last pushed per service and
+    /// cluster list, with its revision: every subscriber of that revision
+    /// gets the same text instead of a rebuild each. (For all clusters it
+    /// lives on the view instead.)
+    shared: Mutex<HashMap<ServiceKey, HashMap<String, SharedInfo>>>,
 }
 
 impl Nacos {
@@ -69,7 +70,7 @@ impl Nacos {
             services: Mutex::new(BTreeMap::new()),
             ref_times: Mutex::new(HashMap::new()),
             udp: udp::UdpPush::new(udp),
-            pushed: Mutex::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
             node,
         })
     }
@@ -78,15 +79,18 @@ impl Nacos {
         tokio::time::Instant::now().into_std()
     }
 
-    /// The `ServiceInfo` of `key` now, and the revision it shows. The
-    /// view and its `lastRefTime` are taken together, so a later emission
-    /// never carries an older view.
+    /// The current view of `key` and a `lastRefTime` for it, taken together
+    /// under the clock's lock, so a later emission never carries an older
+    /// view.
+    fn view_and_time(&self, key: &ServiceKey) -> (Option<Arc<ServiceView>>, i64) {
+        let mut times = self.ref_times.lock();
+        let view = self.node.view(key);
+        (view, Self::next_ref_time(&mut times, key))
+    }
+
+    /// The `ServiceInfo` of `key` now, and the revision it shows.
     pub fn service_info(&self, key: &ServiceKey, req: &wire::InfoRequest<'_>) -> (u64, Value) {
-        let (view, time) = {
-            let mut times = self.ref_times.lock();
-            let view = self.node.view(key);
-            (view, Self::next_ref_time(&mut times, key))
-        };
+        let (view, time) = self.view_and_time(key);
         let revision = view.as_ref().map_or(0, |v| v.revision);
         (
             revision,
@@ -107,39 +111,47 @@ impl Nacos {
             grouped_name: false,
         };
         if clusters.is_empty() {
-            // Under the clock's lock, as in `service_info`: a view is never
-            // given a newer time than a later view.
-            let mut times = self.ref_times.lock();
-            let Some(view) = self.node.view(key) else {
-                drop(times);
-                let (revision, info) = self.service_info(key, &request);
-                return (revision, info.to_string().into());
-            };
-            let text = view.nacos_info.get_or_init(|| {
-                let time = Self::next_ref_time(&mut times, key);
-                wire::service_info(key, Some(&view), time, &request)
+            // Already built: no lock, no clock.
+            if let Some(view) = self.node.view(key)
+                && let Some(text) = view.nacos_info.get()
+            {
+                return (view.revision, text.clone());
+            }
+            let (view, time) = self.view_and_time(key);
+            let build = || -> Arc<str> {
+                wire::service_info(key, view.as_deref(), time, &request)
                     .to_string()
                     .into()
-            });
-            return (view.revision, text.clone());
+            };
+            return match &view {
+                Some(v) => (v.revision, v.nacos_info.get_or_init(build).clone()),
+                None => (0, build()),
+            };
         }
         let current = self.node.view(key).map_or(0, |v| v.revision);
-        let slot = (key.clone(), clusters.to_owned());
-        if let Some((revision, text)) = self.pushed.lock().get(&slot)
+        if let Some((revision, text)) = self
+            .shared
+            .lock()
+            .get(key)
+            .and_then(|by_clusters| by_clusters.get(clusters))
             && *revision == current
         {
             return (*revision, text.clone());
         }
         let (revision, info) = self.service_info(key, &request);
         let text: Arc<str> = info.to_string().into();
-        self.pushed.lock().insert(slot, (revision, text.clone()));
+        self.shared
+            .lock()
+            .entry(key.clone())
+            .or_default()
+            .insert(clusters.to_owned(), (revision, text.clone()));
         (revision, text)
     }
 
     /// Forgets the shared `ServiceInfo`s of a service nobody on this node
     /// subscribes to any more.
-    pub fn forget_push_info(&self, key: &ServiceKey) {
-        self.pushed.lock().retain(|(k, _), _| k != key);
+    pub fn forget_shared_info(&self, key: &ServiceKey) {
+        self.shared.lock().remove(key);
     }
 
     /// The next `lastRefTime` of `key`: now in ms, and always above the
