@@ -28,7 +28,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()
         .await?;
     let mut instance = Instance::new(ip.parse()?, port.parse()?);
-    instance.metadata.insert("version".into(), "1.0.0".into());
+    instance.metadata.insert("version", "1.0.0");
     let registration = client.register(service.as_str(), instance).await?;
     println!(
         "registered {} in {} ({:?}); Ctrl-C to stop",

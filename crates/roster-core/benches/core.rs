@@ -10,8 +10,8 @@ use roster_core::{Instance, Registry, RegistryConfig, ServiceKey};
 
 fn instance(n: u32) -> Instance {
     let mut i = Instance::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 8080);
-    i.metadata.insert("zone".into(), "eu-1a".into());
-    i.metadata.insert("version".into(), "1.4.2".into());
+    i.metadata.insert("zone", "eu-1a");
+    i.metadata.insert("version", "1.4.2");
     i
 }
 

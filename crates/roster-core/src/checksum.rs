@@ -67,7 +67,7 @@ mod tests {
         c.weight = 2.0;
         assert_ne!(instance_hash(&a), instance_hash(&c));
         let mut d = a.clone();
-        d.metadata.insert("k".into(), "v".into());
+        d.metadata.insert("k", "v");
         assert_ne!(instance_hash(&a), instance_hash(&d));
         let mut e = a.clone();
         e.healthy = false;

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod checksum;
+pub mod metadata;
 pub mod model;
 pub mod push;
 pub mod registry;

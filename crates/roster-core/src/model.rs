@@ -154,11 +154,7 @@ pub struct Version {
     pub sequence: u64,
 }
 
-/// Instance metadata, ordered by key. A sorted vector rather than a
-/// `BTreeMap`: instances carry a handful of entries, and a B-tree leaf
-/// costs over 500 bytes however few it holds, the largest part of an
-/// instance's memory at a million instances.
-pub type Metadata = litemap::LiteMap<String, String>;
+pub use crate::metadata::Metadata;
 
 /// An instance of a service, as registered (validated and normalised).
 #[derive(Debug, Clone, PartialEq)]
@@ -254,6 +250,11 @@ impl Instance {
             self.id = Self::default_id(&self.addresses[0].ip, self.port, &self.cluster);
         }
         validate_name("instance.id", &self.id)?;
+        // Stored for as long as the instance lives: drop what decoding and
+        // collecting over-allocated (a `Vec` collected through a `Result`
+        // starts at four addresses).
+        self.addresses.shrink_to_fit();
+        self.id.shrink_to_fit();
         Ok(self)
     }
 
@@ -341,8 +342,7 @@ mod tests {
         i.addresses.clear();
         assert_eq!(err(i.normalize()), "instance.addresses");
         let mut i = instance();
-        i.metadata
-            .insert("k".into(), "v".repeat(MAX_METADATA_BYTES));
+        i.metadata.insert("k", &"v".repeat(MAX_METADATA_BYTES));
         assert_eq!(err(i.normalize()), "instance.metadata");
         let mut i = instance();
         i.cluster = "c\u{7}".into();

@@ -57,11 +57,7 @@ impl v1::Instance {
             enabled: self.enabled.unwrap_or(true),
             ephemeral: self.ephemeral.unwrap_or(true),
             cluster: self.cluster.clone(),
-            metadata: self
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            metadata: self.metadata.iter().collect(),
             node_name: self.node_name.clone(),
         })
     }
@@ -87,7 +83,7 @@ impl v1::Instance {
             metadata: i
                 .metadata
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
             node_name: i.node_name.clone(),
             owner: String::new(),

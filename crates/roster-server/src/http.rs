@@ -349,7 +349,7 @@ impl From<&InstanceRecord> for InstanceJson {
             metadata: i
                 .metadata
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
             node_name: i.node_name.clone(),
             owner: r.owner.to_string(),

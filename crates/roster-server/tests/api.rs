@@ -174,7 +174,7 @@ async fn a_subscriber_that_never_reads_overflows_then_gets_one_full_view() {
     let mut overflowed = false;
     for port in 1..=total {
         let mut i = instance(4, port);
-        i.metadata.insert("pad".into(), "x".repeat(10_000));
+        i.metadata.insert("pad", &"x".repeat(10_000));
         provider.register(&k, &i).await.unwrap();
         if port % 20 == 0 {
             // The healthy subscriber keeps up, and queries stay answered.

@@ -558,7 +558,7 @@ async fn http_and_native_clients_share_one_registry() {
     .await
     .expect("the native client saw the HTTP registration");
     let mut i = roster_core::Instance::new("10.0.0.2".parse().unwrap(), 81);
-    i.metadata.insert("via".into(), "native".into());
+    i.metadata.insert("via", "native");
     let _reg = native.register(key.clone(), i).await.unwrap();
     listed(&server, "shared", |l| hosts(l).len() == 2).await;
     native.shutdown().await;

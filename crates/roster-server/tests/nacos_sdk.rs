@@ -268,7 +268,7 @@ async fn nacos_and_native_clients_see_each_others_changes() {
     .await
     .expect("the native client saw the Nacos registration");
     let seen = native.instances("orders");
-    assert_eq!(seen[0].metadata.get("zone").map(String::as_str), Some("a"));
+    assert_eq!(seen[0].metadata.get("zone"), Some("a"));
 
     // Native registers; the Nacos subscriber gets it pushed.
     let (tx, mut rx) = mpsc::unbounded_channel();

@@ -134,7 +134,7 @@ pub fn hosts(key: &ServiceKey, i: &Instance) -> Vec<Value> {
             let mut metadata: Map<String, Value> = i
                 .metadata
                 .iter()
-                .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
                 .collect();
             if several {
                 metadata.insert("roster.network".into(), a.network.clone().into());
