@@ -57,8 +57,10 @@ pub struct ServiceView {
     /// and shared by every subscriber that needs the full view.
     pub encoded: OnceLock<Bytes>,
     /// The Nacos layer's JSON `ServiceInfo` of this view (all clusters),
-    /// likewise made once per revision and shared by pushes and queries.
-    pub nacos_info: OnceLock<std::sync::Arc<str>>,
+    /// likewise made once per revision and shared by pushes and queries:
+    /// `[0]` names the service bare (gRPC), `[1]` as `group@@service`
+    /// (HTTP and UDP).
+    pub nacos_info: [OnceLock<std::sync::Arc<str>>; 2],
 }
 
 impl ServiceView {
@@ -199,7 +201,7 @@ impl ServiceState {
                     checksum: self.checksum,
                     instances: self.instances.clone(),
                     encoded: OnceLock::new(),
-                    nacos_info: OnceLock::new(),
+                    nacos_info: Default::default(),
                 })
             })
             .clone()

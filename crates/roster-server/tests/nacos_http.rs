@@ -702,3 +702,41 @@ async fn v1_udp_subscriber_is_pushed_changes_and_its_acks_count_for_drain() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn instance_list_is_served_as_json_once_per_revision_and_follows_changes() {
+    let server = server_with(|_| {}).await;
+    let a = [
+        ("serviceName", "polled"),
+        ("ip", "10.0.0.1"),
+        ("port", "80"),
+    ];
+    call(&server, Method::POST, "/v1/ns/instance", &a, &[]).await;
+    let url = format!("http://{}/nacos/v1/ns/instance/list", server.http_addr);
+    let poll = || async {
+        let resp = reqwest::Client::new()
+            .get(&url)
+            .query(&[("serviceName", "polled")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        resp.text().await.unwrap()
+    };
+    // The same revision: the very same text, `lastRefTime` included.
+    let first = poll().await;
+    assert_eq!(poll().await, first);
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(hosts(&first), vec![("10.0.0.1:80".to_owned(), true)]);
+
+    // A change makes a new text, newer than the last.
+    let b = [
+        ("serviceName", "polled"),
+        ("ip", "10.0.0.2"),
+        ("port", "80"),
+    ];
+    call(&server, Method::POST, "/v1/ns/instance", &b, &[]).await;
+    let next: Value = serde_json::from_str(&poll().await).unwrap();
+    assert_eq!(hosts(&next).len(), 2);
+    assert!(next["lastRefTime"].as_i64() > first["lastRefTime"].as_i64());
+}

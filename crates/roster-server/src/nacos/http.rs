@@ -36,6 +36,8 @@ enum Reply {
     Json(Value),
     /// A JSON object sent as is by both versions (the beat reply).
     Bare(Value),
+    /// A JSON payload already serialized (shared per revision); v2 wraps it.
+    JsonText(Arc<str>),
 }
 
 /// A failed operation: HTTP status, v2 code and message.
@@ -279,12 +281,24 @@ fn render(api: Api, result: Result<Reply, Fail>) -> Response {
         (Api::V1, Err(f)) => (f.status, f.message).into_response(),
         (Api::V2, Ok(Reply::Ok)) => envelope("ok".into()),
         (Api::V2, Ok(Reply::Json(v))) => envelope(v),
+        (Api::V1, Ok(Reply::JsonText(text))) => json_text(text.to_string()),
+        (Api::V2, Ok(Reply::JsonText(text))) => {
+            json_text(format!(r#"{{"code":0,"message":"success","data":{text}}}"#))
+        }
         (Api::V2, Err(f)) => (
             f.status,
             Json(json!({ "code": f.code, "message": f.message, "data": f.message })),
         )
             .into_response(),
     }
+}
+
+fn json_text(body: String) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 fn envelope(data: Value) -> Response {
@@ -484,6 +498,10 @@ fn list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
                 .ok_or_else(|| Fail::missing("clientIP"))?,
         };
         n.udp_poll(SocketAddr::new(ip, port), &key, clusters);
+    }
+    if clusters.is_empty() && !healthy_only {
+        // The common poll: every host, the text shared per revision.
+        return Ok(Reply::JsonText(n.shared_list(&key).1));
     }
     let (_, info) = n.service_info(
         &key,

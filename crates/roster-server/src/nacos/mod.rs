@@ -105,28 +105,8 @@ impl Nacos {
     /// Its `lastRefTime` is that of the first emission: a client that got
     /// the same revision later may drop this copy, which holds nothing new.
     pub fn shared_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
-        let request = wire::InfoRequest {
-            clusters,
-            healthy_only: false,
-            grouped_name: false,
-        };
         if clusters.is_empty() {
-            // Already built: no lock, no clock.
-            if let Some(view) = self.node.view(key)
-                && let Some(text) = view.nacos_info.get()
-            {
-                return (view.revision, text.clone());
-            }
-            let (view, time) = self.view_and_time(key);
-            let build = || -> Arc<str> {
-                wire::service_info(key, view.as_deref(), time, &request)
-                    .to_string()
-                    .into()
-            };
-            return match &view {
-                Some(v) => (v.revision, v.nacos_info.get_or_init(build).clone()),
-                None => (0, build()),
-            };
+            return self.view_info(key, false);
         }
         let current = self.node.view(key).map_or(0, |v| v.revision);
         if let Some((revision, text)) = self
@@ -138,6 +118,11 @@ impl Nacos {
         {
             return (*revision, text.clone());
         }
+        let request = wire::InfoRequest {
+            clusters,
+            healthy_only: false,
+            grouped_name: false,
+        };
         let (revision, info) = self.service_info(key, &request);
         let text: Arc<str> = info.to_string().into();
         self.shared
@@ -146,6 +131,39 @@ impl Nacos {
             .or_default()
             .insert(clusters.to_owned(), (revision, text.clone()));
         (revision, text)
+    }
+
+    /// The HTTP `ServiceInfo` (JSON text, all clusters and hosts, the name
+    /// as `group@@service`) of `key`, shared like [`Self::shared_info`]'s.
+    pub fn shared_list(&self, key: &ServiceKey) -> (u64, Arc<str>) {
+        self.view_info(key, true)
+    }
+
+    /// The `ServiceInfo` text of the current view of `key` for all clusters,
+    /// kept on the view (so it goes with the revision).
+    fn view_info(&self, key: &ServiceKey, grouped_name: bool) -> (u64, Arc<str>) {
+        let slot = usize::from(grouped_name);
+        // Already built: no lock, no clock.
+        if let Some(view) = self.node.view(key)
+            && let Some(text) = view.nacos_info[slot].get()
+        {
+            return (view.revision, text.clone());
+        }
+        let (view, time) = self.view_and_time(key);
+        let request = wire::InfoRequest {
+            clusters: "",
+            healthy_only: false,
+            grouped_name,
+        };
+        let build = || -> Arc<str> {
+            wire::service_info(key, view.as_deref(), time, &request)
+                .to_string()
+                .into()
+        };
+        match &view {
+            Some(v) => (v.revision, v.nacos_info[slot].get_or_init(build).clone()),
+            None => (0, build()),
+        }
     }
 
     /// Forgets the shared `ServiceInfo`s of a service nobody on this node
