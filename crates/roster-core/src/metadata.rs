@@ -64,15 +64,18 @@ impl Metadata {
     }
 }
 
-/// Packs entries already sorted by key with no key twice.
+/// Packs entries already sorted by key with no key twice, into exactly
+/// the bytes they need (no reallocation when boxed).
 fn pack(entries: &[(&str, &str)]) -> Box<str> {
     use fmt::Write;
-    let len: usize = entries.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+    let field = |s: &str| s.len().checked_ilog10().unwrap_or(0) as usize + 2 + s.len();
+    let len: usize = entries.iter().map(|(k, v)| field(k) + field(v)).sum();
     let mut out = String::with_capacity(len);
     for (k, v) in entries {
         // Writing to a String cannot fail.
         let _ = write!(out, "{}:{k}{}:{v}", k.len(), v.len());
     }
+    debug_assert_eq!(out.len(), len);
     out.into_boxed_str()
 }
 

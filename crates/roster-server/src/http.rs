@@ -202,7 +202,7 @@ impl RegisterBody {
             enabled: self.enabled.unwrap_or(true),
             ephemeral: self.ephemeral.unwrap_or(true),
             cluster: self.cluster.clone(),
-            metadata: self.metadata.clone().into_iter().collect(),
+            metadata: self.metadata.iter().collect(),
             node_name: self.node_name.clone(),
         })
     }

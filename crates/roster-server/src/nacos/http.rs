@@ -12,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, on};
 use axum::{Json, Router};
+use bytes::Bytes;
 use roster_core::{Instance, Metadata, RegistryError, ServiceKey, ValidationError};
 use serde_json::{Map, Value, json};
 
@@ -281,10 +282,11 @@ fn render(api: Api, result: Result<Reply, Fail>) -> Response {
         (Api::V1, Err(f)) => (f.status, f.message).into_response(),
         (Api::V2, Ok(Reply::Ok)) => envelope("ok".into()),
         (Api::V2, Ok(Reply::Json(v))) => envelope(v),
-        (Api::V1, Ok(Reply::JsonText(text))) => json_text(text.to_string()),
-        (Api::V2, Ok(Reply::JsonText(text))) => {
-            json_text(format!(r#"{{"code":0,"message":"success","data":{text}}}"#))
-        }
+        // The shared text itself is the body: no copy per request.
+        (Api::V1, Ok(Reply::JsonText(text))) => json_text(Bytes::from_owner(SharedText(text))),
+        (Api::V2, Ok(Reply::JsonText(text))) => json_text(Bytes::from(format!(
+            r#"{{"code":0,"message":"success","data":{text}}}"#
+        ))),
         (Api::V2, Err(f)) => (
             f.status,
             Json(json!({ "code": f.code, "message": f.message, "data": f.message })),
@@ -293,12 +295,17 @@ fn render(api: Api, result: Result<Reply, Fail>) -> Response {
     }
 }
 
-fn json_text(body: String) -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response()
+/// A shared JSON text as a response body's bytes.
+struct SharedText(Arc<str>);
+
+impl AsRef<[u8]> for SharedText {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+fn json_text(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn envelope(data: Value) -> Response {
