@@ -408,8 +408,8 @@ fn bench_storm_lists_every_instance_and_probes_throughout() {
 }
 
 #[test]
-fn bench_speaks_nacos_grpc_and_http_to_the_same_shapes() {
-    for protocol in ["nacos-grpc", "nacos-http"] {
+fn bench_speaks_every_protocol_to_the_same_shapes() {
+    for protocol in ["native-unary", "nacos-grpc", "nacos-http"] {
         let r = bench_json(&bench_own(&[
             "register",
             "--protocol",

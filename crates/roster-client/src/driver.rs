@@ -550,7 +550,8 @@ impl Driver {
                 }
                 self.accept(live, &key, update, Origin::Push).await
             }
-            Some(Kind::Welcome(_)) | None => Ok(()),
+            // The driver makes its calls as unary RPCs, so no reply is due.
+            Some(Kind::Reply(_)) | Some(Kind::Welcome(_)) | None => Ok(()),
         }
     }
 

@@ -1,14 +1,18 @@
 //! The raw protocol client: one-shot calls ([`Connection`]) and a bare
-//! session ([`Session`]) that keeps itself alive and hands over pushes as
-//! they arrive. No retries, no caching: the [`crate::Client`] builds those on
-//! top. Tests and operator tools use it to speak the protocol directly.
+//! session ([`Session`]) that keeps itself alive, makes calls on its stream
+//! and hands over pushes as they arrive. No retries, no caching: the
+//! [`crate::Client`] builds those on top. Tests and operator tools use it to
+//! speak the protocol directly.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message;
 use roster_core::{Instance, ServiceKey};
 use roster_proto::v1::{self, registry_client::RegistryClient};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -210,32 +214,116 @@ pub(crate) async fn open_stream(
     })
 }
 
+/// Calls in flight on a session stream, by id; `None` once the stream
+/// has ended (a call then fails at once instead of waiting for ever).
+#[derive(Default)]
+pub(crate) struct Calls {
+    next_id: AtomicU64,
+    pending: Mutex<Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>>,
+}
+
+impl Calls {
+    fn open() -> Arc<Self> {
+        Arc::new(Self {
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(Some(HashMap::new())),
+        })
+    }
+
+    /// Makes `request` on the stream `outgoing` feeds; waits for its reply.
+    pub(crate) async fn call(
+        &self,
+        outgoing: &mpsc::Sender<v1::ClientMessage>,
+        request: v1::call::Request,
+    ) -> Result<v1::reply::Result, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.lock().as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(ClientError::SessionClosed),
+        };
+        let message = v1::ClientMessage {
+            kind: Some(v1::client_message::Kind::Call(v1::Call {
+                id,
+                request: Some(request),
+            })),
+        };
+        if outgoing.send(message).await.is_err() {
+            self.lock().as_mut().map(|p| p.remove(&id));
+            return Err(ClientError::SessionClosed);
+        }
+        match rx.await {
+            Ok(v1::reply::Result::Error(e)) => Err(ClientError::Status(tonic::Status::new(
+                tonic::Code::from_i32(e.code),
+                e.message,
+            ))),
+            Ok(result) => Ok(result),
+            Err(_) => Err(ClientError::SessionClosed),
+        }
+    }
+
+    /// Hands a reply to the call waiting for it.
+    pub(crate) fn settle(&self, reply: v1::Reply) {
+        let waiting = self.lock().as_mut().and_then(|p| p.remove(&reply.id));
+        if let (Some(tx), Some(result)) = (waiting, reply.result) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// The stream ended: every call in flight fails, and so will new ones.
+    pub(crate) fn close(&self) {
+        self.lock().take();
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The answer of a reply that should be `$kind`, or a protocol error.
+macro_rules! expect_reply {
+    ($result:expr, $kind:ident) => {
+        match $result {
+            v1::reply::Result::$kind(r) => Ok(r),
+            other => Err(ClientError::Protocol(format!(
+                "expected a {} reply, got {:?}",
+                stringify!($kind),
+                other
+            ))),
+        }
+    };
+}
+
 /// A live session: keeps itself alive in the background, owns the
 /// instances it registers (removed when it closes) and receives updates of
-/// the services it subscribes to.
+/// the services it subscribes to. Its calls travel on the session stream.
 pub struct Session {
     id: String,
-    grpc: RegistryClient<Channel>,
     outgoing: mpsc::Sender<v1::ClientMessage>,
     updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
+    calls: Arc<Calls>,
     task: JoinHandle<()>,
 }
 
 impl Session {
     async fn open(grpc: RegistryClient<Channel>, client_name: &str) -> Result<Self, ClientError> {
-        let stream = open_stream(grpc.clone(), client_name).await?;
+        let stream = open_stream(grpc, client_name).await?;
         let (updates_tx, updates) = mpsc::channel(1024);
+        let calls = Calls::open();
         let task = tokio::spawn(run_session(
             stream.inbound,
             stream.outgoing.clone(),
             updates_tx,
+            calls.clone(),
             stream.keepalive,
         ));
         Ok(Self {
             id: stream.session_id,
-            grpc,
             outgoing: stream.outgoing,
             updates,
+            calls,
             task,
         })
     }
@@ -245,6 +333,10 @@ impl Session {
         &self.id
     }
 
+    async fn call(&self, request: v1::call::Request) -> Result<v1::reply::Result, ClientError> {
+        self.calls.call(&self.outgoing, request).await
+    }
+
     /// Registers an instance owned by this session. Returns its id.
     pub async fn register(
         &self,
@@ -252,29 +344,53 @@ impl Session {
         instance: &Instance,
     ) -> Result<String, ClientError> {
         let r = self
-            .grpc
-            .clone()
-            .register(v1::RegisterRequest {
-                session_id: self.id.clone(),
+            .call(v1::call::Request::Register(v1::RegisterRequest {
+                session_id: String::new(),
                 service: Some(key.into()),
                 instance: Some(v1::Instance::from_model(instance)),
-            })
+            }))
             .await?;
-        Ok(r.into_inner().instance_id)
+        Ok(expect_reply!(r, Register)?.instance_id)
+    }
+
+    /// Removes an instance (of any session). Returns the new revision.
+    pub async fn deregister(&self, instance: v1::InstanceRef) -> Result<u64, ClientError> {
+        let r = self
+            .call(v1::call::Request::Deregister(v1::DeregisterRequest {
+                instance: Some(instance),
+            }))
+            .await?;
+        Ok(expect_reply!(r, Deregister)?.revision)
+    }
+
+    /// The instances of a service, as a full-view update (revision 0 and
+    /// no instances when the service is unknown).
+    pub async fn query(
+        &self,
+        key: &ServiceKey,
+        healthy_only: bool,
+    ) -> Result<v1::ServiceUpdate, ClientError> {
+        let r = self
+            .call(v1::call::Request::Query(v1::QueryRequest {
+                service: Some(key.into()),
+                healthy_only,
+                clusters: Vec::new(),
+            }))
+            .await?;
+        let bytes = expect_reply!(r, Query)?;
+        v1::ServiceUpdate::decode(bytes).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Subscribes to a service: returns its full view now; the same view
     /// and then its changes arrive through [`Session::next_update`].
     pub async fn subscribe(&self, key: &ServiceKey) -> Result<v1::ServiceUpdate, ClientError> {
         let r = self
-            .grpc
-            .clone()
-            .subscribe(v1::SubscribeRequest {
-                session_id: self.id.clone(),
+            .call(v1::call::Request::Subscribe(v1::SubscribeRequest {
+                session_id: String::new(),
                 service: Some(key.into()),
-            })
+            }))
             .await?;
-        r.into_inner()
+        expect_reply!(r, Subscribe)?
             .view
             .ok_or_else(|| ClientError::Protocol("subscribe answered no view".into()))
     }
@@ -303,13 +419,26 @@ impl Session {
         drop(self.outgoing);
         self.task.abort();
         let _ = self.task.await;
+        self.calls.close();
     }
 }
 
 async fn run_session(
+    inbound: tonic::Streaming<v1::ServerMessage>,
+    outgoing: mpsc::Sender<v1::ClientMessage>,
+    updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
+    calls: Arc<Calls>,
+    keepalive: Duration,
+) {
+    serve_session(inbound, outgoing, updates, &calls, keepalive).await;
+    calls.close();
+}
+
+async fn serve_session(
     mut inbound: tonic::Streaming<v1::ServerMessage>,
     outgoing: mpsc::Sender<v1::ClientMessage>,
     updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
+    calls: &Calls,
     keepalive: Duration,
 ) {
     use v1::server_message::Kind;
@@ -350,6 +479,7 @@ async fn run_session(
                     return;
                 }
             }
+            Some(Kind::Reply(reply)) => calls.settle(reply),
             Some(Kind::Welcome(_)) | None => {}
         }
     }

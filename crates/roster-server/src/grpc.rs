@@ -1,34 +1,21 @@
-//! The native gRPC API: translates `roster.v1.Registry` calls into [`Node`]
-//! operations and errors into statuses. Owns the session stream's two
-//! halves (inbound loop, outbound queue drain); holds no registry state.
+//! The native gRPC API: the `roster.v1.Registry` service over [`calls`],
+//! and the session stream's two halves (inbound: activity, acks and calls;
+//! outbound: pushes and replies merged). Holds no registry state.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
-use roster_core::{RegistryError, ServiceKey, ValidationError};
+use futures_util::{Stream, StreamExt};
 use roster_proto::convert::required_key;
 use roster_proto::v1::{self, registry_server};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::node::{Node, PullAnswer, SessionLink};
-
-/// Maps a registry error to a gRPC status with a reason.
-pub fn status(e: RegistryError) -> Status {
-    match e {
-        RegistryError::Invalid(e) => Status::invalid_argument(e.to_string()),
-        e @ (RegistryError::UnknownSession(_)
-        | RegistryError::UnknownService(_)
-        | RegistryError::UnknownInstance { .. }) => Status::not_found(e.to_string()),
-        RegistryError::Unsupported(m) => Status::unimplemented(m),
-    }
-}
-
-fn invalid(e: ValidationError) -> Status {
-    Status::invalid_argument(e.to_string())
-}
+use crate::calls::{self, instance_ref, invalid, status};
+use crate::node::{Node, SessionLink};
 
 /// The gRPC service over a node.
 pub struct GrpcApi {
@@ -42,48 +29,46 @@ impl GrpcApi {
     }
 }
 
-/// Resolves an instance reference to (service, instance id).
-fn instance_ref(r: Option<&v1::InstanceRef>) -> Result<(ServiceKey, String), Status> {
-    let r = r.ok_or_else(|| Status::invalid_argument("instance: is required"))?;
-    let key = required_key(r.service.as_ref()).map_err(invalid)?;
-    if !r.id.is_empty() {
-        return Ok((key, r.id.clone()));
-    }
-    let ip = roster_core::model::parse_ip("instance.ip", &r.ip).map_err(invalid)?;
-    let port = u16::try_from(r.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| Status::invalid_argument("instance.port: must be 1..=65535"))?;
-    let cluster = if r.cluster.is_empty() {
-        roster_core::DEFAULT_CLUSTER
-    } else {
-        &r.cluster
-    };
-    Ok((key, roster_core::Instance::default_id(&ip, port, cluster)))
-}
-
 type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
 
-/// The outbound half of a session: drains the link's queue.
-fn outbound(node: Arc<Node>, link: Arc<SessionLink>) -> SessionStream {
-    Box::pin(futures_util::stream::unfold(
-        (node, link),
-        |(node, link)| async move {
-            let item = link.next().await?;
-            let frame = node.materialize(&link, item)?;
-            if let Some(at) = frame.changed_at {
-                node.metrics.pushes_sent.inc();
-                node.metrics
-                    .push_latency
-                    .observe(at.elapsed().as_secs_f64());
-            }
-            Some((Ok(frame.message), (node, link)))
-        },
-    ))
+/// Replies a session may have waiting to be sent; the stream's calls are
+/// not read further until the client takes them.
+const REPLIES_IN_FLIGHT: usize = 64;
+
+/// The outbound half of a session: the link's queue (pushes, probes) and
+/// the replies to its calls, interleaved fairly.
+fn outbound(
+    node: Arc<Node>,
+    link: Arc<SessionLink>,
+    replies: mpsc::Receiver<v1::Reply>,
+) -> SessionStream {
+    let pushes = futures_util::stream::unfold((node, link), |(node, link)| async move {
+        let item = link.next().await?;
+        let frame = node.materialize(&link, item)?;
+        if let Some(at) = frame.changed_at {
+            node.metrics.pushes_sent.inc();
+            node.metrics
+                .push_latency
+                .observe(at.elapsed().as_secs_f64());
+        }
+        Some((Ok(frame.message), (node, link)))
+    });
+    let replies = ReceiverStream::new(replies).map(|reply| {
+        Ok(v1::ServerMessage {
+            kind: Some(v1::server_message::Kind::Reply(reply)),
+        })
+    });
+    Box::pin(futures_util::stream::select(pushes, replies))
 }
 
-/// The inbound half: every message is activity; acks feed drain tracking.
-async fn inbound(node: Arc<Node>, link: Arc<SessionLink>, mut rx: Streaming<v1::ClientMessage>) {
+/// The inbound half: every message is activity; acks feed drain tracking;
+/// calls are answered in order.
+async fn inbound(
+    node: Arc<Node>,
+    link: Arc<SessionLink>,
+    mut rx: Streaming<v1::ClientMessage>,
+    replies: mpsc::Sender<v1::Reply>,
+) {
     use v1::client_message::Kind;
     loop {
         let msg = tokio::select! {
@@ -99,10 +84,20 @@ async fn inbound(node: Arc<Node>, link: Arc<SessionLink>, mut rx: Streaming<v1::
             }
         };
         node.touch(&link.id);
-        if let Some(Kind::Ack(ack)) = msg.kind
-            && let Ok(key) = required_key(ack.service.as_ref())
-        {
-            node.ack(&link.id, &key, ack.revision);
+        match msg.kind {
+            Some(Kind::Call(call)) => {
+                let reply = calls::answer(&node, &link.id, call);
+                tokio::select! {
+                    sent = replies.send(reply) => if sent.is_err() { break },
+                    _ = link.closed.cancelled() => break,
+                }
+            }
+            Some(Kind::Ack(ack)) => {
+                if let Ok(key) = required_key(ack.service.as_ref()) {
+                    node.ack(&link.id, &key, ack.revision);
+                }
+            }
+            _ => {}
         }
     }
     node.close_session(&link.id);
@@ -137,69 +132,37 @@ impl registry_server::Registry for GrpcApi {
         }
         let link = self.node.open_stream(&client_name);
         tracing::debug!(session = %link.id, client = %client_name, "session opened");
-        tokio::spawn(inbound(self.node.clone(), link.clone(), rx));
-        Ok(Response::new(outbound(self.node.clone(), link)))
+        let (replies, replies_rx) = mpsc::channel(REPLIES_IN_FLIGHT);
+        tokio::spawn(inbound(self.node.clone(), link.clone(), rx, replies));
+        Ok(Response::new(outbound(self.node.clone(), link, replies_rx)))
     }
 
     async fn register(
         &self,
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
-        let r = request.into_inner();
-        let key = required_key(r.service.as_ref()).map_err(invalid)?;
-        let instance = r
-            .instance
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("instance: is required"))?
-            .to_model()
-            .map_err(invalid)?;
-        if r.session_id.is_empty() {
-            return Err(Status::invalid_argument(
-                "session_id: required (open a session first)",
-            ));
-        }
-        let (instance_id, revision) = self
-            .node
-            .register(&r.session_id, key, instance)
-            .map_err(status)?;
-        Ok(Response::new(v1::RegisterResponse {
-            instance_id,
-            revision,
-        }))
+        calls::register(&self.node, None, request.get_ref()).map(Response::new)
     }
 
     async fn deregister(
         &self,
         request: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterResponse>, Status> {
-        let (key, id) = instance_ref(request.get_ref().instance.as_ref())?;
-        let revision = self.node.deregister(&key, &id).map_err(status)?;
-        Ok(Response::new(v1::DeregisterResponse { revision }))
+        calls::deregister(&self.node, request.get_ref()).map(Response::new)
     }
 
     async fn update(
         &self,
         request: Request<v1::UpdateRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
-        let r = request.into_inner();
-        let key = required_key(r.service.as_ref()).map_err(invalid)?;
-        let patch = r
-            .instance
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("instance: is required"))?
-            .to_model()
-            .map_err(invalid)?
-            .normalize()
-            .map_err(invalid)?;
-        let revision = self.node.update(&key, patch).map_err(status)?;
-        Ok(Response::new(v1::UpdateResponse { revision }))
+        calls::update(&self.node, request.get_ref()).map(Response::new)
     }
 
     async fn query(
         &self,
         request: Request<v1::QueryRequest>,
     ) -> Result<Response<v1::QueryResponse>, Status> {
-        let r = request.into_inner();
+        let r = request.get_ref();
         let key = required_key(r.service.as_ref()).map_err(invalid)?;
         let mut out = v1::QueryResponse {
             service: Some((&key).into()),
@@ -208,11 +171,7 @@ impl registry_server::Registry for GrpcApi {
         if let Some(view) = self.node.view(&key) {
             out.revision = view.revision;
             out.checksum = view.checksum;
-            out.instances = view
-                .instances
-                .values()
-                .filter(|rec| !r.healthy_only || rec.instance.is_serving())
-                .filter(|rec| r.clusters.is_empty() || r.clusters.contains(&rec.instance.cluster))
+            out.instances = calls::matching(&view, r)
                 .map(|rec| rec.as_ref().into())
                 .collect();
         }
@@ -241,43 +200,21 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<v1::SubscribeResponse>, Status> {
-        let r = request.into_inner();
-        let key = required_key(r.service.as_ref()).map_err(invalid)?;
-        let view = self.node.subscribe(&r.session_id, key).map_err(status)?;
-        Ok(Response::new(v1::SubscribeResponse { view: Some(view) }))
+        calls::subscribe(&self.node, None, request.get_ref()).map(Response::new)
     }
 
     async fn unsubscribe(
         &self,
         request: Request<v1::UnsubscribeRequest>,
     ) -> Result<Response<v1::UnsubscribeResponse>, Status> {
-        let r = request.into_inner();
-        let key = required_key(r.service.as_ref()).map_err(invalid)?;
-        self.node.unsubscribe(&r.session_id, &key);
-        Ok(Response::new(v1::UnsubscribeResponse {}))
+        calls::unsubscribe(&self.node, None, request.get_ref()).map(Response::new)
     }
 
     async fn pull(
         &self,
         request: Request<v1::PullRequest>,
     ) -> Result<Response<v1::PullResponse>, Status> {
-        let r = request.into_inner();
-        let key = required_key(r.service.as_ref()).map_err(invalid)?;
-        let out = match self.node.pull(&key, r.since_revision, r.since_checksum) {
-            PullAnswer::NotModified { revision, checksum } => v1::PullResponse {
-                not_modified: true,
-                revision,
-                checksum,
-                update: None,
-            },
-            PullAnswer::Update(u) => v1::PullResponse {
-                not_modified: false,
-                revision: u.revision,
-                checksum: u.checksum,
-                update: Some(u),
-            },
-        };
-        Ok(Response::new(out))
+        calls::pull(&self.node, request.get_ref()).map(Response::new)
     }
 
     async fn drain(

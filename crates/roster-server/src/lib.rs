@@ -4,6 +4,7 @@
 //! handle; [`RunningServer::shutdown`] stops them all.
 #![forbid(unsafe_code)]
 
+pub mod calls;
 pub mod config;
 pub mod grpc;
 pub mod http;

@@ -593,7 +593,8 @@ impl Node {
     }
 }
 
-fn encoded_view(view: &ServiceView) -> Bytes {
+/// The full-view update of `view`, encoded once per revision and shared.
+pub(crate) fn encoded_view(view: &ServiceView) -> Bytes {
     view.encoded
         .get_or_init(|| Bytes::from(full_update(view).encode_to_vec()))
         .clone()

@@ -399,6 +399,131 @@ async fn malformed_grpc_requests_get_invalid_argument_and_change_nothing() {
     server.shutdown().await;
 }
 
+/// The instances of a full-view update.
+fn full_instances(update: &proto::ServiceUpdate) -> &[proto::Instance] {
+    match &update.kind {
+        Some(proto::service_update::Kind::Full(f)) => &f.instances,
+        other => panic!("expected a full view, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn calls_on_the_session_stream_do_what_unary_calls_do() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("streamed");
+    let s = client.open_session("caller").await.unwrap();
+    let empty = s.query(&k, false).await.unwrap();
+    assert_eq!((empty.revision, full_instances(&empty).len()), (0, 0));
+
+    let id = s.register(&k, &instance(1, 80)).await.unwrap();
+    let mut sick = instance(2, 80);
+    sick.healthy = false;
+    s.register(&k, &sick).await.unwrap();
+    let all = s.query(&k, false).await.unwrap();
+    let unary = client.query(&k, false).await.unwrap();
+    assert_eq!(
+        (all.revision, all.checksum),
+        (unary.revision, unary.checksum)
+    );
+    assert_eq!(full_instances(&all), unary.instances.as_slice());
+    assert_eq!(full_instances(&all).len(), 2);
+    let healthy = s.query(&k, true).await.unwrap();
+    assert_eq!(full_instances(&healthy).len(), 1);
+    assert_eq!(full_instances(&healthy)[0].id, id);
+    assert_eq!(
+        full_instances(&all)[0].owner,
+        s.id(),
+        "the stream's session owns what it registers"
+    );
+
+    // Refusals come back as replies with the unary call's status; the
+    // stream stays usable and nothing stored changes.
+    let mut bad = instance(3, 80);
+    bad.weight = -1.0;
+    let err = s.register(&k, &bad).await.unwrap_err();
+    assert!(err.to_string().starts_with("instance.weight"), "{err}");
+    let err = s.deregister(reference(&k, 9, 80)).await.unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+    assert_eq!(s.query(&k, false).await.unwrap(), all);
+
+    // A call may not act for another session, and must name a request.
+    let other = client.open_session("other").await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let send = |kind| proto::ClientMessage { kind: Some(kind) };
+    tx.send(send(proto::client_message::Kind::Hello(proto::Hello {
+        client_name: "raw".into(),
+    })))
+    .await
+    .unwrap();
+    let mut inbound = client
+        .grpc()
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let call = |id, request| {
+        send(proto::client_message::Kind::Call(proto::Call {
+            id,
+            request,
+        }))
+    };
+    tx.send(call(
+        7,
+        Some(proto::call::Request::Register(proto::RegisterRequest {
+            session_id: other.id().to_owned(),
+            service: Some((&k).into()),
+            instance: Some(proto::Instance::from_model(&instance(4, 80))),
+        })),
+    ))
+    .await
+    .unwrap();
+    tx.send(call(8, None)).await.unwrap();
+    let mut errors = Vec::new();
+    while errors.len() < 2 {
+        let msg = timeout(WAIT, inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream open");
+        if let Some(proto::server_message::Kind::Reply(r)) = msg.kind {
+            match r.result {
+                Some(proto::reply::Result::Error(e)) => errors.push((r.id, e.code, e.message)),
+                other => panic!("expected an error, got {other:?}"),
+            }
+        }
+    }
+    assert_eq!(
+        (errors[0].0, errors[0].1),
+        (7, tonic::Code::InvalidArgument as i32)
+    );
+    assert!(errors[0].2.starts_with("session_id"), "{}", errors[0].2);
+    assert_eq!(
+        (errors[1].0, errors[1].1),
+        (8, tonic::Code::InvalidArgument as i32)
+    );
+    assert!(errors[1].2.starts_with("call.request"), "{}", errors[1].2);
+    assert_eq!(s.query(&k, false).await.unwrap(), all);
+
+    // Its instances go with the session.
+    let revision = s.deregister(reference(&k, 2, 80)).await.unwrap();
+    assert!(revision > all.revision);
+    let gone = client.open_session("observer").await.unwrap();
+    s.close().await;
+    let after = timeout(WAIT, async {
+        loop {
+            let v = gone.query(&k, false).await.unwrap();
+            if full_instances(&v).is_empty() {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(after.revision > revision);
+    server.shutdown().await;
+}
+
 async fn get_json(http: &reqwest::Client, url: String) -> serde_json::Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }

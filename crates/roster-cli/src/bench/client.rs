@@ -21,8 +21,12 @@ use super::nacos::NacosConn;
 /// How the bench talks to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Protocol {
-    /// Roster's own gRPC API.
+    /// Roster's own gRPC API, calls made on the session stream (as the
+    /// SDK's sessions make them).
     Native,
+    /// Roster's own gRPC API, each call a unary RPC (as from grpcurl or
+    /// generated stubs).
+    NativeUnary,
     /// The Nacos 2.x gRPC protocol (on the gRPC port).
     NacosGrpc,
     /// The Nacos 1.x HTTP Open API (on the HTTP port); registrations
@@ -97,8 +101,11 @@ fn native_key(service: &str) -> Result<ServiceKey> {
 
 /// One client connection.
 pub enum Client {
-    /// A native connection and the session that owns what it registers.
+    /// A native connection and a session on it (which owns what it
+    /// registers), making its calls on the session stream.
     Native(Connection, Box<Session>),
+    /// A native connection and a session, making unary calls for it.
+    NativeUnary(Connection, Box<Session>),
     /// A Nacos gRPC connection, maybe shared (it owns what is registered
     /// through it).
     NacosGrpc(Arc<NacosConn>),
@@ -110,10 +117,14 @@ impl Client {
     /// Connects; `name` labels the native session.
     pub async fn connect(protocol: Protocol, at: &Endpoints, name: &str) -> Result<Self> {
         Ok(match protocol {
-            Protocol::Native => {
+            Protocol::Native | Protocol::NativeUnary => {
                 let conn = Connection::connect(&at.grpc).await?;
-                let session = conn.open_session(name).await?;
-                Self::Native(conn, Box::new(session))
+                let session = Box::new(conn.open_session(name).await?);
+                if protocol == Protocol::Native {
+                    Self::Native(conn, session)
+                } else {
+                    Self::NativeUnary(conn, session)
+                }
             }
             Protocol::NacosGrpc => Self::NacosGrpc(Arc::new(NacosConn::connect(&at.grpc).await?)),
             Protocol::NacosHttp => {
@@ -133,6 +144,9 @@ impl Client {
         Ok(match self {
             Self::Native(conn, _) => {
                 Self::Native(conn.clone(), Box::new(conn.open_session(name).await?))
+            }
+            Self::NativeUnary(conn, _) => {
+                Self::NativeUnary(conn.clone(), Box::new(conn.open_session(name).await?))
             }
             Self::NacosGrpc(c) => Self::NacosGrpc(c.clone()),
             Self::NacosHttp(http, base) => Self::NacosHttp(http.clone(), base.clone()),
@@ -164,7 +178,11 @@ impl Client {
     /// Registers (or re-registers, changed) an instance.
     pub async fn register(&self, service: &str, i: &Spec) -> Result<()> {
         match self {
-            Self::Native(conn, session) => {
+            Self::Native(_, session) => {
+                session.register(&native_key(service)?, &i.native()).await?;
+                Ok(())
+            }
+            Self::NativeUnary(conn, session) => {
                 conn.grpc()
                     .register(proto::RegisterRequest {
                         session_id: session.id().to_owned(),
@@ -196,16 +214,22 @@ impl Client {
 
     /// Removes an instance.
     pub async fn deregister(&self, service: &str, i: &Spec) -> Result<()> {
+        let native_ref = || -> Result<proto::InstanceRef> {
+            Ok(proto::InstanceRef {
+                service: Some((&native_key(service)?).into()),
+                id: String::new(),
+                ip: i.ip.to_string(),
+                port: u32::from(i.port),
+                cluster: String::new(),
+            })
+        };
         match self {
-            Self::Native(conn, _) => {
-                conn.deregister(proto::InstanceRef {
-                    service: Some((&native_key(service)?).into()),
-                    id: String::new(),
-                    ip: i.ip.to_string(),
-                    port: u32::from(i.port),
-                    cluster: String::new(),
-                })
-                .await?;
+            Self::Native(_, session) => {
+                session.deregister(native_ref()?).await?;
+                Ok(())
+            }
+            Self::NativeUnary(conn, _) => {
+                conn.deregister(native_ref()?).await?;
                 Ok(())
             }
             Self::NacosGrpc(c) => c.instance(service, i.nacos_json(), true).await,
@@ -229,7 +253,14 @@ impl Client {
     /// How many instances the service has (all, healthy or not).
     pub async fn query(&self, service: &str) -> Result<usize> {
         match self {
-            Self::Native(conn, _) => Ok(conn
+            Self::Native(_, session) => {
+                let view = session.query(&native_key(service)?, false).await?;
+                Ok(match view.kind {
+                    Some(proto::service_update::Kind::Full(f)) => f.instances.len(),
+                    _ => 0,
+                })
+            }
+            Self::NativeUnary(conn, _) => Ok(conn
                 .query(&native_key(service)?, false)
                 .await?
                 .instances
@@ -250,7 +281,7 @@ impl Client {
 
     /// Ends the client; the server drops what its session registered.
     pub async fn close(self) {
-        if let Self::Native(_, session) = self {
+        if let Self::Native(_, session) | Self::NativeUnary(_, session) = self {
             session.close().await;
         }
     }

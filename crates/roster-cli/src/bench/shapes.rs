@@ -234,7 +234,7 @@ async fn subscribers(
     let mut conn = None;
     for s in 0..count {
         let mut sub = match p {
-            Protocol::Native => {
+            Protocol::Native | Protocol::NativeUnary => {
                 if s.is_multiple_of(STREAMS_PER_CONNECTION) {
                     conn = Some(Connection::connect(&at.grpc).await?);
                 }
