@@ -101,9 +101,11 @@ fn native_key(service: &str) -> Result<ServiceKey> {
 
 /// One client connection.
 pub enum Client {
-    /// A native connection and a session on it (which owns what it
-    /// registers), making its calls on the session stream.
-    Native(Connection, Box<Session>),
+    /// A native session (which owns what it registers), making its calls
+    /// on the session stream. Clients sharing a connection share its
+    /// session, as an application's tasks share its SDK's session, so
+    /// their calls are pipelined on one stream.
+    Native(Arc<Session>),
     /// A native connection and a session, making unary calls for it.
     NativeUnary(Connection, Box<Session>),
     /// A Nacos gRPC connection, maybe shared (it owns what is registered
@@ -119,11 +121,11 @@ impl Client {
         Ok(match protocol {
             Protocol::Native | Protocol::NativeUnary => {
                 let conn = Connection::connect(&at.grpc).await?;
-                let session = Box::new(conn.open_session(name).await?);
+                let session = conn.open_session(name).await?;
                 if protocol == Protocol::Native {
-                    Self::Native(conn, session)
+                    Self::Native(Arc::new(session))
                 } else {
-                    Self::NativeUnary(conn, session)
+                    Self::NativeUnary(conn, Box::new(session))
                 }
             }
             Protocol::NacosGrpc => Self::NacosGrpc(Arc::new(NacosConn::connect(&at.grpc).await?)),
@@ -138,13 +140,12 @@ impl Client {
     }
 
     /// Another client on the same connection (HTTP/2 multiplexes them; a
-    /// native one gets a session of its own). Nacos HTTP clients share a
-    /// pool, which opens a connection per request in flight.
+    /// native one shares the session too, a native-unary one gets a
+    /// session of its own). Nacos HTTP clients share a pool, which opens a
+    /// connection per request in flight.
     pub async fn share(&self, name: &str) -> Result<Self> {
         Ok(match self {
-            Self::Native(conn, _) => {
-                Self::Native(conn.clone(), Box::new(conn.open_session(name).await?))
-            }
+            Self::Native(session) => Self::Native(session.clone()),
             Self::NativeUnary(conn, _) => {
                 Self::NativeUnary(conn.clone(), Box::new(conn.open_session(name).await?))
             }
@@ -178,7 +179,7 @@ impl Client {
     /// Registers (or re-registers, changed) an instance.
     pub async fn register(&self, service: &str, i: &Spec) -> Result<()> {
         match self {
-            Self::Native(_, session) => {
+            Self::Native(session) => {
                 session.register(&native_key(service)?, &i.native()).await?;
                 Ok(())
             }
@@ -224,7 +225,7 @@ impl Client {
             })
         };
         match self {
-            Self::Native(_, session) => {
+            Self::Native(session) => {
                 session.deregister(native_ref()?).await?;
                 Ok(())
             }
@@ -253,7 +254,7 @@ impl Client {
     /// How many instances the service has (all, healthy or not).
     pub async fn query(&self, service: &str) -> Result<usize> {
         match self {
-            Self::Native(_, session) => {
+            Self::Native(session) => {
                 let view = session.query(&native_key(service)?, false).await?;
                 Ok(match view.kind {
                     Some(proto::service_update::Kind::Full(f)) => f.instances.len(),
@@ -281,8 +282,16 @@ impl Client {
 
     /// Ends the client; the server drops what its session registered.
     pub async fn close(self) {
-        if let Self::Native(_, session) | Self::NativeUnary(_, session) = self {
-            session.close().await;
+        match self {
+            // The last client sharing the session closes it (exactly one
+            // `into_inner` gets it, even when they close at once).
+            Self::Native(session) => {
+                if let Some(session) = Arc::into_inner(session) {
+                    session.close().await;
+                }
+            }
+            Self::NativeUnary(_, session) => session.close().await,
+            _ => {}
         }
     }
 }
