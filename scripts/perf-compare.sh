@@ -76,6 +76,10 @@ alone register-native register --instances 20000 --clients 8
 alone register-native-mux register --instances 50000 --clients 64 --connections 4
 alone query-native query --readers 8 --size 10 --duration 3s
 alone query-native-mux query --readers 64 --connections 4 --size 10 --duration 3s
+alone register-native-unary register --protocol native-unary --instances 20000 --clients 8
+alone register-native-unary-mux register --protocol native-unary --instances 50000 --clients 64 --connections 4
+alone query-native-unary query --protocol native-unary --readers 8 --size 10 --duration 3s
+alone query-native-unary-mux query --protocol native-unary --readers 64 --connections 4 --size 10 --duration 3s
 alone push-100 push --subscribers 100 --changes 50
 alone push-1000 push --subscribers 1000 --changes 50
 alone push-10000 push --subscribers 10000 --changes 20 --interval 200ms
