@@ -216,7 +216,6 @@ pub(crate) async fn open_stream(
 
 /// Calls in flight on a session stream, by id; `None` once the stream
 /// has ended (a call then fails at once instead of waiting for ever).
-#[derive(Default)]
 pub(crate) struct Calls {
     next_id: AtomicU64,
     pending: Mutex<Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>>,
