@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::Code;
 
+use crate::acks::HeldAcks;
 use crate::cache::ServiceCache;
 use crate::client::{Change, Shared, Status, Update};
 use crate::raw::{Connection, OpenStream, open_stream};
@@ -91,6 +92,14 @@ struct Live {
     conn: Connection,
     session_id: String,
     stream: OpenStream,
+    /// Acknowledgements of applied updates, sent together when due.
+    acks: std::sync::Mutex<HeldAcks>,
+}
+
+impl Live {
+    fn acks(&self) -> std::sync::MutexGuard<'_, HeldAcks> {
+        self.acks.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Runs until the client stops. `first` is told when the first round of
@@ -212,6 +221,7 @@ impl Driver {
             conn,
             session_id: stream.session_id.clone(),
             stream,
+            acks: Default::default(),
         })
     }
 
@@ -315,8 +325,16 @@ impl Driver {
         let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            let acks_due = live.acks().due();
             let step: Result<(), tonic::Status> = tokio::select! {
                 _ = self.shared.stop.cancelled() => return Exit::Stop,
+                _ = tokio::time::sleep_until(acks_due.unwrap_or_else(Instant::now)), if acks_due.is_some() => {
+                    let held = live.acks().take();
+                    match held {
+                        Some(message) => self.send_message(&live, message).await,
+                        None => Ok(()),
+                    }
+                }
                 msg = live.stream.inbound.message() => match msg {
                     Ok(Some(m)) => self.inbound(&live, m).await,
                     Ok(None) => Err(tonic::Status::unavailable("the registry closed the session")),
@@ -505,9 +523,18 @@ impl Driver {
     }
 
     async fn send(&self, live: &Live, kind: v1::client_message::Kind) -> Result<(), tonic::Status> {
+        self.send_message(live, v1::ClientMessage { kind: Some(kind) })
+            .await
+    }
+
+    async fn send_message(
+        &self,
+        live: &Live,
+        message: v1::ClientMessage,
+    ) -> Result<(), tonic::Status> {
         live.stream
             .outgoing
-            .send(v1::ClientMessage { kind: Some(kind) })
+            .send(message)
             .await
             .map_err(|_| tonic::Status::unavailable("the session stream is closed"))
     }
@@ -556,7 +583,7 @@ impl Driver {
     }
 
     /// Applies an update; reloads the full view when it does not fit, and
-    /// acknowledges what was applied.
+    /// holds an acknowledgement of what was applied (sent when due).
     async fn accept(
         &self,
         live: &Live,
@@ -584,14 +611,8 @@ impl Driver {
                 }
             }
         };
-        self.send(
-            live,
-            v1::client_message::Kind::Ack(v1::Ack {
-                service: Some(key.into()),
-                revision,
-            }),
-        )
-        .await
+        live.acks().hold(key, revision);
+        Ok(())
     }
 
     /// The cache side of [`Self::accept`]: protection, apply, events.

@@ -64,6 +64,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod acks;
 pub mod balance;
 pub mod cache;
 mod client;
@@ -71,6 +72,7 @@ pub mod disk;
 mod driver;
 pub mod raw;
 
+pub use acks::{ACK_DELAY, AckSent};
 pub use client::{
     Change, Client, ClientBuilder, Registration, Selected, ServiceName, Status, Subscription,
     Update,

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::acks::{AckQueue, AckSent};
 use crate::{ClientError, MAX_MESSAGE_BYTES};
 
 /// A connection to one registry node, for one-shot calls.
@@ -303,6 +304,7 @@ pub struct Session {
     outgoing: mpsc::Sender<v1::ClientMessage>,
     updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
+    acks: Arc<AckQueue>,
     task: JoinHandle<()>,
 }
 
@@ -311,11 +313,15 @@ impl Session {
         let stream = open_stream(grpc, client_name).await?;
         let (updates_tx, updates) = mpsc::channel(1024);
         let calls = Calls::open();
+        let acks = AckQueue::new();
         let task = tokio::spawn(run_session(
-            stream.inbound,
-            stream.outgoing.clone(),
-            updates_tx,
-            calls.clone(),
+            Stream {
+                inbound: stream.inbound,
+                outgoing: stream.outgoing.clone(),
+                updates: updates_tx,
+                calls: calls.clone(),
+                acks: acks.clone(),
+            },
             stream.keepalive,
         ));
         Ok(Self {
@@ -323,6 +329,7 @@ impl Session {
             outgoing: stream.outgoing,
             updates,
             calls,
+            acks,
             task,
         })
     }
@@ -400,17 +407,11 @@ impl Session {
         self.updates.recv().await
     }
 
-    /// Tells the registry this session applied `revision` of `key`.
-    pub async fn ack(&self, key: &ServiceKey, revision: u64) -> Result<(), ClientError> {
-        self.outgoing
-            .send(v1::ClientMessage {
-                kind: Some(v1::client_message::Kind::Ack(v1::Ack {
-                    service: Some(key.into()),
-                    revision,
-                })),
-            })
-            .await
-            .map_err(|_| ClientError::SessionClosed)
+    /// Tells the registry this session applied `revision` of `key`. The
+    /// acknowledgement is held back up to [`crate::ACK_DELAY`] and sent with
+    /// the others held meanwhile; await the result to know it went out.
+    pub fn ack(&self, key: &ServiceKey, revision: u64) -> AckSent {
+        self.acks.hold(key, revision)
     }
 
     /// Ends the session; the registry removes what it registered.
@@ -422,33 +423,45 @@ impl Session {
     }
 }
 
-async fn run_session(
+/// What a raw session's task works with.
+struct Stream {
     inbound: tonic::Streaming<v1::ServerMessage>,
     outgoing: mpsc::Sender<v1::ClientMessage>,
     updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
-    keepalive: Duration,
-) {
-    serve_session(inbound, outgoing, updates, &calls, keepalive).await;
-    calls.close();
+    acks: Arc<AckQueue>,
 }
 
-async fn serve_session(
-    mut inbound: tonic::Streaming<v1::ServerMessage>,
-    outgoing: mpsc::Sender<v1::ClientMessage>,
-    updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
-    calls: &Calls,
-    keepalive: Duration,
-) {
+async fn run_session(mut stream: Stream, keepalive: Duration) {
+    serve_session(&mut stream, keepalive).await;
+    stream.calls.close();
+    stream.acks.end();
+}
+
+async fn serve_session(s: &mut Stream, keepalive: Duration) {
     use v1::server_message::Kind;
+    let (outgoing, updates, calls, acks) = (&s.outgoing, &s.updates, &s.calls, &s.acks);
     let mut tick = tokio::time::interval(keepalive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acks_due = None;
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = s.inbound.message() => m,
             _ = tick.tick() => {
                 let ka = v1::ClientMessage { kind: Some(v1::client_message::Kind::KeepAlive(v1::KeepAlive {})) };
                 if outgoing.send(ka).await.is_err() { return; }
+                continue;
+            }
+            _ = acks.first_held.notified(), if acks_due.is_none() => {
+                acks_due = acks.due();
+                continue;
+            }
+            _ = tokio::time::sleep_until(acks_due.unwrap_or_else(tokio::time::Instant::now)), if acks_due.is_some() => {
+                acks_due = None;
+                if let Some((message, number)) = acks.take() {
+                    if outgoing.send(message).await.is_err() { return; }
+                    acks.sent(number);
+                }
                 continue;
             }
         };

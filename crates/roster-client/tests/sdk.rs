@@ -529,3 +529,50 @@ async fn the_periodic_pull_catches_a_lost_push() {
     consumer.shutdown().await;
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_completes_once_subscribed_clients_have_applied_it() {
+    let node = server().await;
+    let addr = node.grpc_addr;
+    let provider = builder(&[addr]).build().await.unwrap();
+    provider
+        .register("billing", instance("10.12.0.1", 80))
+        .await
+        .unwrap();
+    let mut consumers = Vec::new();
+    for _ in 0..2 {
+        let c = builder(&[addr]).build().await.unwrap();
+        // Two services, so the acks a change brings can travel together.
+        c.subscribe("billing").await.unwrap();
+        c.subscribe("ledger").await.unwrap();
+        eventually("the consumer to see the instance", || async {
+            c.instances("billing").len() == 1
+        })
+        .await;
+        consumers.push(c);
+    }
+    let conn = Connection::connect(&addr.to_string()).await.unwrap();
+    let drained = conn
+        .drain(
+            roster_client::proto::InstanceRef {
+                service: Some((&key("billing")).into()),
+                ip: "10.12.0.1".into(),
+                port: 80,
+                ..Default::default()
+            },
+            false,
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(drained.complete, "pending: {:?}", drained.pending);
+    assert_eq!(drained.acknowledged.len(), 2, "{drained:?}");
+    for c in &consumers {
+        assert_eq!(c.instances("billing")[0].weight, 0.0);
+    }
+    for c in consumers {
+        c.shutdown().await;
+    }
+    provider.shutdown().await;
+    node.shutdown().await;
+}

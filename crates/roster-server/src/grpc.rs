@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use roster_core::ServiceKey;
 use roster_proto::convert::required_key;
 use roster_proto::v1::{self, registry_server};
 use tokio::sync::mpsc;
@@ -103,15 +104,18 @@ async fn inbound(
                     _ = link.closed.cancelled() => break,
                 }
             }
-            Some(Kind::Ack(ack)) => {
-                if let Ok(key) = required_key(ack.service.as_ref()) {
-                    node.ack(&link.id, &key, ack.revision);
-                }
-            }
+            Some(Kind::Ack(ack)) => node.ack(&link.id, acked(&ack)),
+            Some(Kind::Acks(acks)) => node.ack(&link.id, acks.acks.iter().filter_map(acked)),
             _ => {}
         }
     }
     node.close_session(&link.id);
+}
+
+/// What an `Ack` acknowledges; one naming no valid service is ignored.
+fn acked(ack: &v1::Ack) -> Option<(ServiceKey, u64)> {
+    let key = required_key(ack.service.as_ref()).ok()?;
+    Some((key, ack.revision))
 }
 
 #[tonic::async_trait]

@@ -449,9 +449,15 @@ impl Node {
         self.subs.lock().unsubscribe(session, key);
     }
 
-    /// Records a subscriber's acknowledgement.
-    pub fn ack(&self, session: &str, key: &ServiceKey, revision: u64) {
-        if self.subs.lock().ack(session, key, revision) {
+    /// Records a subscriber's acknowledgements (service, revision).
+    pub fn ack(&self, session: &str, acks: impl IntoIterator<Item = (ServiceKey, u64)>) {
+        let mut subs = self.subs.lock();
+        let mut any = false;
+        for (key, revision) in acks {
+            any |= subs.ack(session, &key, revision);
+        }
+        drop(subs);
+        if any {
             self.acks.notify_waiters();
         }
     }

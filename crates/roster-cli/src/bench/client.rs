@@ -11,7 +11,7 @@ use anyhow::{Result, bail};
 use clap::ValueEnum;
 use roster_client::cache::ServiceCache;
 use roster_client::raw::Session;
-use roster_client::{Connection, proto};
+use roster_client::{AckSent, Connection, proto};
 use roster_core::{Instance, ServiceKey};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -333,7 +333,9 @@ pub struct Pushed {
     /// Instances in the subscriber's view after applying it.
     pub instances: usize,
     pub received: Instant,
-    pub acked: Instant,
+    /// When its acknowledgement went out (native sessions hold acks back
+    /// briefly and fill this in once they are sent).
+    pub acked: Option<Instant>,
 }
 
 /// A subscriber of one service: a connection of its own over a streaming
@@ -367,8 +369,9 @@ impl Subscriber {
         Ok(Self::Nacos(c))
     }
 
-    /// The next push; `None` once the stream has ended.
-    pub async fn next(&mut self) -> Option<Pushed> {
+    /// The next push, and the acknowledgement still to be sent if it is
+    /// held back; `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<(Pushed, Option<AckSent>)> {
         match self {
             Self::Native {
                 session,
@@ -377,8 +380,7 @@ impl Subscriber {
             } => {
                 let update = session.next_update().await?.ok()?;
                 let received = Instant::now();
-                let _ = session.ack(key, update.revision).await;
-                let acked = Instant::now();
+                let sent = session.ack(key, update.revision);
                 let changed = match &update.kind {
                     Some(proto::service_update::Kind::Full(f)) => &f.instances[..],
                     Some(proto::service_update::Kind::Delta(d)) => &d.upserted[..],
@@ -391,22 +393,24 @@ impl Subscriber {
                 if cache.apply(&update).is_err() {
                     cache.expect_reset();
                 }
-                Some(Pushed {
+                let pushed = Pushed {
                     seq,
                     instances: cache.len(),
                     received,
-                    acked,
-                })
+                    acked: None,
+                };
+                Some((pushed, Some(sent)))
             }
             Self::Nacos(c) => {
                 let n = c.next_notified().await?;
                 let hosts = hosts(&n.service_info);
-                Some(Pushed {
+                let pushed = Pushed {
                     seq: seq_of_hosts(hosts),
                     instances: hosts.len(),
                     received: n.received,
-                    acked: n.acked,
-                })
+                    acked: Some(n.acked),
+                };
+                Some((pushed, None))
             }
         }
     }

@@ -249,8 +249,20 @@ async fn subscribers(
         let log: Seen = Arc::default();
         seen.push(log.clone());
         tasks.spawn(async move {
-            while let Some(pushed) = sub.next().await {
-                log.lock().push(pushed);
+            while let Some((pushed, sent)) = sub.next().await {
+                let at = {
+                    let mut log = log.lock();
+                    log.push(pushed);
+                    log.len() - 1
+                };
+                if let Some(sent) = sent {
+                    let log = log.clone();
+                    tokio::spawn(async move {
+                        if sent.await.is_ok() {
+                            log.lock()[at].acked = Some(Instant::now());
+                        }
+                    });
+                }
             }
         });
     }
@@ -295,12 +307,17 @@ async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     })
     .await;
     let elapsed = start.elapsed();
+    // Acknowledgements held back go out shortly after.
+    settle(&seen, Duration::from_secs(2), |log| {
+        log.iter().all(|s| s.acked.is_some())
+    })
+    .await;
     bar.finish_and_clear();
     tasks.abort_all();
 
     let mut receipt = histogram();
     let mut acked = histogram();
-    let mut missed = 0u64;
+    let (mut missed, mut unacked) = (0u64, 0u64);
     for log in &seen {
         let log = log.lock();
         for (x, at) in &made {
@@ -308,7 +325,10 @@ async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
             match log.iter().find(|s| s.seq >= Some(*x)) {
                 Some(s) => {
                     record(&mut receipt, s.received.saturating_duration_since(*at));
-                    record(&mut acked, s.acked.saturating_duration_since(*at));
+                    match s.acked {
+                        Some(t) => record(&mut acked, t.saturating_duration_since(*at)),
+                        None => unacked += 1,
+                    }
                 }
                 None => missed += 1,
             }
@@ -316,6 +336,7 @@ async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     }
     let mut extra = BTreeMap::new();
     extra.insert("missed_updates", json!(missed));
+    extra.insert("unacknowledged", json!(unacked));
     extra.insert("ack_latency", serde_json::to_value(Latency::of(&acked))?);
     writer.close().await;
     Ok(Measured {

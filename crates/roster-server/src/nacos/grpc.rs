@@ -397,7 +397,7 @@ impl NacosGrpc {
                 if let Some((key, revision)) = acked
                     && integer(&body, "resultCode").unwrap_or(200) == 200
                 {
-                    self.nacos.node.ack(conn.session(), &key, revision);
+                    self.nacos.node.ack(conn.session(), [(key, revision)]);
                 }
             }
             "ConnectionSetupRequest" => {

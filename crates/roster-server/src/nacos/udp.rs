@@ -258,7 +258,7 @@ impl Nacos {
             if let Some(p) = acked {
                 *sub.last_poll.lock() = Instant::now();
                 self.node.touch(&sub.link.id);
-                self.node.ack(&sub.link.id, &p.key, p.revision);
+                self.node.ack(&sub.link.id, [(p.key, p.revision)]);
             }
         }
     }
