@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use roster_client::Connection;
@@ -249,19 +251,27 @@ async fn subscribers(
         let log: Seen = Arc::default();
         seen.push(log.clone());
         tasks.spawn(async move {
-            while let Some((pushed, sent)) = sub.next().await {
-                let at = {
-                    let mut log = log.lock();
-                    log.push(pushed);
-                    log.len() - 1
-                };
-                if let Some(sent) = sent {
-                    let log = log.clone();
-                    tokio::spawn(async move {
-                        if sent.await.is_ok() {
+            // Acks held back, by the push they acknowledge; waited for
+            // here rather than in a task each, to keep the client light.
+            let mut acks = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    next = sub.next() => {
+                        let Some((pushed, sent)) = next else { break };
+                        let at = {
+                            let mut log = log.lock();
+                            log.push(pushed);
+                            log.len() - 1
+                        };
+                        if let Some(sent) = sent {
+                            acks.push(async move { (at, sent.await.is_ok()) });
+                        }
+                    }
+                    Some((at, sent)) = acks.next(), if !acks.is_empty() => {
+                        if sent {
                             log.lock()[at].acked = Some(Instant::now());
                         }
-                    });
+                    }
                 }
             }
         });
