@@ -82,6 +82,9 @@ alone query-native-unary query --protocol native-unary --readers 8 --size 10 --d
 alone query-native-unary-mux query --protocol native-unary --readers 64 --connections 4 --size 10 --duration 3s
 alone push-100 push --subscribers 100 --changes 50
 alone push-1000 push --subscribers 1000 --changes 50
+# One change's fan-out on its own: 100 ms apart, each change reaches all
+# 1,000 before the next (at 20 ms they overlap, which measures throughput).
+alone push-1000-spaced push --subscribers 1000 --changes 30 --interval 100ms
 alone push-10000 push --subscribers 10000 --changes 20 --interval 200ms
 alone storm-100k storm --instances 100000 --clients 64 --connections 4 --services 100
 alone churn-native churn --subscribers 50 --rate 500 --duration 3s
