@@ -3,9 +3,15 @@
 # a fresh Roster (started by `roster bench` itself) and a fresh rnacos,
 # through the same protocol and the same bench client, appending one JSON
 # report per run to OUT. Summarise with scripts/perf-summary.py OUT.
-#   usage: scripts/perf-compare.sh OUT [RUNS]   (needs target/release/roster
+#   usage: scripts/perf-compare.sh OUT [RUNS]   (needs target/release/roster,
+#          with FLOOR=1 target/release/examples/transport_floor (cargo build
+#          --release -p roster-server --example transport_floor),
 #          and `rnacos` on PATH or in $RNACOS: cargo install rnacos)
 #   ONLY=REGEX runs only the shapes whose label matches.
+#   FLOOR=1 also runs the Nacos gRPC register and query and the Nacos HTTP
+#   query against the transport
+#   floor (crates/roster-server/examples/transport_floor.rs: canned
+#   replies, no registry), as servers floor-h2, floor-tonic, floor-http.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1
@@ -39,6 +45,20 @@ record() {
     python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='$server'; r['label']='$label'; print(json.dumps(r))" >>"$out"
 }
 
+# The transport floor in MODE, measured with the same bench arguments.
+floor() {
+  local mode=$1 label=$2
+  shift 2
+  local port=$((http + 1000))
+  [[ $mode == http ]] && port=$http
+  target/release/examples/transport_floor "$mode" 127.0.0.1:$port &
+  local pid=$!
+  sleep 0.5
+  record "floor-$mode" "$label" --server 127.0.0.1:$((http + 1000)) "$@" --pid "$pid" || true
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
 # One shape against both servers: label, then `roster bench` arguments.
 both() {
   local label=$1
@@ -49,6 +69,15 @@ both() {
     start_rnacos
     record rnacos "$label" --server 127.0.0.1:$((http + 1000)) "$@" --pid "$rnacos_pid" || true
     stop_rnacos
+    if [[ -n ${FLOOR:-} ]]; then
+      case $label in
+      register-grpc | query-grpc)
+        floor h2 "$label" "$@"
+        floor tonic "$label" "$@"
+        ;;
+      query-http) floor http "$label" "$@" ;;
+      esac
+    fi
     echo "$label run $run done" >&2
   done
 }

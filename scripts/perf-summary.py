@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Summarises scripts/perf-compare.sh output: per label and server, the
 median (min..max) of throughput, server CPU per operation, p50/p99 latency,
-bytes per instance, and Roster's ratio to rnacos (CPU per op, p99)."""
+bytes per instance, Roster's ratio to rnacos (CPU per op, p99) and, where
+the transport floor ran (FLOOR=1), the floor's CPU per op against rnacos'."""
 import json
 import statistics
 import sys
@@ -51,3 +52,14 @@ for label in sorted({l for l, _ in runs}):
     d = medians.get((label, "rnacos", "p99 ms"))
     if a and b:
         print(f"| {label} | {a / b:.2f} | {c / d:.3f} |" if c and d else f"| {label} | {a / b:.2f} | n/a |")
+
+floors = sorted({(l, s) for l, s in runs if s.startswith("floor-")})
+if floors:
+    print()
+    print("| shape | floor | floor CPU per op / rnacos' |")
+    print("|---|---|---|")
+    for label, server in floors:
+        a = medians.get((label, server, "CPU us/op"))
+        b = medians.get((label, "rnacos", "CPU us/op"))
+        if a and b:
+            print(f"| {label} | {server} | {a / b:.2f} |")
