@@ -20,14 +20,19 @@ roster=target/release/roster
 rnacos=${RNACOS:-rnacos}
 http=28848 # rnacos: gRPC on http+1000
 
+# Waits (at most 10 s) until something listens on 127.0.0.1:PORT.
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+}
+
 start_rnacos() {
   data=$(mktemp -d)
   RNACOS_HTTP_PORT=$http RNACOS_DATA_DIR=$data RUST_LOG=error "$rnacos" >/dev/null 2>&1 &
   rnacos_pid=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$((http + 1000))) 2>/dev/null && break
-    sleep 0.1
-  done
+  wait_port $((http + 1000))
   sleep 1
 }
 
@@ -53,7 +58,7 @@ floor() {
   [[ $mode == http ]] && port=$http
   target/release/examples/transport_floor "$mode" 127.0.0.1:$port &
   local pid=$!
-  sleep 0.5
+  wait_port $((http + 1000))
   record "floor-$mode" "$label" --server 127.0.0.1:$((http + 1000)) "$@" --pid "$pid" || true
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true

@@ -230,9 +230,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: transport_floor h2|tonic|http ADDR".into());
     };
     let addr: std::net::SocketAddr = addr.parse()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // The runtime `roster server` runs on (crates/roster-cli/src/main.rs).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    #[cfg(tokio_unstable)]
+    runtime.disable_lifo_slot();
+    let runtime = runtime.build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let canned = canned();

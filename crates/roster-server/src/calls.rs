@@ -64,18 +64,20 @@ pub(crate) fn instance_ref(r: Option<&v1::InstanceRef>) -> Result<(ServiceKey, S
     Ok((key, roster_core::Instance::default_id(&ip, port, cluster)))
 }
 
+/// The model of a request's `instance`, which must be there.
+fn required_instance(i: Option<&v1::Instance>) -> Result<roster_core::Instance, Status> {
+    i.ok_or_else(|| Status::invalid_argument("instance: is required"))?
+        .to_model()
+        .map_err(invalid)
+}
+
 pub fn register(
     node: &Node,
     stream: Option<&str>,
     r: &v1::RegisterRequest,
 ) -> Result<v1::RegisterResponse, Status> {
     let key = required_key(r.service.as_ref()).map_err(invalid)?;
-    let instance = r
-        .instance
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("instance: is required"))?
-        .to_model()
-        .map_err(invalid)?;
+    let instance = required_instance(r.instance.as_ref())?;
     let session = acting(&r.session_id, stream)?;
     let (instance_id, revision) = node.register(session, key, instance).map_err(status)?;
     Ok(v1::RegisterResponse {
@@ -95,12 +97,7 @@ pub fn deregister(
 
 pub fn update(node: &Node, r: &v1::UpdateRequest) -> Result<v1::UpdateResponse, Status> {
     let key = required_key(r.service.as_ref()).map_err(invalid)?;
-    let patch = r
-        .instance
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("instance: is required"))?
-        .to_model()
-        .map_err(invalid)?
+    let patch = required_instance(r.instance.as_ref())?
         .normalize()
         .map_err(invalid)?;
     let revision = node.update(&key, patch).map_err(status)?;
