@@ -47,6 +47,13 @@ enum Command {
         /// gRPC listen address (overrides config and ROSTER_SERVER_GRPC).
         #[arg(long)]
         grpc: Option<SocketAddr>,
+        /// This node's name (overrides config and ROSTER_SERVER_NODE_NAME).
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Where the node keeps its incarnation counter [default:
+        /// ./roster-data, unless the config or ROSTER_SERVER_DATA_DIR names one].
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Register an ephemeral instance and keep it alive until interrupted.
     Register {
@@ -64,12 +71,15 @@ enum Command {
         #[arg(long, default_value = "")]
         node_name: String,
     },
-    /// Remove an instance.
+    /// Remove an instance another process registered (an operator's
+    /// call: it needs the node's admin token).
     Deregister {
         #[command(flatten)]
         service: ServiceArgs,
         #[command(flatten)]
         at: InstanceArgs,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// List a service's instances.
     List {
@@ -108,7 +118,31 @@ enum Command {
         /// Give up waiting for acknowledgements after this long.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The node's admin token (its `admin.token`): an operator may change
+    /// instances that other sessions own.
+    #[arg(long, env = "ROSTER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+impl AdminArgs {
+    /// A connection to `addr` that acts with the admin token.
+    async fn connect(&self, addr: &str, what: &str) -> Result<Connection> {
+        let Some(token) = self.admin_token.as_deref().filter(|t| !t.is_empty()) else {
+            bail!(
+                "{what} changes an instance another process registered, which needs the \
+                 node's admin token: pass --admin-token or set ROSTER_ADMIN_TOKEN (the node's \
+                 admin.token)"
+            );
+        };
+        Ok(Connection::connect(addr).await?.with_admin_token(token)?)
+    }
 }
 
 #[derive(Args)]
@@ -235,7 +269,13 @@ async fn run(cli: Cli) -> Result<()> {
     let given = cli.server.clone();
     let addr = given.clone().unwrap_or_else(|| DEFAULT_SERVER.to_owned());
     match cli.command {
-        Command::Server { config, http, grpc } => server(config, http, grpc).await,
+        Command::Server {
+            config,
+            http,
+            grpc,
+            node_name,
+            data_dir,
+        } => server(config, http, grpc, node_name, data_dir).await,
         Command::Register {
             service,
             at,
@@ -271,9 +311,9 @@ async fn run(cli: Cli) -> Result<()> {
             removed.context("deregistering on exit")?;
             Ok(())
         }
-        Command::Deregister { service, at } => {
+        Command::Deregister { service, at, admin } => {
             let key = service.key()?;
-            let client = Connection::connect(&addr).await?;
+            let client = admin.connect(&addr, "deregister").await?;
             let revision = client.deregister(at.reference(&key)?).await?;
             output::revision(json, "deregistered", revision);
             Ok(())
@@ -302,9 +342,10 @@ async fn run(cli: Cli) -> Result<()> {
             at,
             remove,
             timeout,
+            admin,
         } => {
             let key = service.key()?;
-            let client = Connection::connect(&addr).await?;
+            let client = admin.connect(&addr, "drain").await?;
             let r = client.drain(at.reference(&key)?, remove, timeout).await?;
             output::drained(json, &r);
             if !r.complete {
@@ -319,10 +360,15 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// Where `roster server` keeps its data unless told otherwise.
+const DEFAULT_DATA_DIR: &str = "roster-data";
+
 async fn server(
     config: Option<PathBuf>,
     http: Option<SocketAddr>,
     grpc: Option<SocketAddr>,
+    node_name: Option<String>,
+    data_dir: Option<PathBuf>,
 ) -> Result<()> {
     let mut config = roster_server::Config::load(config.as_deref(), std::env::vars())?;
     if let Some(a) = http {
@@ -330,6 +376,17 @@ async fn server(
     }
     if let Some(a) = grpc {
         config.server.grpc = a;
+    }
+    if let Some(name) = node_name {
+        roster_core::model::validate_name("--node-name", &name)?;
+        config.server.node_name = name;
+    }
+    match data_dir {
+        Some(dir) => config.server.data_dir = dir.to_string_lossy().into_owned(),
+        None if config.server.data_dir.is_empty() => {
+            config.server.data_dir = DEFAULT_DATA_DIR.into();
+        }
+        None => {}
     }
     let server = roster_server::start(config).await?;
     // Scripts and tests read the bound addresses from this line.
@@ -377,7 +434,15 @@ async fn sdk(server: &str, name: &str) -> Result<Client> {
 }
 
 async fn watch(server: &str, json: bool, key: ServiceKey) -> Result<()> {
-    let client = sdk(server, &format!("roster-cli watch {}", key.service)).await?;
+    // A watcher shows every change as it happens, the last instance going
+    // away included: empty-push protection is for choosing instances.
+    let client = Client::builder()
+        .addresses([server])
+        .client_name(format!("roster-cli watch {}", key.service))
+        .require_connection(true)
+        .empty_push_protection(false)
+        .build()
+        .await?;
     let mut updates = client.subscribe(&key).await?;
     // Instances in the view, kept from the changes.
     let mut count = 0usize;

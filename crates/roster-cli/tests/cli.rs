@@ -9,15 +9,20 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_roster");
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A child process killed when dropped.
-struct Running(Child);
+/// A child process killed when dropped (with the data directory it used).
+struct Running(Child, Option<tempfile::TempDir>);
 
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        // The data directory goes once the process has.
+        drop(self.1.take());
     }
 }
+
+/// The admin token the test nodes are started with.
+const ADMIN: &str = "test-admin-token";
 
 fn interrupt(child: &Child) {
     // SIGINT, as Ctrl-C would send.
@@ -26,11 +31,22 @@ fn interrupt(child: &Child) {
         .status();
 }
 
-/// Starts `roster server` on port 0 and returns it with its gRPC address.
+/// Starts `roster server` on port 0 (with the admin token [`ADMIN`] and a
+/// data directory of its own) and returns it with its gRPC address.
 fn server() -> (Running, String) {
+    let (running, grpc, _) = server_at("127.0.0.1:0", "127.0.0.1:0", tempfile::tempdir().unwrap());
+    (running, grpc)
+}
+
+/// Starts `roster server` on these addresses with this data directory;
+/// returns it with its gRPC and HTTP addresses.
+fn server_at(http: &str, grpc: &str, data: tempfile::TempDir) -> (Running, String, String) {
     let mut child = Command::new(BIN)
-        .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .args(["server", "--http", http, "--grpc", grpc])
+        .arg("--data-dir")
+        .arg(data.path())
         .env("ROSTER_LOG", "warn")
+        .env("ROSTER_ADMIN_TOKEN", ADMIN)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -38,12 +54,13 @@ fn server() -> (Running, String) {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let grpc = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (Running(child), grpc)
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+            .to_owned()
+    };
+    (Running(child, Some(data)), field("grpc="), field("http="))
 }
 
 fn roster(server: &str, args: &[&str]) -> Output {
@@ -51,6 +68,18 @@ fn roster(server: &str, args: &[&str]) -> Output {
         .arg("--server")
         .arg(server)
         .args(args)
+        .env_remove("ROSTER_ADMIN_TOKEN")
+        .output()
+        .expect("run roster")
+}
+
+/// `roster` as an operator holding the node's admin token.
+fn operator(server: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .env("ROSTER_ADMIN_TOKEN", ADMIN)
         .output()
         .expect("run roster")
 }
@@ -72,6 +101,7 @@ fn spawn(server: &str, args: &[&str]) -> (Running, mpsc::Receiver<String>) {
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
+        .env_remove("ROSTER_ADMIN_TOKEN")
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();
@@ -83,7 +113,7 @@ fn spawn(server: &str, args: &[&str]) -> (Running, mpsc::Receiver<String>) {
             }
         }
     });
-    (Running(child), rx)
+    (Running(child, None), rx)
 }
 
 fn next_json(rx: &mpsc::Receiver<String>) -> serde_json::Value {
@@ -137,8 +167,9 @@ fn cli_tour_register_list_watch_drain_deregister() {
     assert_eq!(services["services"][0]["service"], "orders");
     assert_eq!(services["services"][0]["subscribers"], 1);
 
-    // Drain waits for the watcher's acknowledgement.
-    let drained = json(&roster(
+    // Drain waits for the watcher's acknowledgement. It acts on an
+    // instance another process registered: an operator's call.
+    let drained = json(&operator(
         &addr,
         &[
             "--json",
@@ -164,7 +195,8 @@ fn cli_tour_register_list_watch_drain_deregister() {
     assert_eq!(removed["removed"][0], "10.9.0.1#8080#DEFAULT");
     assert_eq!(removed["instances"], 0);
 
-    // `deregister` removes an instance whose registrant is still running.
+    // `deregister` removes an instance whose registrant is still running:
+    // only with the node's admin token, for the instance is not its own.
     let (_second, second_lines) = spawn(
         &addr,
         &[
@@ -174,10 +206,27 @@ fn cli_tour_register_list_watch_drain_deregister() {
     next_json(&second_lines);
     let added = next_json(&lines);
     assert_eq!(added["added"][0]["port"], 81);
-    let out = roster(
-        &addr,
-        &["deregister", "orders", "--ip", "10.9.0.2", "--port", "81"],
+    let args = ["deregister", "orders", "--ip", "10.9.0.2", "--port", "81"];
+    let out = roster(&addr, &args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("admin token"), "{err}");
+    let mut wrong = args.to_vec();
+    wrong.extend(["--admin-token", "guess"]);
+    let out = roster(&addr, &wrong);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not this node's admin token"),
+        "{out:?}"
     );
+    let list = json(&roster(&addr, &["--json", "list", "orders"]));
+    assert_eq!(
+        list["instances"].as_array().unwrap().len(),
+        1,
+        "still there"
+    );
+    let out = operator(&addr, &args);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).starts_with("deregistered"));
     let removed = next_json(&lines);
@@ -223,7 +272,7 @@ fn cli_errors_are_one_clear_line_and_a_non_zero_exit() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("instance.weight"));
     let out = roster(&addr, &["list"]);
     assert_eq!(out.status.code(), Some(2), "clap usage error");
-    let out = roster(
+    let out = operator(
         &addr,
         &["deregister", "orders", "--ip", "10.0.0.1", "--port", "80"],
     );
@@ -481,4 +530,52 @@ fn bench_push_over_http_is_refused_with_a_reason() {
     let out = bench_own(&["push", "--protocol", "nacos-http", "--subscribers", "1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("streaming protocol"));
+}
+
+#[test]
+fn a_watcher_follows_a_node_killed_and_restarted_and_shows_the_removal_at_once() {
+    let (mut node, addr, http) =
+        server_at("127.0.0.1:0", "127.0.0.1:0", tempfile::tempdir().unwrap());
+    let (_watch, lines) = spawn(&addr, &["--json", "watch", "orders"]);
+    assert_eq!(next_json(&lines)["kind"], "reset");
+    let (register, reg_lines) = spawn(
+        &addr,
+        &[
+            "--json", "register", "orders", "--ip", "10.9.3.1", "--port", "80",
+        ],
+    );
+    next_json(&reg_lines);
+    assert_eq!(next_json(&lines)["instances"], 1);
+
+    // kill -9, then a new life of the node on the same ports and data.
+    let data = node.1.take();
+    let _ = node.0.kill();
+    let _ = node.0.wait();
+    let (_node, _, _) = server_at(&http, &addr, data.unwrap());
+    // The registration comes back by itself.
+    wait_for("the registration to come back", || {
+        let out = roster(&addr, &["--json", "list", "orders"]);
+        out.status.success()
+            && json(&out)["instances"]
+                .as_array()
+                .is_some_and(|a| a.len() == 1)
+    });
+    // Ctrl-C on `register`: the watcher shows the removal within a second
+    // or so, and settles on an empty service.
+    while lines.try_recv().is_ok() {}
+    interrupt(&register.0);
+    let shown = Instant::now();
+    loop {
+        let line = next_json(&lines);
+        if line["instances"] == 0 {
+            break;
+        }
+    }
+    assert!(
+        shown.elapsed() < Duration::from_secs(3),
+        "the removal took {:?}",
+        shown.elapsed()
+    );
+    // No more lines: the watcher is not reloading in a loop.
+    assert!(lines.recv_timeout(Duration::from_secs(1)).is_err());
 }

@@ -48,6 +48,9 @@ pub enum CacheError {
     /// An instance in the update is malformed.
     #[error("malformed instance: {0}")]
     Malformed(String),
+    /// A delta numbered by another node life than the view held.
+    #[error("delta from another node epoch than the view held")]
+    Epoch,
 }
 
 /// One service's view as the consumer holds it.
@@ -60,6 +63,8 @@ pub struct ServiceCache {
     awaiting_full: bool,
     /// The checksum of the instances held.
     pub checksum: u64,
+    /// The node life whose revision `revision` is.
+    pub epoch: Option<v1::NodeEpoch>,
     /// The instances with their hash, by id.
     entries: BTreeMap<String, (Arc<Instance>, u64)>,
 }
@@ -70,6 +75,7 @@ impl Default for ServiceCache {
             revision: 0,
             awaiting_full: true,
             checksum: 0,
+            epoch: None,
             entries: BTreeMap::new(),
         }
     }
@@ -111,11 +117,24 @@ impl ServiceCache {
         self.awaiting_full = true;
     }
 
-    /// The registry says the instances held are its view at `revision`
-    /// (a pull answered not-modified by checksum).
-    pub fn confirm(&mut self, revision: u64) {
+    /// The registry (of `epoch`) says the instances held are its view at
+    /// `revision` (a pull answered not-modified by checksum).
+    pub fn confirm(&mut self, revision: u64, epoch: Option<&v1::NodeEpoch>) {
         self.revision = revision;
+        if let Some(e) = epoch {
+            self.epoch = Some(e.clone());
+        }
         self.awaiting_full = false;
+    }
+
+    /// Whether `epoch` is the one the cache's revision belongs to.
+    pub fn same_epoch(&self, epoch: Option<&v1::NodeEpoch>) -> bool {
+        match (epoch, &self.epoch) {
+            (Some(given), Some(held)) => given == held,
+            // Either side unknown: revisions are taken as they are, and the
+            // checksum, checked after every update, catches a mismatch.
+            _ => true,
+        }
     }
 
     /// Whether applying `update` would leave no instance while some are
@@ -139,7 +158,9 @@ impl ServiceCache {
     }
 
     fn is_stale(&self, update: &v1::ServiceUpdate) -> bool {
-        !self.awaiting_full && update.revision <= self.revision
+        !self.awaiting_full
+            && self.same_epoch(update.epoch.as_ref())
+            && update.revision <= self.revision
     }
 
     /// Applies an update. Updates at or below the held revision are ignored
@@ -195,6 +216,9 @@ impl ServiceCache {
         self.entries = fresh;
         self.revision = update.revision;
         self.checksum = sum;
+        if update.epoch.is_some() {
+            self.epoch = update.epoch.clone();
+        }
         self.awaiting_full = false;
         Ok(applied)
     }
@@ -204,6 +228,9 @@ impl ServiceCache {
         update: &v1::ServiceUpdate,
         delta: &v1::Delta,
     ) -> Result<Applied, CacheError> {
+        if !self.same_epoch(update.epoch.as_ref()) {
+            return Err(CacheError::Epoch);
+        }
         if self.awaiting_full || delta.from_revision != self.revision {
             return Err(CacheError::Gap {
                 from: delta.from_revision,
@@ -266,6 +293,7 @@ impl ServiceCache {
                     .map(|i| v1::Instance::from_model(i))
                     .collect(),
             })),
+            epoch: self.epoch.clone(),
         }
     }
 }
@@ -293,6 +321,7 @@ mod tests {
             revision,
             checksum: sum(&instances),
             kind: Some(v1::service_update::Kind::Full(v1::FullView { instances })),
+            epoch: None,
         }
     }
 
@@ -312,6 +341,7 @@ mod tests {
                 upserted,
                 removed,
             })),
+            epoch: None,
         }
     }
 

@@ -682,6 +682,36 @@ impl Registration {
         &self.instance_id
     }
 
+    /// Drains the instance without a fixed sleep: sets its weight to 0 (or,
+    /// with `remove`, removes it and stops keeping it alive) and waits
+    /// until every subscriber of the service has applied that, or
+    /// `timeout` passed. The answer names who acknowledged, who did not,
+    /// who left meanwhile, and readers that cannot acknowledge.
+    pub async fn drain(
+        &self,
+        remove: bool,
+        timeout: Duration,
+    ) -> Result<roster_proto::v1::DrainResponse, ClientError> {
+        {
+            let mut state = self.shared.lock();
+            if remove {
+                state.registrations.remove(&self.id);
+            } else if let Some(r) = state.registrations.get_mut(&self.id) {
+                // Registered again at weight 0 on a new session, too.
+                r.instance.weight = 0.0;
+            }
+        }
+        self.shared
+            .ask(|reply| Command::Drain {
+                key: self.key.clone(),
+                instance_id: self.instance_id.clone(),
+                remove,
+                timeout,
+                reply,
+            })
+            .await?
+    }
+
     /// Removes the instance from the registry and stops keeping it alive.
     pub async fn deregister(self) -> Result<(), ClientError> {
         if self.shared.lock().registrations.remove(&self.id).is_none() {

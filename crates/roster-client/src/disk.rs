@@ -109,6 +109,7 @@ mod tests {
                 kind: Some(v1::service_update::Kind::Full(v1::FullView {
                     instances: vec![wire],
                 })),
+                epoch: None,
             })
             .unwrap();
         disk.store(&key, &cache).unwrap();

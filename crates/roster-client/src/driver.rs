@@ -1,24 +1,29 @@
 //! The client's background task: the only code that talks to the registry.
-//! It holds one session, redoes registrations and subscriptions on every
-//! new session, applies pushes and pulls to the caches (with empty-push
-//! protection and full reloads on gaps), writes the disk cache, and
-//! reconnects with jittered back-off, moving to the next address on failure.
+//! It holds one session (a raw [`Session`], whose own task sends keep-alives
+//! and answers probes whatever the driver is doing), makes every call on the
+//! session stream, redoes registrations and subscriptions on every new
+//! session, applies pushes and pulls to the caches (with empty-push
+//! protection, full reloads on gaps, and reloads by checksum when the node
+//! epoch changed), writes the disk cache, and reconnects with jittered
+//! back-off, moving to the next address on failure.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use prost::Message;
+use futures_util::StreamExt;
 use roster_core::ServiceKey;
 use roster_proto::v1;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tonic::Code;
 
-use crate::acks::HeldAcks;
 use crate::cache::ServiceCache;
 use crate::client::{Change, Shared, Status, Update};
-use crate::raw::{Connection, OpenStream, open_stream};
+use crate::raw::{Connection, Session};
 use crate::{ClientError, metric_names};
+
+/// Pulls in flight at once when every subscribed service is pulled.
+const PULLS_IN_FLIGHT: usize = 32;
 
 /// What the application asks of the driver.
 pub(crate) enum Command {
@@ -32,6 +37,14 @@ pub(crate) enum Command {
         key: ServiceKey,
         instance_id: String,
         reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    /// Drain a registered instance and wait for its subscribers.
+    Drain {
+        key: ServiceKey,
+        instance_id: String,
+        remove: bool,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<v1::DrainResponse, ClientError>>,
     },
     /// Subscribe to a service (already in the state) and load its view.
     Subscribe {
@@ -90,15 +103,14 @@ enum Exit {
 /// The session in use.
 struct Live {
     conn: Connection,
-    session_id: String,
-    stream: OpenStream,
-    /// Acknowledgements of applied updates, sent together when due.
-    acks: std::sync::Mutex<HeldAcks>,
+    session: Session,
+    /// The session's pushed updates, read beside its calls.
+    updates: tokio::sync::Mutex<mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>>,
 }
 
 impl Live {
-    fn acks(&self) -> std::sync::MutexGuard<'_, HeldAcks> {
-        self.acks.lock().unwrap_or_else(|e| e.into_inner())
+    fn epoch(&self) -> Option<&v1::NodeEpoch> {
+        self.session.epoch()
     }
 }
 
@@ -140,7 +152,17 @@ fn is_broken(status: &tonic::Status) -> bool {
             | Code::AlreadyExists
             | Code::PermissionDenied
             | Code::OutOfRange
+            | Code::NotFound
     )
+}
+
+/// A session call's error as a status (a closed session is unavailable).
+fn as_status(e: ClientError) -> tonic::Status {
+    match e {
+        ClientError::Status(s) => s,
+        ClientError::SessionClosed => tonic::Status::unavailable("the session has ended"),
+        other => tonic::Status::unavailable(other.to_string()),
+    }
 }
 
 impl Driver {
@@ -210,18 +232,21 @@ impl Driver {
     async fn open(&self, addr: &str) -> Result<Live, ClientError> {
         let c = &self.shared.config;
         let conn = Connection::connect_with(addr, c.connect_timeout, c.connect_timeout * 3).await?;
-        let stream =
-            tokio::time::timeout(c.connect_timeout, open_stream(conn.grpc(), &c.client_name))
-                .await
-                .map_err(|_| ClientError::Connect {
-                    addr: addr.to_owned(),
-                    reason: "no welcome from the registry".into(),
-                })??;
+        let session = tokio::time::timeout(
+            c.connect_timeout,
+            Session::open(conn.grpc(), &c.client_name),
+        )
+        .await
+        .map_err(|_| ClientError::Connect {
+            addr: addr.to_owned(),
+            reason: "no welcome from the registry".into(),
+        })??;
+        let mut session = session;
+        let updates = tokio::sync::Mutex::new(session.detach_updates());
         Ok(Live {
             conn,
-            session_id: stream.session_id.clone(),
-            stream,
-            acks: Default::default(),
+            session,
+            updates,
         })
     }
 
@@ -273,6 +298,9 @@ impl Driver {
             Command::Subscribe { reply, .. } => {
                 let _ = reply.send(());
             }
+            Command::Drain { reply, .. } => {
+                let _ = reply.send(Err(ClientError::SessionClosed));
+            }
             Command::Unsubscribe { .. } => {}
             Command::Refresh { reply, .. } => {
                 let _ = reply.send(Err(ClientError::SessionClosed));
@@ -290,12 +318,13 @@ impl Driver {
         }
     }
 
+    /// A session call, bounded by the request timeout.
     async fn call<T>(
         &self,
-        fut: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        fut: impl Future<Output = Result<T, ClientError>>,
     ) -> Result<T, tonic::Status> {
         match tokio::time::timeout(self.shared.config.request_timeout, fut).await {
-            Ok(r) => r.map(tonic::Response::into_inner),
+            Ok(r) => r.map_err(as_status),
             Err(_) => Err(tonic::Status::deadline_exceeded(
                 "the registry did not answer in time",
             )),
@@ -303,7 +332,7 @@ impl Driver {
     }
 
     /// Runs one session: redo, then serve until it breaks or we stop.
-    async fn connected(&mut self, mut live: Live, addr: &str) -> Exit {
+    async fn connected(&mut self, live: Live, addr: &str) -> Exit {
         if let Err(e) = self.redo(&live).await {
             return Exit::Broken(e.message().to_owned());
         }
@@ -313,38 +342,37 @@ impl Driver {
             state.last_error = None;
         }
         self.shared.status.send_replace(Status::Connected);
-        tracing::info!(server = %addr, session = %live.session_id, "session open");
+        tracing::info!(server = %addr, session = %live.session.id(), "session open");
         if let Some(first) = self.first.take() {
             let _ = first.send(());
         }
-        let mut keepalive = tokio::time::interval(live.stream.keepalive);
-        keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let pull_every = self.shared.config.pull_interval;
         let mut pull = tokio::time::interval_at(Instant::now() + pull_every, pull_every);
         pull.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // When pushes were dropped for falling behind, everything is pulled,
+        // at most this often (pulling also takes time from reading).
+        let catch_up_every = Duration::from_secs(1);
+        let mut caught_up = Instant::now() - catch_up_every;
         loop {
-            let acks_due = live.acks().due();
             let step: Result<(), tonic::Status> = tokio::select! {
                 _ = self.shared.stop.cancelled() => return Exit::Stop,
-                _ = tokio::time::sleep_until(acks_due.unwrap_or_else(Instant::now)), if acks_due.is_some() => {
-                    let held = live.acks().take();
-                    match held {
-                        Some(message) => self.send_message(&live, message).await,
-                        None => Ok(()),
-                    }
-                }
-                msg = live.stream.inbound.message() => match msg {
-                    Ok(Some(m)) => self.inbound(&live, m).await,
-                    Ok(None) => Err(tonic::Status::unavailable("the registry closed the session")),
-                    Err(s) => Err(s),
+                msg = async { live.updates.lock().await.recv().await } => match msg {
+                    Some(Ok(update)) => self.pushed(&live, update).await,
+                    Some(Err(e)) => Err(as_status(e)),
+                    None => Err(tonic::Status::unavailable("the registry closed the session")),
                 },
-                _ = keepalive.tick() => self.send(&live, v1::client_message::Kind::KeepAlive(v1::KeepAlive {})).await,
                 _ = pull.tick() => self.pull_all(&live, false).await,
                 _ = housekeeping.tick() => {
                     self.flush_disk().await;
-                    self.pull_all(&live, true).await
+                    if caught_up.elapsed() >= catch_up_every && live.session.missed_updates() {
+                        // Pushes were dropped while we were busy: pull.
+                        caught_up = Instant::now();
+                        self.pull_all(&live, false).await
+                    } else {
+                        self.pull_all(&live, true).await
+                    }
                 }
                 cmd = self.commands.recv() => match cmd {
                     None => return Exit::Stop,
@@ -387,25 +415,15 @@ impl Driver {
         let Some(r) = self.shared.lock().registrations.get(&id).cloned() else {
             return Ok(());
         };
-        self.call(live.conn.grpc().register(v1::RegisterRequest {
-            session_id: live.session_id.clone(),
-            service: Some((&r.key).into()),
-            instance: Some(v1::Instance::from_model(&r.instance)),
-        }))
-        .await
-        .map(|_| ())
+        self.call(live.session.register(&r.key, &r.instance))
+            .await
+            .map(|_| ())
     }
 
     /// Subscribes on the session and applies the view it answers. Only a
     /// broken session is an error; a refusal is logged.
     async fn subscribe(&self, live: &Live, key: &ServiceKey) -> Result<(), tonic::Status> {
-        let response = match self
-            .call(live.conn.grpc().subscribe(v1::SubscribeRequest {
-                session_id: live.session_id.clone(),
-                service: Some(key.into()),
-            }))
-            .await
-        {
+        let view = match self.call(live.session.subscribe(key)).await {
             Ok(r) => r,
             Err(s) if is_broken(&s) => return Err(s),
             Err(s) => {
@@ -413,10 +431,7 @@ impl Driver {
                 return Ok(());
             }
         };
-        match response.view {
-            Some(view) => self.accept(live, key, view, Origin::Reset).await,
-            None => Ok(()),
-        }
+        self.accept(live, key, view, Origin::Reset).await
     }
 
     /// Carries out a command on the session. `Ok(false)` when stopping.
@@ -463,13 +478,35 @@ impl Driver {
                 let _ = reply.send(());
                 r?;
             }
+            Command::Drain {
+                key,
+                instance_id,
+                remove,
+                timeout,
+                reply,
+            } => {
+                let instance = v1::InstanceRef {
+                    service: Some((&key).into()),
+                    id: instance_id,
+                    ..Default::default()
+                };
+                // Waited for in a task of its own: the driver goes on
+                // applying (and acknowledging) pushes meanwhile, its own
+                // subscription to the drained service included. Bounded by
+                // the drain's timeout, not the request's.
+                let call = live.session.drain_call(instance, remove, timeout);
+                let limit = timeout + self.shared.config.request_timeout;
+                tokio::spawn(async move {
+                    let r = tokio::time::timeout(limit, call).await.unwrap_or(Err(
+                        ClientError::Status(tonic::Status::deadline_exceeded(
+                            "the registry did not answer the drain in time",
+                        )),
+                    ));
+                    let _ = reply.send(r);
+                });
+            }
             Command::Unsubscribe { key } => {
-                let r = self
-                    .call(live.conn.grpc().unsubscribe(v1::UnsubscribeRequest {
-                        session_id: live.session_id.clone(),
-                        service: Some((&key).into()),
-                    }))
-                    .await;
+                let r = self.call(live.session.unsubscribe(&key)).await;
                 if let Err(s) = r
                     && is_broken(&s)
                 {
@@ -511,75 +548,36 @@ impl Driver {
         live: &Live,
         key: &ServiceKey,
         id: String,
-    ) -> Result<v1::DeregisterResponse, tonic::Status> {
-        self.call(live.conn.grpc().deregister(v1::DeregisterRequest {
-            instance: Some(v1::InstanceRef {
-                service: Some(key.into()),
-                id,
-                ..Default::default()
-            }),
+    ) -> Result<u64, tonic::Status> {
+        self.call(live.session.deregister(v1::InstanceRef {
+            service: Some(key.into()),
+            id,
+            ..Default::default()
         }))
         .await
     }
 
-    async fn send(&self, live: &Live, kind: v1::client_message::Kind) -> Result<(), tonic::Status> {
-        self.send_message(live, v1::ClientMessage { kind: Some(kind) })
-            .await
-    }
-
-    async fn send_message(
-        &self,
-        live: &Live,
-        message: v1::ClientMessage,
-    ) -> Result<(), tonic::Status> {
-        live.stream
-            .outgoing
-            .send(message)
-            .await
-            .map_err(|_| tonic::Status::unavailable("the session stream is closed"))
-    }
-
-    async fn inbound(&mut self, live: &Live, msg: v1::ServerMessage) -> Result<(), tonic::Status> {
-        use v1::server_message::Kind;
-        match msg.kind {
-            Some(Kind::Probe(p)) => {
-                self.send(
-                    live,
-                    v1::client_message::Kind::ProbeReply(v1::ProbeReply { nonce: p.nonce }),
-                )
-                .await
+    /// A pushed update: applied to its cache (a test may drop it first).
+    async fn pushed(&self, live: &Live, update: v1::ServiceUpdate) -> Result<(), tonic::Status> {
+        let key = match roster_proto::convert::required_key(update.service.as_ref()) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("push for a malformed service key: {e}");
+                return Ok(());
             }
-            Some(Kind::Update(bytes)) => {
-                let update = match v1::ServiceUpdate::decode(bytes) {
-                    Ok(u) => u,
-                    Err(e) => {
-                        tracing::warn!("undecodable push: {e}");
-                        return Ok(());
-                    }
-                };
-                let key = match roster_proto::convert::required_key(update.service.as_ref()) {
-                    Ok(k) => k,
-                    Err(e) => {
-                        tracing::warn!("push for a malformed service key: {e}");
-                        return Ok(());
-                    }
-                };
-                {
-                    let mut state = self.shared.lock();
-                    let news = state
-                        .subs
-                        .get(&key)
-                        .is_some_and(|s| update.revision > s.cache.revision);
-                    if news && state.skip_pushes > 0 {
-                        state.skip_pushes -= 1;
-                        return Ok(());
-                    }
-                }
-                self.accept(live, &key, update, Origin::Push).await
+        };
+        {
+            let mut state = self.shared.lock();
+            let news = state
+                .subs
+                .get(&key)
+                .is_some_and(|s| update.revision > s.cache.revision);
+            if news && state.skip_pushes > 0 {
+                state.skip_pushes -= 1;
+                return Ok(());
             }
-            // The driver makes its calls as unary RPCs, so no reply is due.
-            Some(Kind::Reply(_)) | Some(Kind::Welcome(_)) | None => Ok(()),
         }
+        self.accept(live, &key, update, Origin::Push).await
     }
 
     /// Applies an update; reloads the full view when it does not fit, and
@@ -611,7 +609,8 @@ impl Driver {
                 }
             }
         };
-        live.acks().hold(key, revision);
+        // Resolves when sent; the session's task sends it in due time.
+        drop(live.session.ack(key, revision));
         Ok(())
     }
 
@@ -628,7 +627,11 @@ impl Driver {
             // applied, every delta is a gap.
             sub.cache.expect_reset();
         }
-        if protect && origin != Origin::Pull && sub.cache.would_empty(update) {
+        // A pull or a reload is the registry's answer to a question: it is
+        // what the registry holds, so it is applied even if it empties the
+        // service. Only pushes and resets wait for such a confirmation.
+        let confirmed = matches!(origin, Origin::Pull | Origin::Reload);
+        if protect && !confirmed && sub.cache.would_empty(update) {
             if sub.held_since.is_none() {
                 sub.held_since = Some(Instant::now());
                 metrics::counter!(metric_names::EMPTY_PUSHES_HELD).increment(1);
@@ -687,36 +690,49 @@ impl Driver {
         revision: u64,
         checksum: u64,
     ) -> Result<v1::PullResponse, tonic::Status> {
-        self.call(live.conn.grpc().pull(v1::PullRequest {
-            service: Some(key.into()),
-            since_revision: revision,
-            since_checksum: checksum,
-        }))
-        .await
+        self.call(live.session.pull(key, revision, checksum)).await
     }
 
-    /// Pulls one service and applies the answer.
-    async fn pull(&self, live: &Live, key: &ServiceKey) -> Result<(), tonic::Status> {
-        let Some((revision, checksum)) = self
-            .shared
-            .lock()
-            .subs
-            .get(key)
-            .map(|s| (s.cache.revision, s.cache.checksum))
-        else {
-            return Ok(());
+    /// What to ask when pulling `key`: the revision held (when it is of
+    /// this session's node epoch; revisions of another epoch mean nothing
+    /// here) and the checksum held.
+    fn pull_base(&self, live: &Live, key: &ServiceKey) -> Option<(u64, u64)> {
+        let state = self.shared.lock();
+        let cache = &state.subs.get(key)?.cache;
+        let revision = if cache.same_epoch(live.epoch()) {
+            cache.revision
+        } else {
+            0
         };
-        let answer = self.pull_request(live, key, revision, checksum).await?;
+        Some((revision, cache.checksum))
+    }
+
+    /// Applies a pull's answer for `key`.
+    async fn pulled(
+        &self,
+        live: &Live,
+        key: &ServiceKey,
+        answer: v1::PullResponse,
+    ) -> Result<(), tonic::Status> {
         if answer.not_modified {
-            // Same revision, or the same instances (by checksum) at another
-            // one: what is held is right.
-            if let Some(sub) = self.shared.lock().subs.get_mut(key)
-                && sub.cache.checksum == answer.checksum
-            {
-                sub.held_since = None;
-                sub.cache.confirm(answer.revision);
+            let confirmed = match self.shared.lock().subs.get_mut(key) {
+                // The same instances (by checksum) at the registry's
+                // revision: what is held is right, and now of its epoch.
+                Some(sub) if sub.cache.checksum == answer.checksum => {
+                    sub.held_since = None;
+                    sub.cache.confirm(answer.revision, answer.epoch.as_ref());
+                    true
+                }
+                Some(_) => false,
+                None => true,
+            };
+            if confirmed {
+                return Ok(());
             }
-            return Ok(());
+            // Not modified by revision, yet the checksums differ: the
+            // revision held is another node life's. Reload.
+            metrics::counter!(metric_names::FULL_RELOADS).increment(1);
+            return self.reload(live, key).await;
         }
         match answer.update {
             Some(update) => self.accept(live, key, update, Origin::Pull).await,
@@ -724,8 +740,47 @@ impl Driver {
         }
     }
 
+    /// Replaces a service's cache by the registry's full view.
+    async fn reload(&self, live: &Live, key: &ServiceKey) -> Result<(), tonic::Status> {
+        let pulled = self.pull_request(live, key, 0, 0).await?;
+        match pulled.update {
+            Some(full) => {
+                if let Outcome::Failed(e) = self.apply(key, &full, Origin::Reload) {
+                    tracing::error!(service = %key, "the reloaded full view does not verify: {e}");
+                }
+                Ok(())
+            }
+            // Nothing was ever registered there on this node: the answer
+            // is an empty view.
+            None => {
+                let empty = v1::ServiceUpdate {
+                    service: Some(key.into()),
+                    revision: pulled.revision,
+                    checksum: 0,
+                    kind: Some(v1::service_update::Kind::Full(v1::FullView::default())),
+                    epoch: pulled.epoch.clone(),
+                };
+                if let Outcome::Failed(e) = self.apply(key, &empty, Origin::Reload) {
+                    tracing::error!(service = %key, "cannot apply the empty view: {e}");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Pulls one service and applies the answer.
+    async fn pull(&self, live: &Live, key: &ServiceKey) -> Result<(), tonic::Status> {
+        let Some((revision, checksum)) = self.pull_base(live, key) else {
+            return Ok(());
+        };
+        let answer = self.pull_request(live, key, revision, checksum).await?;
+        self.pulled(live, key, answer).await
+    }
+
     /// Pulls every subscribed service, or with `held_only` those holding
-    /// back an emptying update for longer than the confirm delay.
+    /// back an emptying update for longer than the confirm delay. The pulls
+    /// are pipelined on the session; the session's own task keeps it alive
+    /// meanwhile.
     async fn pull_all(&self, live: &Live, held_only: bool) -> Result<(), tonic::Status> {
         let confirm = self.shared.config.empty_confirm_delay;
         let now = Instant::now();
@@ -741,8 +796,26 @@ impl Driver {
             })
             .map(|(k, _)| k.clone())
             .collect();
-        for key in keys {
-            self.pull(live, &key).await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let answers: Vec<(ServiceKey, Result<v1::PullResponse, tonic::Status>)> =
+            futures_util::stream::iter(keys)
+                .map(|key| async move {
+                    let (revision, checksum) = self.pull_base(live, &key)?;
+                    let answer = self.pull_request(live, &key, revision, checksum).await;
+                    Some((key, answer))
+                })
+                .buffer_unordered(PULLS_IN_FLIGHT)
+                .filter_map(|answer| async move { answer })
+                .collect()
+                .await;
+        for (key, answer) in answers {
+            match answer {
+                Ok(answer) => self.pulled(live, &key, answer).await?,
+                Err(s) if is_broken(&s) => return Err(s),
+                Err(s) => tracing::warn!(service = %key, "pull refused: {}", s.message()),
+            }
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 //! speak the protocol directly.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,10 +20,18 @@ use tonic::transport::{Channel, Endpoint};
 use crate::acks::{AckQueue, AckSent};
 use crate::{ClientError, MAX_MESSAGE_BYTES};
 
+/// Metadata carrying the node's admin token (operator calls).
+pub const ADMIN_TOKEN_HEADER: &str = "x-roster-admin-token";
+/// Metadata carrying a session's token (a unary call acting for it).
+pub const SESSION_TOKEN_HEADER: &str = "x-roster-session-token";
+
 /// A connection to one registry node, for one-shot calls.
 #[derive(Clone)]
 pub struct Connection {
     grpc: RegistryClient<Channel>,
+    /// The node's admin token, sent with operator calls that change an
+    /// instance some other session owns.
+    admin: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Connection {
@@ -69,7 +77,31 @@ impl Connection {
         };
         Ok(Self {
             grpc: RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
+            admin: None,
         })
+    }
+
+    /// Sends the node's admin token with the calls that change an
+    /// instance ([`Self::deregister`], [`Self::drain`]), so an operator may
+    /// act on instances other sessions own.
+    pub fn with_admin_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let value = token
+            .trim()
+            .parse()
+            .map_err(|_| ClientError::Address("the admin token is not printable ASCII".into()))?;
+        self.admin = Some(value);
+        Ok(self)
+    }
+
+    /// A request carrying the admin token, if one was given.
+    fn operator<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.admin {
+            request
+                .metadata_mut()
+                .insert(ADMIN_TOKEN_HEADER, token.clone());
+        }
+        request
     }
 
     /// The generated gRPC client, for calls this type does not wrap.
@@ -117,20 +149,24 @@ impl Connection {
         Ok(r.into_inner().services)
     }
 
-    /// Removes an instance.
+    /// Removes an instance: as an operator (see [`Self::with_admin_token`]);
+    /// a session removes its own with [`Session::deregister`].
     pub async fn deregister(&self, instance: v1::InstanceRef) -> Result<u64, ClientError> {
         let r = self
             .grpc
             .clone()
-            .deregister(v1::DeregisterRequest {
+            .deregister(self.operator(v1::DeregisterRequest {
                 instance: Some(instance),
-            })
+                session_id: String::new(),
+            }))
             .await?;
         Ok(r.into_inner().revision)
     }
 
     /// Drains an instance (weight 0, or removal) and waits for subscribers'
-    /// acknowledgements up to `timeout`.
+    /// acknowledgements up to `timeout`: as an operator (see
+    /// [`Self::with_admin_token`]); a session drains its own with
+    /// [`Session::drain`].
     pub async fn drain(
         &self,
         instance: v1::InstanceRef,
@@ -140,11 +176,12 @@ impl Connection {
         let r = self
             .grpc
             .clone()
-            .drain(v1::DrainRequest {
+            .drain(self.operator(v1::DrainRequest {
                 instance: Some(instance),
                 remove,
                 timeout_ms: timeout.as_millis().max(1) as u64,
-            })
+                session_id: String::new(),
+            }))
             .await?;
         Ok(r.into_inner())
     }
@@ -179,7 +216,7 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// An opened session stream: the registry has welcomed it.
 pub(crate) struct OpenStream {
-    pub session_id: String,
+    pub welcome: v1::Welcome,
     pub outgoing: mpsc::Sender<v1::ClientMessage>,
     pub inbound: tonic::Streaming<v1::ServerMessage>,
     /// How often to send keep-alives (a third of the registry's window).
@@ -208,10 +245,10 @@ pub(crate) async fn open_stream(
         _ => return Err(ClientError::Protocol("expected welcome".into())),
     };
     Ok(OpenStream {
-        session_id: welcome.session_id,
+        keepalive: Duration::from_millis(welcome.keepalive_ms.max(300) / 3),
+        welcome,
         outgoing,
         inbound,
-        keepalive: Duration::from_millis(welcome.keepalive_ms.max(300) / 3),
     })
 }
 
@@ -296,24 +333,47 @@ macro_rules! expect_reply {
     };
 }
 
-/// A live session: keeps itself alive in the background, owns the
-/// instances it registers (removed when it closes) and receives updates of
-/// the services it subscribes to. Its calls travel on the session stream.
+/// Pushed updates not yet read that a session buffers; a reader further
+/// behind than this misses updates (and [`Session::missed_updates`] says
+/// so) rather than stalling the session's replies and keep-alives.
+const UPDATES_BUFFERED: usize = 4096;
+
+/// A live session: keeps itself alive in the background (keep-alives and
+/// probe answers go out whatever its user is doing), owns the instances
+/// it registers (removed when it closes) and receives updates of the
+/// services it subscribes to. Its calls travel on the session stream.
 pub struct Session {
-    id: String,
+    grpc: RegistryClient<Channel>,
+    welcome: v1::Welcome,
     outgoing: mpsc::Sender<v1::ClientMessage>,
     updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
     acks: Arc<AckQueue>,
-    task: JoinHandle<()>,
+    missed: Arc<AtomicBool>,
+    /// Keeps the session alive; aborted (ending the session) when the
+    /// session is closed or dropped.
+    task: Option<JoinHandle<()>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.calls.close();
+    }
 }
 
 impl Session {
-    async fn open(grpc: RegistryClient<Channel>, client_name: &str) -> Result<Self, ClientError> {
-        let stream = open_stream(grpc, client_name).await?;
-        let (updates_tx, updates) = mpsc::channel(1024);
+    pub(crate) async fn open(
+        grpc: RegistryClient<Channel>,
+        client_name: &str,
+    ) -> Result<Self, ClientError> {
+        let stream = open_stream(grpc.clone(), client_name).await?;
+        let (updates_tx, updates) = mpsc::channel(UPDATES_BUFFERED);
         let calls = Calls::open();
         let acks = AckQueue::new();
+        let missed = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(run_session(
             Stream {
                 inbound: stream.inbound,
@@ -321,25 +381,42 @@ impl Session {
                 updates: updates_tx,
                 calls: calls.clone(),
                 acks: acks.clone(),
+                missed: missed.clone(),
             },
             stream.keepalive,
         ));
         Ok(Self {
-            id: stream.session_id,
+            grpc,
+            welcome: stream.welcome,
             outgoing: stream.outgoing,
             updates,
             calls,
             acks,
-            task,
+            missed,
+            task: Some(task),
         })
     }
 
     /// The session id the registry gave.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.welcome.session_id
     }
 
-    async fn call(&self, request: v1::call::Request) -> Result<v1::reply::Result, ClientError> {
+    /// The session's secret: it lets a unary call from another connection
+    /// act for this session (`x-roster-session-token`).
+    pub fn token(&self) -> &str {
+        &self.welcome.session_token
+    }
+
+    /// The node life the session lives on.
+    pub fn epoch(&self) -> Option<&v1::NodeEpoch> {
+        self.welcome.epoch.as_ref()
+    }
+
+    pub(crate) async fn call(
+        &self,
+        request: v1::call::Request,
+    ) -> Result<v1::reply::Result, ClientError> {
         self.calls.call(&self.outgoing, request).await
     }
 
@@ -359,14 +436,28 @@ impl Session {
         Ok(expect_reply!(r, Register)?.instance_id)
     }
 
-    /// Removes an instance (of any session). Returns the new revision.
+    /// Removes an instance this session registered. Returns the new
+    /// revision.
     pub async fn deregister(&self, instance: v1::InstanceRef) -> Result<u64, ClientError> {
         let r = self
             .call(v1::call::Request::Deregister(v1::DeregisterRequest {
                 instance: Some(instance),
+                session_id: String::new(),
             }))
             .await?;
         Ok(expect_reply!(r, Deregister)?.revision)
+    }
+
+    /// Replaces the mutable fields of an instance this session registered.
+    pub async fn update(&self, key: &ServiceKey, instance: &Instance) -> Result<u64, ClientError> {
+        let r = self
+            .call(v1::call::Request::Update(v1::UpdateRequest {
+                service: Some(key.into()),
+                instance: Some(v1::Instance::from_model(instance)),
+                session_id: String::new(),
+            }))
+            .await?;
+        Ok(expect_reply!(r, Update)?.revision)
     }
 
     /// The instances of a service, as a full-view update (revision 0 and
@@ -401,10 +492,89 @@ impl Session {
             .ok_or_else(|| ClientError::Protocol("subscribe answered no view".into()))
     }
 
+    /// Stops the registry pushing a service to this session.
+    pub async fn unsubscribe(&self, key: &ServiceKey) -> Result<(), ClientError> {
+        let r = self
+            .call(v1::call::Request::Unsubscribe(v1::UnsubscribeRequest {
+                session_id: String::new(),
+                service: Some(key.into()),
+            }))
+            .await?;
+        expect_reply!(r, Unsubscribe).map(|_| ())
+    }
+
+    /// "Changed since `revision` / `checksum`?"
+    pub async fn pull(
+        &self,
+        key: &ServiceKey,
+        revision: u64,
+        checksum: u64,
+    ) -> Result<v1::PullResponse, ClientError> {
+        let r = self
+            .call(v1::call::Request::Pull(v1::PullRequest {
+                service: Some(key.into()),
+                since_revision: revision,
+                since_checksum: checksum,
+            }))
+            .await?;
+        expect_reply!(r, Pull)
+    }
+
+    /// Drains an instance this session registered: sets its weight to 0
+    /// (or removes it) and waits until every subscriber of the service has
+    /// applied that, or `timeout` passed. (A unary call, made on the
+    /// session's connection with its token.)
+    pub async fn drain(
+        &self,
+        instance: v1::InstanceRef,
+        remove: bool,
+        timeout: Duration,
+    ) -> Result<v1::DrainResponse, ClientError> {
+        self.drain_call(instance, remove, timeout).await
+    }
+
+    /// The drain call, independent of the session's lifetime (so its
+    /// owner can wait for it elsewhere while it keeps serving).
+    pub(crate) fn drain_call(
+        &self,
+        instance: v1::InstanceRef,
+        remove: bool,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = Result<v1::DrainResponse, ClientError>> + Send + 'static
+    {
+        let mut request = tonic::Request::new(v1::DrainRequest {
+            instance: Some(instance),
+            remove,
+            timeout_ms: timeout.as_millis().max(1) as u64,
+            session_id: self.id().to_owned(),
+        });
+        if let Ok(token) = self.token().parse() {
+            request.metadata_mut().insert(SESSION_TOKEN_HEADER, token);
+        }
+        let mut grpc = self.grpc.clone();
+        async move { Ok(grpc.drain(request).await?.into_inner()) }
+    }
+
     /// The next pushed update (in order per service); `None` once the
     /// session has ended.
     pub async fn next_update(&mut self) -> Option<Result<v1::ServiceUpdate, ClientError>> {
         self.updates.recv().await
+    }
+
+    /// Takes the stream of pushed updates out of the session, for an owner
+    /// that reads them beside its calls ([`Session::next_update`] then
+    /// ends at once).
+    pub(crate) fn detach_updates(
+        &mut self,
+    ) -> mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>> {
+        let (_, closed) = mpsc::channel(1);
+        std::mem::replace(&mut self.updates, closed)
+    }
+
+    /// Whether updates were dropped since the last call because they were
+    /// not read in time (more than 4096 behind): pull what matters.
+    pub fn missed_updates(&self) -> bool {
+        self.missed.swap(false, Ordering::AcqRel)
     }
 
     /// Tells the registry this session applied `revision` of `key`. The
@@ -414,11 +584,13 @@ impl Session {
         self.acks.hold(key, revision)
     }
 
-    /// Ends the session; the registry removes what it registered.
-    pub async fn close(self) {
-        drop(self.outgoing);
-        self.task.abort();
-        let _ = self.task.await;
+    /// Ends the session; the registry removes what it registered. (So
+    /// does dropping it.)
+    pub async fn close(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
         self.calls.close();
     }
 }
@@ -430,6 +602,7 @@ struct Stream {
     updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
     acks: Arc<AckQueue>,
+    missed: Arc<AtomicBool>,
 }
 
 async fn run_session(mut stream: Stream, keepalive: Duration) {
@@ -469,7 +642,7 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
             Ok(Some(m)) => m,
             Ok(None) => return,
             Err(status) => {
-                let _ = updates.send(Err(status.into())).await;
+                let _ = updates.try_send(Err(status.into()));
                 return;
             }
         };
@@ -487,8 +660,14 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
             Some(Kind::Update(bytes)) => {
                 let update = v1::ServiceUpdate::decode(bytes)
                     .map_err(|e| ClientError::Protocol(e.to_string()));
-                if updates.send(update).await.is_err() {
-                    return;
+                // Never wait for the reader: replies and keep-alives must go
+                // on. A reader this far behind is told it missed some.
+                match updates.try_send(update) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        s.missed.store(true, Ordering::Release);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 }
             }
             Some(Kind::Reply(reply)) => calls.settle(reply),

@@ -535,7 +535,7 @@ async fn a_drain_completes_once_subscribed_clients_have_applied_it() {
     let node = server().await;
     let addr = node.grpc_addr;
     let provider = builder(&[addr]).build().await.unwrap();
-    provider
+    let registration = provider
         .register("billing", instance("10.12.0.1", 80))
         .await
         .unwrap();
@@ -551,22 +551,12 @@ async fn a_drain_completes_once_subscribed_clients_have_applied_it() {
         .await;
         consumers.push(c);
     }
-    let conn = Connection::connect(&addr.to_string()).await.unwrap();
-    let drained = conn
-        .drain(
-            roster_client::proto::InstanceRef {
-                service: Some((&key("billing")).into()),
-                ip: "10.12.0.1".into(),
-                port: 80,
-                ..Default::default()
-            },
-            false,
-            WAIT,
-        )
-        .await
-        .unwrap();
+    // The provider drains its own instance before it goes; it follows the
+    // service itself, and is one of the subscribers that must apply it.
+    provider.subscribe("billing").await.unwrap();
+    let drained = registration.drain(false, WAIT).await.unwrap();
     assert!(drained.complete, "pending: {:?}", drained.pending);
-    assert_eq!(drained.acknowledged.len(), 2, "{drained:?}");
+    assert_eq!(drained.acknowledged.len(), 3, "{drained:?}");
     for c in &consumers {
         assert_eq!(c.instances("billing")[0].weight, 0.0);
     }
@@ -575,4 +565,202 @@ async fn a_drain_completes_once_subscribed_clients_have_applied_it() {
     }
     provider.shutdown().await;
     node.shutdown().await;
+}
+
+/// A TCP proxy on loopback to `upstream` that delays every byte by
+/// `delay` (once it is set) in each direction, as a distant link would.
+async fn slow_link(
+    upstream: SocketAddr,
+    delay: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to) in [(cr, sw), (sr, cw)].map(|(r, w)| {
+                (
+                    Box::new(r) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                    w,
+                )
+            }) {
+                let delay = delay.clone();
+                let (tx, mut rx) =
+                    tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = from.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let due = tokio::time::Instant::now()
+                            + Duration::from_millis(delay.load(Ordering::Relaxed));
+                        if tx.send((due, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((due, bytes)) = rx.recv().await {
+                        tokio::time::sleep_until(due).await;
+                        if to.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_500_subscriptions_over_a_slow_link_keeps_its_session() {
+    let mut config = Config::default();
+    config.server.http = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc = "127.0.0.1:0".parse().unwrap();
+    config.session.keepalive = Duration::from_millis(1000);
+    config.session.probe_timeout = Duration::from_millis(500);
+    config.session.sweep_interval = Duration::from_millis(100);
+    let node = roster_server::start(config).await.unwrap();
+    let delay = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let proxy = slow_link(node.grpc_addr, delay.clone()).await;
+    let client = builder(&[proxy])
+        .pull_interval(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let registration = client
+        .register("kept", instance("10.13.0.1", 80))
+        .await
+        .unwrap();
+    for n in 0..500 {
+        client.subscribe(format!("many-{n}")).await.unwrap();
+    }
+    let owner = || async {
+        Connection::connect(&node.grpc_addr.to_string())
+            .await
+            .unwrap()
+            .query(&key("kept"), false)
+            .await
+            .unwrap()
+            .instances
+            .first()
+            .map(|i| i.owner.clone())
+    };
+    let before = owner().await.expect("registered");
+    // 50 ms round trips from now on: one pass of pulls makes 500 calls.
+    delay.store(25, std::sync::atomic::Ordering::Relaxed);
+    let pulls = node.node.metrics.pulls.get();
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(client.status(), Status::Connected);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(owner().await, Some(before), "the same session throughout");
+    assert!(
+        node.node.metrics.pulls.get() >= pulls + 500,
+        "the periodic pulls ran meanwhile"
+    );
+    drop(registration);
+    client.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_node_restarts_a_subscriber_follows_it_and_never_polls_in_a_loop() {
+    let data = tempfile::tempdir().unwrap();
+    let boot = |grpc: SocketAddr| {
+        let dir = data.path().to_string_lossy().into_owned();
+        async move {
+            let mut config = Config::default();
+            config.server.http = "127.0.0.1:0".parse().unwrap();
+            config.server.grpc = grpc;
+            config.server.data_dir = dir;
+            roster_server::start(config).await.unwrap()
+        }
+    };
+    let first = boot("127.0.0.1:0".parse().unwrap()).await;
+    let addr = first.grpc_addr;
+    let provider = builder(&[addr]).build().await.unwrap();
+    provider
+        .register("restarted", instance("10.14.0.1", 80))
+        .await
+        .unwrap();
+    // The SDK's defaults, empty-push protection included.
+    let watcher = builder(&[addr])
+        .empty_confirm_delay(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let mut updates = watcher.subscribe("restarted").await.unwrap();
+    next_matching(&mut updates, |_| watcher.instances("restarted").len() == 1).await;
+
+    first.shutdown().await;
+    let second = boot(addr).await;
+    // Both clients come back by themselves: the registration is made
+    // again, the watcher follows the new node life.
+    eventually("the registration to come back", || async {
+        listed(addr, "restarted").await.len() == 1
+    })
+    .await;
+    eventually("the watcher to be connected", || async {
+        watcher.status() == Status::Connected
+    })
+    .await;
+    provider.shutdown().await;
+    // The removal reaches the watcher (held back briefly by protection,
+    // then confirmed by one pull)...
+    eventually("the watcher to see the removal", || async {
+        watcher.instances("restarted").is_empty() && !watcher.held("restarted")
+    })
+    .await;
+    // ... and then it polls no more than its schedule says.
+    let pulls = second.node.metrics.pulls.get();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let extra = second.node.metrics.pulls.get() - pulls;
+    assert!(extra <= 2, "{extra} pulls in a second: polling in a loop");
+    watcher.shutdown().await;
+    second.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_over_to_a_node_that_never_had_the_service_empties_the_view() {
+    let (a, b) = (server().await, server().await);
+    let provider = builder(&[a.grpc_addr]).build().await.unwrap();
+    provider
+        .register("only-on-a", instance("10.15.0.1", 80))
+        .await
+        .unwrap();
+    let watcher = builder(&[a.grpc_addr, b.grpc_addr])
+        .empty_confirm_delay(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    watcher.subscribe("only-on-a").await.unwrap();
+    eventually("the watcher to see the instance", || async {
+        watcher.instances("only-on-a").len() == 1
+    })
+    .await;
+    provider.shutdown().await;
+    a.shutdown().await;
+    // Node b has no such service: once confirmed, the view is empty.
+    eventually("the watcher to fail over", || async {
+        watcher.server() == Some(b.grpc_addr.to_string())
+    })
+    .await;
+    eventually("the view to empty", || async {
+        watcher.instances("only-on-a").is_empty() && !watcher.held("only-on-a")
+    })
+    .await;
+    watcher.shutdown().await;
+    b.shutdown().await;
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use roster_core::session::SessionKind;
-use roster_core::{Instance, Registry, RegistryConfig, ServiceKey};
+use roster_core::{Instance, Registry, RegistryConfig, ServiceKey, SessionId};
 
 fn instance(n: u32) -> Instance {
     let mut i = Instance::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)), 8080);
@@ -15,10 +15,12 @@ fn instance(n: u32) -> Instance {
     i
 }
 
-fn registry_with(n: u32) -> (Registry, roster_core::SessionId, ServiceKey) {
+fn registry_with(n: u32) -> (Registry, SessionId, ServiceKey) {
     let now = Instant::now();
-    let mut reg = Registry::new(1, RegistryConfig::default());
-    let s = reg.open_session(SessionKind::Stream, "bench", now);
+    let mut reg = Registry::new("bench", 1, RegistryConfig::default());
+    let s: SessionId = "bench-session".into();
+    reg.open_session(s.clone(), SessionKind::Stream, "bench", 0, now)
+        .unwrap();
     let key = ServiceKey::simple("big").unwrap();
     for i in 0..n {
         reg.register(&s, &key, instance(i), now).unwrap();
@@ -40,11 +42,11 @@ fn register(c: &mut Criterion) {
     });
     c.bench_function("register/re-register and publish at once (no burst)", |b| {
         // What a write costs when no other write shares its publication:
-        // the view's path copy and the published map's.
+        // the view's path copy.
         b.iter(|| {
             n = (n + 7919) % 10_000;
             black_box(reg.register(&s, &key, instance(n), now).unwrap());
-            black_box(reg.published().len());
+            black_box(reg.take_unpublished().len());
         })
     });
     c.bench_function("register/new instance into 10k-instance service", |b| {
@@ -63,7 +65,7 @@ fn register(c: &mut Criterion) {
                 }
                 spent += start.elapsed();
                 for id in ids {
-                    reg.deregister(&key, &id).unwrap();
+                    reg.deregister(&s, &key, &id, now).unwrap();
                 }
                 done += u64::from(batch);
             }

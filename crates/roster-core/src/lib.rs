@@ -1,11 +1,13 @@
 //! The rules of a Roster registry node as plain, I/O-free code: the data
-//! model and its validation, per-service revisions, deltas and checksums,
-//! sessions and their expiry, and the push rules. Callers pass the current
+//! model and its validation, data owned by sessions and merged by version,
+//! per-service revisions, deltas and checksums, session liveness, and the
+//! push rules. Callers pass the current
 //! time in and carry out the effects; nothing here blocks, sleeps or sends.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod checksum;
+pub mod held;
 pub mod metadata;
 pub mod model;
 pub mod push;
@@ -15,7 +17,8 @@ pub mod session;
 
 pub use model::{
     Address, DEFAULT_CLUSTER, DEFAULT_GROUP, DEFAULT_NAMESPACE, DEFAULT_NETWORK, Instance,
-    InstanceRecord, Metadata, ServiceKey, SessionId, ValidationError, Version,
+    InstanceRecord, Metadata, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
+    Version,
 };
-pub use registry::{Change, Registry, RegistryConfig, RegistryError};
+pub use registry::{Change, Registry, RegistryConfig, RegistryError, SessionData};
 pub use service::{Delta, ServiceView};

@@ -144,8 +144,13 @@ impl Address {
     }
 }
 
-/// The version of a replicated record. Ordered: a restarted node has a
-/// higher incarnation, so its records win over those of its previous life.
+/// The version of a session's data: `(incarnation, sequence)` of its
+/// origin node. Versions of one origin are totally ordered, incarnation
+/// first, so a restarted node's writes win over its previous life's. The
+/// sequence is also a Lamport clock: a node moves its counter past every
+/// sequence it applies, so a write made after another was seen has a
+/// higher sequence wherever it was made (this ranks two sessions that hold
+/// the same instance id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Version {
     /// Which life of the origin node wrote the record.
@@ -276,8 +281,31 @@ pub fn parse_ip(field: &str, text: &str) -> Result<IpAddr, ValidationError> {
         .map_err(|_| ValidationError::new(field, format!("{text:?} is not an IP address")))
 }
 
-/// An identifier of a session (the owner of ephemeral records).
+/// An identifier of a session, unique on the node that opened it.
 pub type SessionId = Arc<str>;
+
+/// The name of a registry node: the origin of the sessions opened on it.
+pub type NodeName = Arc<str>;
+
+/// Whose data a record is: a session and the node it was opened on (its
+/// origin, which is responsible for it). Data belongs to its owner: only
+/// the owner's own calls change it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Owner {
+    /// The node the session was opened on.
+    pub origin: NodeName,
+    /// The session.
+    pub session: SessionId,
+}
+
+impl fmt::Display for Owner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.origin, self.session)
+    }
+}
+
+/// An owner, shared by every record it holds (one pointer per record).
+pub type OwnerRef = Arc<Owner>;
 
 /// A stored instance: the instance plus what replication needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -285,8 +313,9 @@ pub struct InstanceRecord {
     /// The instance as registered.
     pub instance: Instance,
     /// The session that registered it and keeps it alive.
-    pub owner: SessionId,
-    /// Bumped on every write, including identical re-registration.
+    pub owner: OwnerRef,
+    /// The version of the owner's write that last set it: bumped on every
+    /// write, including identical re-registration.
     pub version: Version,
     /// [`crate::checksum::instance_hash`] of `instance`, kept so removal
     /// updates the service checksum without rehashing.

@@ -3,71 +3,100 @@
 //!   period, else merged into one push at the end of a short window);
 //! - [`Subscriptions`]: who subscribes to what, what each was sent and has
 //!   acknowledged, and what each needs for the next push;
-//! - [`OutboundQueue`]: a session's bounded queue, whose overflow replaces a
-//!   service's queued deltas with one full view.
+//! - [`OutboundQueue`]: a session's bounded queue of planned updates, whose
+//!   overflow replaces a service's queued deltas with one full view.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::{ServiceKey, SessionId};
 
-/// Decides when each changed service is pushed.
+/// Decides when each changed service is pushed. A change to a quiet
+/// service is pushed at once and opens a window; changes within the window
+/// are merged into one push at its end. A window that ends with changes
+/// pending opens the next one twice as long (up to the maximum), so a
+/// service that stays busy is pushed less often; one that ends quiet
+/// returns the service to idle.
 #[derive(Debug)]
 pub struct Coalescer {
+    min: Duration,
+    max: Duration,
+    /// Services in a window: its end, its length, and whether a change
+    /// arrived meanwhile.
+    cooling: HashMap<Arc<ServiceKey>, Cooling>,
+    /// Window ends, earliest first.
+    deadlines: BinaryHeap<Reverse<(Instant, Arc<ServiceKey>)>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cooling {
+    until: Instant,
     window: Duration,
-    /// Services pushed recently: until when they cool down, and whether a
-    /// change arrived meanwhile.
-    cooling: HashMap<Arc<ServiceKey>, (Instant, bool)>,
-    /// Cool-down ends in order; pushes happen in time order and the window
-    /// is fixed, so this is sorted by construction.
-    deadlines: VecDeque<(Instant, Arc<ServiceKey>)>,
+    pending: bool,
 }
 
 impl Coalescer {
-    /// A coalescer merging changes within `window` after a push.
-    pub fn new(window: Duration) -> Self {
+    /// A coalescer whose windows start at `min` and widen up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
         Self {
-            window,
+            min,
+            max: max.max(min),
             cooling: HashMap::new(),
-            deadlines: VecDeque::new(),
+            deadlines: BinaryHeap::new(),
         }
     }
 
     /// A service changed. True: push it now. False: it will be due later.
     pub fn on_change(&mut self, key: &Arc<ServiceKey>, now: Instant) -> bool {
-        if let Some((_, pending)) = self.cooling.get_mut(key) {
-            *pending = true;
+        if let Some(c) = self.cooling.get_mut(key) {
+            c.pending = true;
             return false;
         }
-        self.start_cooling(key.clone(), now);
+        self.start_cooling(key.clone(), now, self.min);
         true
     }
 
-    fn start_cooling(&mut self, key: Arc<ServiceKey>, now: Instant) {
-        let until = now + self.window;
-        self.cooling.insert(key.clone(), (until, false));
-        self.deadlines.push_back((until, key));
+    fn start_cooling(&mut self, key: Arc<ServiceKey>, now: Instant, window: Duration) {
+        let until = now + window;
+        self.cooling.insert(
+            key.clone(),
+            Cooling {
+                until,
+                window,
+                pending: false,
+            },
+        );
+        self.deadlines.push(Reverse((until, key)));
     }
 
-    /// When the next cooling window ends, if any.
+    /// When the next window ends, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.front().map(|(t, _)| *t)
+        self.deadlines.peek().map(|Reverse((t, _))| *t)
     }
 
     /// Services whose window ended by `now` with changes pending: push
-    /// them now (each starts a new window). Quiet ones go back to idle.
+    /// them now (each opens a wider window). Quiet ones go back to idle.
     pub fn due(&mut self, now: Instant) -> Vec<Arc<ServiceKey>> {
         let mut due = Vec::new();
-        while let Some((t, _)) = self.deadlines.front() {
+        while let Some(Reverse((t, _))) = self.deadlines.peek() {
             if *t > now {
                 break;
             }
-            let Some((_, key)) = self.deadlines.pop_front() else {
+            let Some(Reverse((t, key))) = self.deadlines.pop() else {
                 break;
             };
-            if let Some((_, true)) = self.cooling.remove(&key) {
-                self.start_cooling(key.clone(), now);
+            let Some(c) = self.cooling.get(&key).copied() else {
+                continue;
+            };
+            if c.until != t {
+                continue;
+            }
+            self.cooling.remove(&key);
+            if c.pending {
+                let wider = (c.window * 2).min(self.max);
+                self.start_cooling(key.clone(), now, wider);
                 due.push(key);
             }
         }
@@ -233,33 +262,51 @@ impl Subscriptions {
     }
 }
 
+/// A planned update knows the revision it brings its subscriber to, so a
+/// queue never replaces a newer plan by an older one.
+pub trait Planned {
+    /// The revision the update brings the subscriber to.
+    fn revision(&self) -> u64;
+}
+
+impl<T: Planned> Planned for Arc<T> {
+    fn revision(&self) -> u64 {
+        T::revision(self)
+    }
+}
+
 /// An item of a session's outbound queue.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Outbound<P> {
+pub enum Outbound<C, U> {
     /// A control message (welcome, probe), sent ahead of updates.
-    Control(P),
-    /// An update of a service; `payload` is ready to send.
-    Update {
-        /// The service.
-        key: Arc<ServiceKey>,
-        /// What to send.
-        payload: P,
-    },
-    /// Send the service's full view as it is when this is dequeued.
-    FullView(Arc<ServiceKey>),
+    Control(C),
+    /// An update of a service, as planned (a delta or a full view).
+    Update(U),
+}
+
+/// A queued update, or the place of a service's full view kept aside.
+#[derive(Debug)]
+enum Slot<U> {
+    Update(Arc<ServiceKey>, U),
+    Full(Arc<ServiceKey>),
 }
 
 /// A session's bounded outbound queue.
 ///
 /// Control messages (welcome, probes) go ahead of updates and are never
 /// dropped. When updates reach `capacity`, an update for service S drops
-/// every update of S still queued and queues one [`Outbound::FullView`] of
-/// S instead, so memory stays bounded by `capacity` plus one marker per
-/// subscribed service, however slow the consumer.
+/// every update of S still queued and queues one full view of S instead;
+/// a queued full view absorbs later updates of S by becoming the newest
+/// full view planned (never an older one: plans made concurrently may
+/// arrive out of order). Memory stays bounded by `capacity` plus one full
+/// view per subscribed service, however slow the consumer, and what is
+/// sent is always exactly what was planned.
 #[derive(Debug)]
-pub struct OutboundQueue<P> {
-    control: VecDeque<P>,
-    updates: VecDeque<Outbound<P>>,
+pub struct OutboundQueue<C, U> {
+    control: VecDeque<C>,
+    updates: VecDeque<Slot<U>>,
+    /// The full view queued per service (its place is a `Slot::Full`).
+    fulls: HashMap<Arc<ServiceKey>, U>,
     capacity: usize,
 }
 
@@ -270,60 +317,80 @@ pub enum Enqueued {
     Queued,
     /// The queue was full: the service's updates became one full view.
     Overflowed,
-    /// A full view of the service was already queued; dropped.
+    /// A full view of the service was queued: it became this one.
     Absorbed,
 }
 
-impl<P> OutboundQueue<P> {
+impl<C, U: Planned> OutboundQueue<C, U> {
     /// An empty queue holding at most `capacity` updates.
     pub fn new(capacity: usize) -> Self {
         Self {
             control: VecDeque::new(),
             updates: VecDeque::new(),
+            fulls: HashMap::new(),
             capacity: capacity.max(1),
         }
     }
 
     /// Queues a control message ahead of all updates.
-    pub fn push_control(&mut self, payload: P) {
-        self.control.push_back(payload);
+    pub fn push_control(&mut self, message: C) {
+        self.control.push_back(message);
     }
 
-    /// Queues an update, collapsing on overflow (see the type's doc).
-    pub fn push_update(&mut self, key: Arc<ServiceKey>, payload: P) -> Enqueued {
-        let has_full = |u: &Outbound<P>| matches!(u, Outbound::FullView(k) if *k == key);
-        if self.updates.iter().any(has_full) {
+    /// Queues `update` of `key`; `full` makes the full view at the same
+    /// revision, used if a full view is queued or the queue overflows.
+    pub fn push_update(
+        &mut self,
+        key: Arc<ServiceKey>,
+        update: U,
+        full: impl FnOnce() -> U,
+    ) -> Enqueued {
+        if let Some(queued) = self.fulls.get_mut(&key) {
+            let full = full();
+            if full.revision() >= queued.revision() {
+                *queued = full;
+            }
             return Enqueued::Absorbed;
         }
         if self.updates.len() < self.capacity {
-            self.updates.push_back(Outbound::Update { key, payload });
+            self.updates.push_back(Slot::Update(key, update));
             return Enqueued::Queued;
         }
-        self.updates
-            .retain(|u| !matches!(u, Outbound::Update { key: k, .. } if *k == key));
-        self.updates.push_back(Outbound::FullView(key));
+        self.queue_full(key, full());
         Enqueued::Overflowed
     }
 
-    /// Queues a full view of `key` (when a subscriber needs one), unless one
-    /// is already queued; replaces the service's queued updates.
-    pub fn push_full(&mut self, key: Arc<ServiceKey>) {
-        let queued = self
-            .updates
-            .iter()
-            .any(|u| matches!(u, Outbound::FullView(k) if *k == key));
-        if !queued {
-            self.updates
-                .retain(|u| !matches!(u, Outbound::Update { key: k, .. } if *k == key));
-            self.updates.push_back(Outbound::FullView(key));
+    /// Queues a full view of `key` (a new subscription), replacing its
+    /// queued updates or full view.
+    pub fn push_full(&mut self, key: Arc<ServiceKey>, full: U) {
+        match self.fulls.get_mut(&key) {
+            Some(queued) if full.revision() >= queued.revision() => *queued = full,
+            Some(_) => {}
+            None => self.queue_full(key, full),
         }
     }
 
+    fn queue_full(&mut self, key: Arc<ServiceKey>, full: U) {
+        self.updates
+            .retain(|s| !matches!(s, Slot::Update(k, _) if *k == key));
+        self.updates.push_back(Slot::Full(key.clone()));
+        self.fulls.insert(key, full);
+    }
+
     /// The next item to send: control first.
-    pub fn pop(&mut self) -> Option<Outbound<P>> {
-        match self.control.pop_front() {
-            Some(p) => Some(Outbound::Control(p)),
-            None => self.updates.pop_front(),
+    pub fn pop(&mut self) -> Option<Outbound<C, U>> {
+        if let Some(c) = self.control.pop_front() {
+            return Some(Outbound::Control(c));
+        }
+        loop {
+            match self.updates.pop_front()? {
+                Slot::Update(_, u) => return Some(Outbound::Update(u)),
+                Slot::Full(key) => {
+                    if let Some(u) = self.fulls.remove(&key) {
+                        return Some(Outbound::Update(u));
+                    }
+                }
+            }
         }
     }
 

@@ -1,28 +1,31 @@
-//! The registry state of one node: services, sessions, and the published
-//! map of immutable views. Every write is validated first, then applied
-//! whole and bumps the service's revision; views are republished lazily, on
-//! the next read, so a burst of writes pays for one republication. Pure: it
-//! takes the current time as an argument and never blocks, sends or sleeps.
+//! The registry state of one node. Data belongs to sessions: each
+//! session's data is one unit, `(origin node, session id) -> (version,
+//! instances)`, whether the session is this node's own or (in a cluster) a
+//! replica of another node's. Each service's view is derived from the
+//! sessions held, one entry per instance id ([`crate::service::outranks`]
+//! picks one when two sessions hold an id). Local calls change only their
+//! own session's data; another origin's data enters whole, by version
+//! ([`Registry::apply_session`], [`Registry::drop_session`],
+//! [`Registry::drop_origin`]), merged by the laws in `docs/architecture.md`.
+//! Liveness (stream sessions, leases, Nacos beat leases) is decided here
+//! too, so a verdict and its action happen under one lock. Pure: time and
+//! randomness come from the caller; nothing here blocks, sends or sleeps.
 
 use rustc_hash::FxHashMap as HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
 use crate::checksum::instance_hash;
-use crate::model::{Instance, InstanceRecord, ServiceKey, SessionId, ValidationError, Version};
+pub use crate::held::{Held, Records, SessionData};
+use crate::model::{
+    Instance, InstanceRecord, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
+    Version,
+};
 use crate::service::{Delta, ServiceState, ServiceView};
-use crate::session::{SessionKind, SessionTable, SessionTimeouts, SweepVerdict};
-
-/// All published views by service: a persistent map, so a snapshot of it
-/// is an O(1) clone that readers keep as long as they like.
-pub type PublishedViews = imbl::GenericHashMap<
-    Arc<ServiceKey>,
-    Arc<ServiceView>,
-    rustc_hash::FxBuildHasher,
-    imbl::shared_ptr::DefaultSharedPtr,
->;
+use crate::session::{Session, SessionKind, SessionTable, SessionTimeouts, SweepVerdict};
 
 /// Why a registry operation was refused. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Error)]
@@ -33,6 +36,9 @@ pub enum RegistryError {
     /// The named session does not exist (never opened, closed or expired).
     #[error("session {0:?} is not open")]
     UnknownSession(String),
+    /// A session with this id is already open.
+    #[error("session {0:?} already exists")]
+    SessionExists(String),
     /// No such service.
     #[error("service {0} not found")]
     UnknownService(String),
@@ -44,12 +50,29 @@ pub enum RegistryError {
         /// The id looked for.
         id: String,
     },
+    /// The instance exists, but another session registered it: only its
+    /// owner may change or remove it.
+    #[error("instance {id:?} in service {service} belongs to another session")]
+    NotOwner {
+        /// The service.
+        service: String,
+        /// The instance.
+        id: String,
+    },
+    /// The caller may not act for the session it named (not its
+    /// connection, and no valid token) or with the authority it claimed.
+    #[error("{0}")]
+    Forbidden(String),
+    /// The node is not taking this now (loading, or shutting down).
+    #[error("{0}")]
+    Unavailable(String),
     /// A feature this node does not offer yet.
     #[error("{0}")]
     Unsupported(String),
 }
 
-/// A service changed: its new revision.
+/// A service's view after a write: its revision (unchanged when the write
+/// changed nothing shown, e.g. a record another session outranks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     /// The service.
@@ -69,6 +92,17 @@ pub struct SweepOutcome {
     pub changes: Vec<Change>,
 }
 
+/// What a beat check did.
+#[derive(Debug, Default)]
+pub struct BeatOutcome {
+    /// Beat leases whose instance was marked unhealthy.
+    pub unhealthy: Vec<SessionId>,
+    /// Beat leases ended with their instance.
+    pub expired: Vec<SessionId>,
+    /// The changes made.
+    pub changes: Vec<Change>,
+}
+
 /// Tunables of the registry state.
 #[derive(Debug, Clone, Copy)]
 pub struct RegistryConfig {
@@ -76,6 +110,9 @@ pub struct RegistryConfig {
     pub delta_window: usize,
     /// Session keep-alive and probe timeouts.
     pub timeouts: SessionTimeouts,
+    /// How long a dropped session's tombstone is kept, so a late copy of
+    /// its data cannot bring it back.
+    pub tombstone_grace: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -83,6 +120,7 @@ impl Default for RegistryConfig {
         Self {
             delta_window: 128,
             timeouts: SessionTimeouts::default(),
+            tombstone_grace: Duration::from_secs(60),
         }
     }
 }
@@ -90,39 +128,46 @@ impl Default for RegistryConfig {
 /// The state of one registry node.
 #[derive(Debug)]
 pub struct Registry {
+    /// This node: the origin of the sessions opened here.
+    node: NodeName,
     /// This life of the node; versions written now carry it.
     incarnation: u64,
-    /// Last record version sequence handed out.
+    /// The Lamport clock of versions: above every sequence written or applied.
     sequence: u64,
     /// Last revision handed out. Shared by all services, so a service that
     /// is removed and created again still never reuses a revision.
     revision: u64,
-    /// Last session number handed out.
-    next_session: u64,
     config: RegistryConfig,
     services: HashMap<Arc<ServiceKey>, ServiceState>,
+    /// This node's sessions and their liveness.
     sessions: SessionTable,
-    published: PublishedViews,
-    /// Services written since `published` was last brought up to date.
+    /// Every session's data held here, this node's and other origins'.
+    data: HashMap<OwnerRef, Held>,
+    /// Services written since the last [`Self::take_unpublished`].
     unpublished: Vec<Arc<ServiceKey>>,
     instance_count: usize,
 }
 
 impl Registry {
-    /// An empty registry for the node life `incarnation`.
-    pub fn new(incarnation: u64, config: RegistryConfig) -> Self {
+    /// An empty registry for the node `node` in its life `incarnation`.
+    pub fn new(node: impl Into<NodeName>, incarnation: u64, config: RegistryConfig) -> Self {
         Self {
+            node: node.into(),
             incarnation,
             sequence: 0,
             revision: 0,
-            next_session: 0,
             config,
             services: HashMap::default(),
             sessions: SessionTable::new(config.timeouts),
-            published: PublishedViews::default(),
+            data: HashMap::default(),
             unpublished: Vec::new(),
             instance_count: 0,
         }
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &NodeName {
+        &self.node
     }
 
     /// The node life this registry writes versions for.
@@ -130,18 +175,49 @@ impl Registry {
         self.incarnation
     }
 
-    /// Opens a session and returns its id.
+    /// The last revision handed out (to any service).
+    pub fn last_revision(&self) -> u64 {
+        self.revision
+    }
+
+    fn next_version(&mut self) -> Version {
+        self.sequence += 1;
+        Version {
+            incarnation: self.incarnation,
+            sequence: self.sequence,
+        }
+    }
+
+    // ---- this node's sessions -------------------------------------------
+
+    /// Opens a session with the id `id` (the caller makes it unguessable)
+    /// and the secret `token`.
     pub fn open_session(
         &mut self,
+        id: SessionId,
         kind: SessionKind,
         client_name: &str,
+        token: u128,
         now: Instant,
-    ) -> SessionId {
-        self.next_session += 1;
-        let id: SessionId = format!("{:x}-{}", self.incarnation, self.next_session).into();
+    ) -> Result<OwnerRef, RegistryError> {
+        if self.sessions.get(&id).is_some() {
+            return Err(RegistryError::SessionExists(id.to_string()));
+        }
+        let owner = Arc::new(Owner {
+            origin: self.node.clone(),
+            session: id,
+        });
+        let version = self.next_version();
+        self.data.insert(
+            owner.clone(),
+            Held::Live {
+                version,
+                records: Records::default(),
+            },
+        );
         self.sessions
-            .insert(id.clone(), kind, client_name.to_owned(), now);
-        id
+            .insert(owner.clone(), kind, client_name.to_owned(), token, now);
+        Ok(owner)
     }
 
     /// Records activity on a session; false if it is not open.
@@ -149,13 +225,69 @@ impl Registry {
         self.sessions.touch(session, now)
     }
 
+    /// Checks `token` against a session's secret.
+    pub fn token_matches(&self, session: &str, token: u128) -> bool {
+        self.sessions.get(session).is_some_and(|s| s.token == token)
+    }
+
     /// The session table (read-only).
     pub fn sessions(&self) -> &SessionTable {
         &self.sessions
     }
 
-    /// Registers (or re-registers) an ephemeral instance owned by `session`,
-    /// returning the change and the instance's id. Re-registering an
+    /// An open session of this node.
+    pub fn session(&self, id: &str) -> Option<&Session> {
+        self.sessions.get(id)
+    }
+
+    /// The owner of an open session, which is active now.
+    fn touch_owner(&mut self, session: &str, now: Instant) -> Result<OwnerRef, RegistryError> {
+        match self.sessions.get_mut(session) {
+            Some(s) => {
+                s.last_active = now;
+                s.probe = None;
+                Ok(s.owner.clone())
+            }
+            None => Err(RegistryError::UnknownSession(session.to_owned())),
+        }
+    }
+
+    fn owner(&self, session: &str) -> Result<OwnerRef, RegistryError> {
+        self.sessions
+            .get(session)
+            .map(|s| s.owner.clone())
+            .ok_or_else(|| RegistryError::UnknownSession(session.to_owned()))
+    }
+
+    /// The session's record of `(key, id)`, if it holds one.
+    fn own_record(
+        &self,
+        owner: &OwnerRef,
+        key: &ServiceKey,
+        id: &str,
+    ) -> Option<&Arc<InstanceRecord>> {
+        let Some(Held::Live { records, .. }) = self.data.get(owner) else {
+            return None;
+        };
+        records.get(key, id)
+    }
+
+    /// Why a session cannot act on `(key, id)`: it is someone else's, or
+    /// no one's.
+    fn not_held(&self, key: &ServiceKey, id: &str) -> RegistryError {
+        let shown = self.services.get(key).and_then(|s| s.get(id)).is_some();
+        if shown {
+            RegistryError::NotOwner {
+                service: key.to_string(),
+                id: id.to_owned(),
+            }
+        } else {
+            unknown_instance(key, id)
+        }
+    }
+
+    /// Registers (or re-registers) an ephemeral instance in `session`'s
+    /// data, returning the change and the instance's id. Re-registering an
     /// identical instance still bumps version and revision.
     pub fn register(
         &mut self,
@@ -164,83 +296,98 @@ impl Registry {
         instance: Instance,
         now: Instant,
     ) -> Result<(Change, Arc<str>), RegistryError> {
-        let instance = instance.normalize()?;
-        if !instance.ephemeral {
-            return Err(RegistryError::Unsupported(
-                "persistent instances (ephemeral=false) are not supported yet".into(),
-            ));
-        }
-        let owner = match self.sessions.get(session) {
-            Some(s) => s.id.clone(),
-            None => return Err(RegistryError::UnknownSession(session.to_owned())),
-        };
-        self.sessions.touch(session, now);
+        let instance = checked(instance)?;
+        let owner = self.touch_owner(session, now)?;
+        let version = self.next_version();
+        let key = self.intern(key);
         let id: Arc<str> = instance.id.as_str().into();
-        let record = Arc::new(self.record(instance, owner.clone()));
-        let revision = self.next_revision();
-        let window = self.config.delta_window;
-        // One lookup of the service: reuse its interned key, or create it.
-        let state = match self.services.get_mut(key) {
-            Some(state) => state,
-            None => {
-                let key = Arc::new(key.clone());
-                self.services
-                    .entry(key.clone())
-                    .or_insert_with(|| ServiceState::new(key, revision - 1, window))
-            }
-        };
-        let key = state.key().clone();
-        let old = state.upsert(id.clone(), record, revision);
-        if state.mark_unpublished() {
-            self.unpublished.push(key.clone());
-        }
-        let newly_owned = match old {
-            Some(old) if old.owner != owner => {
-                self.disown(&old.owner, &key, &id);
-                true
-            }
-            // Already in the owner's set.
-            Some(_) => false,
-            None => {
-                self.instance_count += 1;
-                true
-            }
-        };
-        if newly_owned && let Some(s) = self.sessions.get_mut(&owner) {
-            s.owned.insert((key.clone(), id.clone()));
-        }
-        Ok((Change { key, revision }, id))
+        let record = record(instance, &owner, version);
+        let change = self.write_one(&owner, version, &key, id.clone(), Some(record));
+        Ok((change, id))
     }
 
-    /// Removes an instance whoever owns it.
-    pub fn deregister(&mut self, key: &ServiceKey, id: &str) -> Result<Change, RegistryError> {
-        let revision = self.revision + 1;
-        let state = self.existing_mut(key)?;
-        let Some(old) = state.remove(id, revision) else {
-            return Err(unknown_instance(key, id));
-        };
-        let key = state.key().clone();
-        self.revision = revision;
-        self.instance_count -= 1;
-        self.disown(&old.owner, &key, id);
-        Ok(self.changed(key))
+    /// Replaces the set of instances `session` holds in `key` with
+    /// `instances` (empty: removes them all), as one write.
+    pub fn set_instances(
+        &mut self,
+        session: &str,
+        key: &ServiceKey,
+        instances: Vec<Instance>,
+        now: Instant,
+    ) -> Result<Change, RegistryError> {
+        let instances = instances
+            .into_iter()
+            .map(checked)
+            .collect::<Result<Vec<_>, _>>()?;
+        let owner = self.owner(session)?;
+        self.sessions.touch(session, now);
+        if instances.is_empty() && !self.services.contains_key(key) {
+            // Nothing held there, nothing to hold: no service is made.
+            return Ok(Change {
+                key: Arc::new(key.clone()),
+                revision: 0,
+            });
+        }
+        let version = self.next_version();
+        let key = self.intern(key);
+        let mut changes: BTreeMap<Arc<str>, Option<Arc<InstanceRecord>>> = BTreeMap::new();
+        if let Some(Held::Live { records, .. }) = self.data.get(&owner) {
+            for id in records.ids(&key) {
+                changes.insert(id, None);
+            }
+        }
+        for instance in instances {
+            let id: Arc<str> = instance.id.as_str().into();
+            changes.insert(id, Some(record(instance, &owner, version)));
+        }
+        Ok(self.write(&owner, version, &key, changes.into_iter().collect()))
     }
 
-    /// Changes an existing instance in place with `edit`; the result is
-    /// validated and its id, addresses, port and cluster must stay. The
-    /// owner stays; the version and revision move on.
+    /// The ids `session` holds in `key`.
+    pub fn held_ids(&self, session: &str, key: &ServiceKey) -> Vec<Arc<str>> {
+        let Ok(owner) = self.owner(session) else {
+            return Vec::new();
+        };
+        let Some(Held::Live { records, .. }) = self.data.get(&owner) else {
+            return Vec::new();
+        };
+        records.ids(key)
+    }
+
+    /// Removes an instance `session` holds.
+    pub fn deregister(
+        &mut self,
+        session: &str,
+        key: &ServiceKey,
+        id: &str,
+        now: Instant,
+    ) -> Result<Change, RegistryError> {
+        let owner = self.owner(session)?;
+        if self.own_record(&owner, key, id).is_none() {
+            return Err(self.not_held(key, id));
+        }
+        self.sessions.touch(session, now);
+        let version = self.next_version();
+        let key = self.intern(key);
+        Ok(self.write_one(&owner, version, &key, Arc::from(id), None))
+    }
+
+    /// Changes an instance `session` holds with `edit`; the result is
+    /// validated, and its id and addresses must stay. The version and
+    /// revision move on.
     pub fn modify(
         &mut self,
+        session: &str,
         key: &ServiceKey,
         id: &str,
         edit: impl FnOnce(&mut Instance),
+        now: Instant,
     ) -> Result<Change, RegistryError> {
-        let state = self.existing_mut(key)?;
-        let Some(old) = state.get(id) else {
-            return Err(unknown_instance(key, id));
+        let owner = self.owner(session)?;
+        let Some(old) = self.own_record(&owner, key, id) else {
+            return Err(self.not_held(key, id));
         };
         let mut instance = old.instance.clone();
-        let owner = old.owner.clone();
         edit(&mut instance);
         let instance = instance.normalize()?;
         if instance.id != id || instance.addresses != old.instance.addresses {
@@ -249,35 +396,26 @@ impl Registry {
                 "an update cannot change the id or addresses; register anew",
             )));
         }
-        let record = self.record(instance, owner);
-        let revision = self.next_revision();
-        let state = self.existing_mut(key)?;
-        let key = state.key().clone();
-        state.upsert(Arc::from(id), Arc::new(record), revision);
-        Ok(self.changed(key))
+        self.sessions.touch(session, now);
+        let version = self.next_version();
+        let key = self.intern(key);
+        let record = record(instance, &owner, version);
+        Ok(self.write_one(&owner, version, &key, Arc::from(id), Some(record)))
     }
 
-    /// Closes a session and removes every record it owned.
-    pub fn close_session(&mut self, session: &str) -> Vec<Change> {
+    /// The owner of the record shown for `(key, id)`.
+    pub fn owner_of(&self, key: &ServiceKey, id: &str) -> Option<OwnerRef> {
+        Some(self.services.get(key)?.get(id)?.owner.clone())
+    }
+
+    /// Closes one of this node's sessions: its records go (one change per
+    /// service) and a tombstone stays for the grace period.
+    pub fn close_session(&mut self, session: &str, now: Instant) -> Vec<Change> {
         let Some(s) = self.sessions.remove(session) else {
             return Vec::new();
         };
-        let mut changes = Vec::new();
-        for (key, id) in s.owned {
-            let revision = self.revision + 1;
-            if let Some(state) = self.services.get_mut(&key)
-                && state.remove(&id, revision).is_some()
-            {
-                self.revision = revision;
-                self.instance_count -= 1;
-                changes.push(self.changed(key));
-            }
-        }
-        // One change per service is enough for consumers: keep the last.
-        changes.reverse();
-        let mut seen = std::collections::HashSet::new();
-        changes.retain(|c| seen.insert(c.key.clone()));
-        changes
+        let version = self.next_version();
+        self.retire(&s.owner, version, now)
     }
 
     /// Probes idle sessions and expires silent ones (removing their records).
@@ -287,30 +425,249 @@ impl Registry {
             match verdict {
                 SweepVerdict::Probe(id, nonce) => outcome.probes.push((id, nonce)),
                 SweepVerdict::Expire(id) => {
-                    outcome.changes.extend(self.close_session(&id));
+                    outcome.changes.extend(self.close_session(&id, now));
                     outcome.expired.push(id);
                 }
             }
         }
+        self.expire_tombstones(now);
         outcome
     }
 
-    /// Whether some write is not yet in [`Self::published`].
-    pub fn has_unpublished(&self) -> bool {
-        !self.unpublished.is_empty()
-    }
-
-    /// The current views of every service, first republishing those
-    /// written since the last call: clone it (O(1)) to give readers a
-    /// snapshot.
-    pub fn published(&mut self) -> &PublishedViews {
-        for key in std::mem::take(&mut self.unpublished) {
-            if let Some(state) = self.services.get_mut(&key) {
-                let view = state.publish_view();
-                self.published.insert(key, view);
+    /// Applies beat deadlines: a silent beat lease's instances turn
+    /// unhealthy, then the lease ends. Decided and done in one call.
+    pub fn check_beats(&mut self, now: Instant) -> BeatOutcome {
+        let verdicts = self.sessions.check_beats(now);
+        let mut out = BeatOutcome::default();
+        for id in verdicts.unhealthy {
+            // Only those that still had a healthy instance are news.
+            let changes = self.set_health(&id, false);
+            if !changes.is_empty() {
+                out.changes.extend(changes);
+                out.unhealthy.push(id);
             }
         }
-        &self.published
+        for id in verdicts.expired {
+            out.changes.extend(self.close_session(&id, now));
+            out.expired.push(id);
+        }
+        out
+    }
+
+    /// A beat on a beat lease (or any session): it is alive, and its
+    /// instances are healthy (as a Nacos beat makes them, whatever made
+    /// them unhealthy).
+    pub fn beat(&mut self, session: &str, now: Instant) -> Result<Vec<Change>, RegistryError> {
+        if !self.sessions.touch(session, now) {
+            return Err(RegistryError::UnknownSession(session.to_owned()));
+        }
+        let beat_lease = self
+            .sessions
+            .get(session)
+            .is_some_and(|s| matches!(s.kind, SessionKind::Beat { .. }));
+        if !beat_lease {
+            // Another lease only renews: its instances' health is theirs.
+            return Ok(Vec::new());
+        }
+        Ok(self.set_health(session, true))
+    }
+
+    /// Sets `healthy` on every instance of a session that differs.
+    fn set_health(&mut self, session: &str, healthy: bool) -> Vec<Change> {
+        let Ok(owner) = self.owner(session) else {
+            return Vec::new();
+        };
+        let Some(Held::Live { records, .. }) = self.data.get(&owner) else {
+            return Vec::new();
+        };
+        let mut by_service: BTreeMap<Arc<ServiceKey>, Vec<(Instance, Version)>> = BTreeMap::new();
+        for (key, _, r) in records.iter() {
+            if r.instance.healthy != healthy {
+                let mut i = r.instance.clone();
+                i.healthy = healthy;
+                by_service
+                    .entry(key.clone())
+                    .or_default()
+                    .push((i, r.version));
+            }
+        }
+        let mut changes = Vec::new();
+        for (key, instances) in by_service {
+            // The session's data moves on; each record keeps the version of
+            // its registration, so liveness alone never changes which of
+            // two sessions holding an id is shown.
+            let version = self.next_version();
+            let updates = instances
+                .into_iter()
+                .map(|(i, v)| (Arc::from(i.id.as_str()), Some(record(i, &owner, v))))
+                .collect();
+            changes.push(self.write(&owner, version, &key, updates));
+        }
+        changes
+    }
+
+    /// Moves a service to a new revision with the same instances (a
+    /// setting shown beside them changed, so subscribers get it again).
+    pub fn bump_service(&mut self, key: &ServiceKey) -> Option<Change> {
+        let revision = self.revision + 1;
+        let state = self.services.get_mut(key)?;
+        self.revision = revision;
+        state.bump(revision);
+        let key = state.key().clone();
+        if state.mark_unpublished() {
+            self.unpublished.push(key.clone());
+        }
+        Some(Change { key, revision })
+    }
+
+    // ---- other origins' data --------------------------------------------
+
+    /// Applies another node's session data, whole, if it is newer than
+    /// what is held (a tombstone at or above its version wins). Data of
+    /// this node's own sessions is never taken from elsewhere.
+    pub fn apply_session(
+        &mut self,
+        owner: Owner,
+        data: SessionData,
+    ) -> Result<Vec<Change>, RegistryError> {
+        if owner.origin == self.node {
+            return Ok(Vec::new());
+        }
+        let (owner, held) = match self.data.get_key_value(&owner) {
+            Some((o, h)) => (o.clone(), Some(h)),
+            None => (Arc::new(owner), None),
+        };
+        if held.is_some_and(|h| !h.superseded_by(data.version, true)) {
+            return Ok(Vec::new());
+        }
+        // Validate everything before changing anything.
+        let mut valid = Vec::with_capacity(data.instances.len());
+        for (key, instance, version) in data.instances {
+            valid.push((key, checked(instance)?, version));
+        }
+        self.observe(data.version);
+        let mut records = Records::default();
+        for (key, instance, version) in valid {
+            self.observe(version);
+            let key = self.intern(&key);
+            let id: Arc<str> = instance.id.as_str().into();
+            records.insert(key, id, record(instance, &owner, version));
+        }
+        let mut touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>> = BTreeMap::new();
+        for (key, id, _) in records.iter() {
+            touched.entry(key.clone()).or_default().insert(id.clone());
+        }
+        let old = self.data.insert(
+            owner.clone(),
+            Held::Live {
+                version: data.version,
+                records,
+            },
+        );
+        if let Some(Held::Live { records: old, .. }) = old {
+            for (key, id) in old.into_ids() {
+                touched.entry(key).or_default().insert(id);
+            }
+        }
+        Ok(self.reconcile_all(&owner, touched))
+    }
+
+    /// Drops another node's session at `version` (it ended there): its
+    /// records go unless a newer version of it is held, and a tombstone
+    /// keeps older copies from coming back.
+    pub fn drop_session(&mut self, owner: Owner, version: Version, now: Instant) -> Vec<Change> {
+        if owner.origin == self.node {
+            return Vec::new();
+        }
+        let owner = match self.data.get_key_value(&owner) {
+            Some((_, h)) if !h.superseded_by(version, false) => return Vec::new(),
+            Some((o, _)) => o.clone(),
+            None => Arc::new(owner),
+        };
+        self.observe(version);
+        self.retire(&owner, version, now)
+    }
+
+    /// Drops every session of another origin (a node that stopped
+    /// verifying): each at the version held, so only newer data of it can
+    /// come back.
+    pub fn drop_origin(&mut self, origin: &str, now: Instant) -> Vec<Change> {
+        if *origin == *self.node {
+            return Vec::new();
+        }
+        let live: Vec<(OwnerRef, Version)> = self
+            .data
+            .iter()
+            .filter(|(o, h)| &*o.origin == origin && matches!(h, Held::Live { .. }))
+            .map(|(o, h)| (o.clone(), h.version()))
+            .collect();
+        let mut changes = Vec::new();
+        for (owner, version) in live {
+            changes.extend(self.retire(&owner, version, now));
+        }
+        last_per_service(changes)
+    }
+
+    /// Forgets tombstones older than the grace period.
+    pub fn expire_tombstones(&mut self, now: Instant) {
+        let grace = self.config.tombstone_grace;
+        self.data.retain(|_, h| match h {
+            Held::Gone { since, .. } => now.saturating_duration_since(*since) < grace,
+            Held::Live { .. } => true,
+        });
+    }
+
+    /// What is held of a session (any origin).
+    pub fn held(&self, owner: &Owner) -> Option<&Held> {
+        self.data.get(owner)
+    }
+
+    /// Every session held, with what is held of it.
+    pub fn held_sessions(&self) -> impl Iterator<Item = (&OwnerRef, &Held)> {
+        self.data.iter()
+    }
+
+    /// Moves the Lamport clock past `version`.
+    fn observe(&mut self, version: Version) {
+        self.sequence = self.sequence.max(version.sequence);
+    }
+
+    /// Replaces a session's data by a tombstone at `version` and removes
+    /// what it showed.
+    fn retire(&mut self, owner: &OwnerRef, version: Version, now: Instant) -> Vec<Change> {
+        let old = self.data.insert(
+            owner.clone(),
+            Held::Gone {
+                version,
+                since: now,
+            },
+        );
+        let mut touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>> = BTreeMap::new();
+        if let Some(Held::Live { records, .. }) = old {
+            for (key, id) in records.into_ids() {
+                touched.entry(key).or_default().insert(id);
+            }
+        }
+        self.reconcile_all(owner, touched)
+    }
+
+    // ---- views ------------------------------------------------------------
+
+    /// The views of the services written since the last call, built now:
+    /// what to publish to readers.
+    pub fn take_unpublished(&mut self) -> Vec<Arc<ServiceView>> {
+        let mut views = Vec::with_capacity(self.unpublished.len());
+        for key in std::mem::take(&mut self.unpublished) {
+            if let Some(state) = self.services.get_mut(&key) {
+                views.push(state.publish_view());
+            }
+        }
+        views
+    }
+
+    /// Whether some write has not been taken by [`Self::take_unpublished`].
+    pub fn has_unpublished(&self) -> bool {
+        !self.unpublished.is_empty()
     }
 
     /// The current view of a service (built once per revision).
@@ -333,53 +690,219 @@ impl Registry {
         self.services.len()
     }
 
-    /// Number of instances over all services.
+    /// Number of instances shown over all services.
     pub fn instance_count(&self) -> usize {
         self.instance_count
     }
 
-    fn existing_mut(&mut self, key: &ServiceKey) -> Result<&mut ServiceState, RegistryError> {
-        self.services
-            .get_mut(key)
-            .ok_or_else(|| RegistryError::UnknownService(key.to_string()))
+    // ---- internals -------------------------------------------------------
+
+    /// The service's interned key, creating its state if new.
+    fn intern(&mut self, key: &ServiceKey) -> Arc<ServiceKey> {
+        if let Some(state) = self.services.get(key) {
+            return state.key().clone();
+        }
+        let key = Arc::new(key.clone());
+        let state = ServiceState::new(key.clone(), self.revision, self.config.delta_window);
+        self.services.insert(key.clone(), state);
+        key
     }
 
-    fn next_revision(&mut self) -> u64 {
+    /// [`Self::write`] of one record: the hot path of registration.
+    fn write_one(
+        &mut self,
+        owner: &OwnerRef,
+        version: Version,
+        key: &Arc<ServiceKey>,
+        id: Arc<str>,
+        record: Option<Arc<InstanceRecord>>,
+    ) -> Change {
+        let had = match self.data.get_mut(owner) {
+            Some(Held::Live {
+                version: v,
+                records,
+            }) => {
+                *v = version;
+                let old = match &record {
+                    Some(r) => records.insert(key.clone(), id.clone(), r.clone()),
+                    None => records.remove(key, &id),
+                };
+                old.is_some()
+            }
+            // Only sessions whose data is live write.
+            _ => {
+                debug_assert!(false, "a write for a session that is not live");
+                return Change {
+                    key: key.clone(),
+                    revision: self.services.get(key).map_or(0, ServiceState::revision),
+                };
+            }
+        };
+        let data = &self.data;
+        let Some(state) = self.services.get_mut(key) else {
+            return Change {
+                key: key.clone(),
+                revision: 0,
+            };
+        };
+        let lookup = |h: &OwnerRef| match data.get(h) {
+            Some(Held::Live { records, .. }) => records.get(key, &id).cloned(),
+            _ => None,
+        };
+        let Some(effect) = state.hold(&id, owner, record.as_ref(), had, lookup) else {
+            return Change {
+                key: key.clone(),
+                revision: state.revision(),
+            };
+        };
         self.revision += 1;
-        self.revision
-    }
-
-    fn record(&mut self, instance: Instance, owner: SessionId) -> InstanceRecord {
-        self.sequence += 1;
-        InstanceRecord {
-            hash: instance_hash(&instance),
-            instance,
-            owner,
-            version: Version {
-                incarnation: self.incarnation,
-                sequence: self.sequence,
-            },
-        }
-    }
-
-    fn disown(&mut self, owner: &str, key: &Arc<ServiceKey>, id: &str) {
-        if let Some(s) = self.sessions.get_mut(owner) {
-            s.owned.remove(&(key.clone(), Arc::from(id)));
-        }
-    }
-
-    /// Notes a write to an existing service for the next publication.
-    fn changed(&mut self, key: Arc<ServiceKey>) -> Change {
-        let state = self
-            .services
-            .get_mut(&key)
-            .expect("a change follows a write to an existing service");
-        let revision = state.revision();
+        let revision = self.revision;
+        let grown = state.apply_one(revision, id, effect);
+        self.instance_count = self.instance_count.wrapping_add_signed(grown);
         if state.mark_unpublished() {
             self.unpublished.push(key.clone());
         }
-        Change { key, revision }
+        Change {
+            key: key.clone(),
+            revision,
+        }
     }
+
+    /// Sets `owner`'s records of `key` (Some: now holds it; None: drops it)
+    /// at `version`, and derives the view.
+    fn write(
+        &mut self,
+        owner: &OwnerRef,
+        version: Version,
+        key: &Arc<ServiceKey>,
+        updates: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)>,
+    ) -> Change {
+        let mut had = Vec::with_capacity(updates.len());
+        if let Some(Held::Live {
+            version: v,
+            records,
+        }) = self.data.get_mut(owner)
+        {
+            *v = version;
+            for (id, record) in &updates {
+                let old = match record {
+                    Some(r) => records.insert(key.clone(), id.clone(), r.clone()),
+                    None => records.remove(key, id),
+                };
+                had.push(old.is_some());
+            }
+        }
+        had.resize(updates.len(), false);
+        self.reconcile(owner, key, updates, &had)
+    }
+
+    fn reconcile_all(
+        &mut self,
+        owner: &OwnerRef,
+        touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>>,
+    ) -> Vec<Change> {
+        let mut changes = Vec::with_capacity(touched.len());
+        for (key, ids) in touched {
+            let before = self.services.get(&key).map(ServiceState::revision);
+            let holding: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)> = match self.data.get(owner) {
+                Some(Held::Live { records, .. }) => ids
+                    .into_iter()
+                    .map(|id| {
+                        let r = records.get(&key, &id).cloned();
+                        (id, r)
+                    })
+                    .collect(),
+                _ => ids.into_iter().map(|id| (id, None)).collect(),
+            };
+            // What it held of these ids is gone or replaced: each may have
+            // been shown from another holder.
+            let had = vec![false; holding.len()];
+            let change = self.reconcile(owner, &key, holding, &had);
+            if before != Some(change.revision) {
+                changes.push(change);
+            }
+        }
+        changes
+    }
+
+    /// Brings the view entries of the ids in `holding` (with what `owner`
+    /// now holds of each) in `key` in line with every holder: one revision
+    /// for all.
+    fn reconcile(
+        &mut self,
+        owner: &OwnerRef,
+        key: &Arc<ServiceKey>,
+        holding: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)>,
+        had: &[bool],
+    ) -> Change {
+        let data = &self.data;
+        let Some(state) = self.services.get_mut(key) else {
+            return Change {
+                key: key.clone(),
+                revision: 0,
+            };
+        };
+        // Another holder's record; only asked for ids held twice.
+        let held = |h: &OwnerRef, id: &Arc<str>| match data.get(h) {
+            Some(Held::Live { records, .. }) => records.get(key, id).cloned(),
+            _ => None,
+        };
+        // (Collected in place: the two element types have one layout.)
+        let effects: Vec<(Arc<str>, crate::service::Effect)> = holding
+            .into_iter()
+            .zip(had)
+            .filter_map(|((id, mine), had)| {
+                let effect = state.hold(&id, owner, mine.as_ref(), *had, |h| held(h, &id))?;
+                Some((id, effect))
+            })
+            .collect();
+        if effects.is_empty() {
+            return Change {
+                key: key.clone(),
+                revision: state.revision(),
+            };
+        }
+        self.revision += 1;
+        let revision = self.revision;
+        let grown = state.apply(revision, effects);
+        self.instance_count = self.instance_count.wrapping_add_signed(grown);
+        if state.mark_unpublished() {
+            self.unpublished.push(key.clone());
+        }
+        Change {
+            key: key.clone(),
+            revision,
+        }
+    }
+}
+
+/// Normalises an instance and refuses what this node does not keep.
+fn checked(instance: Instance) -> Result<Instance, RegistryError> {
+    let instance = instance.normalize()?;
+    if !instance.ephemeral {
+        return Err(RegistryError::Unsupported(
+            "persistent instances (ephemeral=false) are not supported yet".into(),
+        ));
+    }
+    Ok(instance)
+}
+
+fn record(instance: Instance, owner: &OwnerRef, version: Version) -> Arc<InstanceRecord> {
+    Arc::new(InstanceRecord {
+        hash: instance_hash(&instance),
+        instance,
+        owner: owner.clone(),
+        version,
+    })
+}
+
+/// The last change of each service, in order.
+fn last_per_service(mut changes: Vec<Change>) -> Vec<Change> {
+    changes.reverse();
+    let mut seen = std::collections::HashSet::new();
+    changes.retain(|c| seen.insert(c.key.clone()));
+    changes.reverse();
+    changes
 }
 
 fn unknown_instance(key: &ServiceKey, id: &str) -> RegistryError {

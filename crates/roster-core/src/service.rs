@@ -5,11 +5,11 @@
 //! instances; the deltas in the window chain (`to` of one is `from` of the next).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use bytes::Bytes;
+use rustc_hash::FxHashMap;
 
-use crate::model::{InstanceRecord, ServiceKey};
+use crate::model::{InstanceRecord, OwnerRef, ServiceKey};
 
 /// Instances of a service by id. A persistent B-tree: cloning it for a view
 /// is O(1) and a write copies only the path it touches. (Measured faster
@@ -42,7 +42,8 @@ impl Delta {
 }
 
 /// An immutable snapshot of a service at one revision. Readers clone the
-/// `Arc` and never wait on a writer.
+/// `Arc` and never wait on a writer. Front-ends keep their encodings of it
+/// beside it (the core knows no wire format).
 #[derive(Debug)]
 pub struct ServiceView {
     /// Which service.
@@ -51,16 +52,9 @@ pub struct ServiceView {
     pub revision: u64,
     /// Checksum of `instances`.
     pub checksum: u64,
-    /// The instances, by id.
+    /// The instances, by id: for an id held by several sessions, the one
+    /// [`outranks`] picks.
     pub instances: InstanceMap,
-    /// The transport layer's encoding of this view, made once per revision
-    /// and shared by every subscriber that needs the full view.
-    pub encoded: OnceLock<Bytes>,
-    /// The Nacos layer's JSON `ServiceInfo` of this view (all clusters),
-    /// likewise made once per revision and shared by pushes and queries:
-    /// `[0]` names the service bare (gRPC), `[1]` as `group@@service`
-    /// (HTTP and UDP).
-    pub nacos_info: [OnceLock<std::sync::Arc<str>>; 2],
 }
 
 impl ServiceView {
@@ -73,6 +67,34 @@ impl ServiceView {
     }
 }
 
+/// The rule for an instance id held by two sessions (a client's old session
+/// on a dead node and its new one after failover, or an HTTP lease and a
+/// stream registering one address): the record written last wins, by the
+/// Lamport sequence of its version, then by incarnation, origin and session,
+/// so every node holding the same sessions shows the same entry. The loser
+/// is kept and comes back if the winner's session drops the id, so a
+/// failover never shows a removal.
+pub fn outranks(a: &InstanceRecord, b: &InstanceRecord) -> bool {
+    fn rank(r: &InstanceRecord) -> (u64, u64, &str, &str) {
+        (
+            r.version.sequence,
+            r.version.incarnation,
+            &r.owner.origin,
+            &r.owner.session,
+        )
+    }
+    rank(a) > rank(b)
+}
+
+/// What a change of one session's holding does to a service's view entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// The entry becomes (or is rewritten as) this record.
+    Upsert(Arc<InstanceRecord>),
+    /// The entry goes: no session holds the id any more.
+    Remove,
+}
+
 /// One service's mutable state, owned by the registry.
 #[derive(Debug)]
 pub struct ServiceState {
@@ -80,7 +102,9 @@ pub struct ServiceState {
     revision: u64,
     checksum: u64,
     instances: InstanceMap,
-    /// Recent single-write deltas, oldest first, chained.
+    /// Ids held by more than one session, with every holder. Usually empty.
+    contested: FxHashMap<Arc<str>, Vec<OwnerRef>>,
+    /// Recent deltas, oldest first, chained.
     deltas: VecDeque<Arc<Delta>>,
     /// At most this many deltas are kept.
     window: usize,
@@ -98,6 +122,7 @@ impl ServiceState {
             revision,
             checksum: 0,
             instances: InstanceMap::new(),
+            contested: FxHashMap::default(),
             deltas: VecDeque::new(),
             window: window.max(1),
             view: None,
@@ -125,39 +150,150 @@ impl ServiceState {
         &self.instances
     }
 
-    /// A record by id.
+    /// The record shown for `id`.
     pub fn get(&self, id: &str) -> Option<&Arc<InstanceRecord>> {
         self.instances.get(id)
     }
 
-    /// Inserts or replaces a record under `id` (its instance's id), moving
-    /// to `revision` (which must be higher than the current one). Returns
-    /// the replaced record.
-    pub fn upsert(
+    /// Works out what `owner`'s holding of `id` (its record now, or none;
+    /// `had`: whether it held the id before) does to the view entry.
+    /// `lookup` gives another holder's record. Keeps the list of contested
+    /// ids; changes no entry (see [`Self::apply`]).
+    pub fn hold(
         &mut self,
-        id: Arc<str>,
-        record: Arc<InstanceRecord>,
-        revision: u64,
-    ) -> Option<Arc<InstanceRecord>> {
-        debug_assert!(revision > self.revision);
-        debug_assert_eq!(&*id, record.instance.id);
-        self.checksum = self.checksum.wrapping_add(record.hash);
-        let old = self.instances.insert(id, record.clone());
-        if let Some(old) = &old {
-            self.checksum = self.checksum.wrapping_sub(old.hash);
+        id: &Arc<str>,
+        owner: &OwnerRef,
+        held: Option<&Arc<InstanceRecord>>,
+        had: bool,
+        lookup: impl Fn(&OwnerRef) -> Option<Arc<InstanceRecord>>,
+    ) -> Option<Effect> {
+        let contested = !self.contested.is_empty() && self.contested.contains_key(id);
+        if had && !contested {
+            // The id's only holder: its entry is this owner's.
+            return Some(match held {
+                Some(new) => Effect::Upsert(new.clone()),
+                None => Effect::Remove,
+            });
         }
-        self.push_delta(revision, vec![record], Vec::new());
-        old
+        let current = self.instances.get(id);
+        let Some(holders) = self.contested.get_mut(id).filter(|_| contested) else {
+            return match (current, held) {
+                (None, None) => None,
+                (None, Some(new)) => Some(Effect::Upsert(new.clone())),
+                (Some(c), new) if c.owner == *owner => match new {
+                    Some(new) => Some(Effect::Upsert(new.clone())),
+                    None => Some(Effect::Remove),
+                },
+                (Some(_), None) => None,
+                (Some(c), Some(new)) => {
+                    let both = vec![c.owner.clone(), owner.clone()];
+                    let wins = outranks(new, c);
+                    self.contested.insert(id.clone(), both);
+                    wins.then(|| Effect::Upsert(new.clone()))
+                }
+            };
+        };
+        match (held.is_some(), holders.iter().position(|h| h == owner)) {
+            (true, None) => holders.push(owner.clone()),
+            (false, Some(at)) => {
+                holders.swap_remove(at);
+            }
+            _ => {}
+        }
+        let mut best: Option<Arc<InstanceRecord>> = None;
+        for h in holders.iter() {
+            let record = if h == owner { held.cloned() } else { lookup(h) };
+            if let Some(r) = record
+                && best.as_ref().is_none_or(|b| outranks(&r, b))
+            {
+                best = Some(r);
+            }
+        }
+        if holders.len() <= 1 {
+            self.contested.remove(id);
+        }
+        match (best, current) {
+            (None, None) => None,
+            (None, Some(_)) => Some(Effect::Remove),
+            (Some(b), Some(c)) if Arc::ptr_eq(&b, c) => None,
+            (Some(b), _) => Some(Effect::Upsert(b)),
+        }
     }
 
-    /// Removes a record by id, moving to `revision`. Returns it, or `None`
-    /// (and changes nothing) when absent.
-    pub fn remove(&mut self, id: &str, revision: u64) -> Option<Arc<InstanceRecord>> {
+    /// Applies view changes as one write at `revision` (higher than the
+    /// current one): one delta, one revision. Returns the change in the
+    /// number of entries.
+    pub fn apply(&mut self, revision: u64, effects: Vec<(Arc<str>, Effect)>) -> isize {
         debug_assert!(revision > self.revision);
-        let (id, old) = self.instances.remove_with_key(id)?;
-        self.checksum = self.checksum.wrapping_sub(old.hash);
-        self.push_delta(revision, Vec::new(), vec![id]);
-        Some(old)
+        // Sized exactly: the delta is kept for the whole window.
+        let upserts = effects
+            .iter()
+            .filter(|(_, e)| matches!(e, Effect::Upsert(_)))
+            .count();
+        let mut upserted = Vec::with_capacity(upserts);
+        let mut removed = Vec::with_capacity(effects.len() - upserts);
+        let mut grown = 0isize;
+        for (id, effect) in effects {
+            match effect {
+                Effect::Upsert(record) => {
+                    debug_assert_eq!(&*id, record.instance.id);
+                    self.checksum = self.checksum.wrapping_add(record.hash);
+                    match self.instances.insert(id, record.clone()) {
+                        Some(old) => self.checksum = self.checksum.wrapping_sub(old.hash),
+                        None => grown += 1,
+                    }
+                    upserted.push(record);
+                }
+                Effect::Remove => {
+                    if let Some((id, old)) = self.instances.remove_with_key(&id) {
+                        self.checksum = self.checksum.wrapping_sub(old.hash);
+                        grown -= 1;
+                        removed.push(id);
+                    }
+                }
+            }
+        }
+        upserted.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
+        removed.sort();
+        self.push_delta(revision, upserted, removed);
+        grown
+    }
+
+    /// [`Self::apply`] of one effect (the registration hot path).
+    pub fn apply_one(&mut self, revision: u64, id: Arc<str>, effect: Effect) -> isize {
+        debug_assert!(revision > self.revision);
+        match effect {
+            Effect::Upsert(record) => {
+                debug_assert_eq!(&*id, record.instance.id);
+                self.checksum = self.checksum.wrapping_add(record.hash);
+                let grown = match self.instances.insert(id, record.clone()) {
+                    Some(old) => {
+                        self.checksum = self.checksum.wrapping_sub(old.hash);
+                        0
+                    }
+                    None => 1,
+                };
+                self.push_delta(revision, vec![record], Vec::new());
+                grown
+            }
+            Effect::Remove => match self.instances.remove_with_key(&id) {
+                Some((id, old)) => {
+                    self.checksum = self.checksum.wrapping_sub(old.hash);
+                    self.push_delta(revision, Vec::new(), vec![id]);
+                    -1
+                }
+                None => {
+                    self.push_delta(revision, Vec::new(), Vec::new());
+                    0
+                }
+            },
+        }
+    }
+
+    /// Moves to `revision` with no change to the instances (something
+    /// shown beside them changed; subscribers are sent the view again).
+    pub fn bump(&mut self, revision: u64) {
+        self.push_delta(revision, Vec::new(), Vec::new());
     }
 
     fn push_delta(
@@ -200,8 +336,6 @@ impl ServiceState {
                     revision: self.revision,
                     checksum: self.checksum,
                     instances: self.instances.clone(),
-                    encoded: OnceLock::new(),
-                    nacos_info: Default::default(),
                 })
             })
             .clone()

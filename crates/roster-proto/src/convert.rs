@@ -95,7 +95,7 @@ impl v1::Instance {
 impl From<&InstanceRecord> for v1::Instance {
     fn from(r: &InstanceRecord) -> Self {
         let mut out = Self::from_model(&r.instance);
-        out.owner = r.owner.to_string();
+        out.owner = r.owner.session.to_string();
         out.version = Some(v1::Version {
             incarnation: r.version.incarnation,
             sequence: r.version.sequence,
@@ -104,8 +104,8 @@ impl From<&InstanceRecord> for v1::Instance {
     }
 }
 
-/// The full view as an update message.
-pub fn full_update(view: &ServiceView) -> v1::ServiceUpdate {
+/// The full view as an update message, numbered by `epoch`.
+pub fn full_update(view: &ServiceView, epoch: &v1::NodeEpoch) -> v1::ServiceUpdate {
     v1::ServiceUpdate {
         service: Some(view.key.as_ref().into()),
         revision: view.revision,
@@ -113,11 +113,27 @@ pub fn full_update(view: &ServiceView) -> v1::ServiceUpdate {
         kind: Some(v1::service_update::Kind::Full(v1::FullView {
             instances: view.instances.values().map(|r| r.as_ref().into()).collect(),
         })),
+        epoch: Some(epoch.clone()),
+    }
+}
+
+/// An empty full view of a service nobody registered in, numbered by `epoch`.
+pub fn empty_update(key: &ServiceKey, epoch: &v1::NodeEpoch) -> v1::ServiceUpdate {
+    v1::ServiceUpdate {
+        service: Some(key.into()),
+        kind: Some(v1::service_update::Kind::Full(v1::FullView::default())),
+        epoch: Some(epoch.clone()),
+        ..Default::default()
     }
 }
 
 /// A delta as an update message; `checksum` is the view's at `delta.to`.
-pub fn delta_update(key: &ServiceKey, delta: &Delta, checksum: u64) -> v1::ServiceUpdate {
+pub fn delta_update(
+    key: &ServiceKey,
+    delta: &Delta,
+    checksum: u64,
+    epoch: &v1::NodeEpoch,
+) -> v1::ServiceUpdate {
     v1::ServiceUpdate {
         service: Some(key.into()),
         revision: delta.to,
@@ -127,5 +143,6 @@ pub fn delta_update(key: &ServiceKey, delta: &Delta, checksum: u64) -> v1::Servi
             upserted: delta.upserted.iter().map(|r| r.as_ref().into()).collect(),
             removed: delta.removed.iter().map(|id| id.to_string()).collect(),
         })),
+        epoch: Some(epoch.clone()),
     }
 }

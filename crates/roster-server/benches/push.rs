@@ -28,23 +28,24 @@ fn setup(
     ServiceKey,
     roster_core::SessionId,
 ) {
-    let (node, _changes) = Node::new(Config::default(), 1);
+    let (node, _changes) = Node::new(Config::default(), "bench", 1);
+    node.set_ready();
     let key = ServiceKey::simple("hot").unwrap();
-    let provider = node.open_stream("provider");
+    let provider = node.open_stream("provider", None).unwrap();
     for n in 0..instances {
         node.register(&provider.id, key.clone(), instance(n, 1.0))
             .unwrap();
     }
     let links: Vec<_> = (0..subscribers)
         .map(|i| {
-            let l = node.open_stream(&format!("s{i}"));
+            let l = node.open_stream(&format!("s{i}"), None).unwrap();
             node.subscribe(&l.id, key.clone()).unwrap();
             l
         })
         .collect();
     for l in links.iter().chain([&provider]) {
         while let Some(item) = l.try_next() {
-            node.materialize(l, item);
+            node.native_message(item);
         }
     }
     (node, links, key, provider.id.clone())
@@ -53,10 +54,11 @@ fn setup(
 fn encode(c: &mut Criterion) {
     let (node, _links, key, _) = setup(1_000, 0);
     let view = node.view(&key).unwrap();
+    let epoch = node.epoch().clone();
     c.bench_function("encode/full view of 1,000 instances", |b| {
-        b.iter(|| black_box(full_update(&view).encode_to_vec()))
+        b.iter(|| black_box(full_update(&view, &epoch).encode_to_vec()))
     });
-    let encoded = bytes::Bytes::from(full_update(&view).encode_to_vec());
+    let encoded = bytes::Bytes::from(full_update(&view, &epoch).encode_to_vec());
     c.bench_function(
         "encode/share encoded 1,000-instance view with 1,000 subscribers",
         |b| {
@@ -88,8 +90,7 @@ fn push(c: &mut Criterion) {
             );
             for l in &links {
                 while let Some(item) = l.try_next() {
-                    let frame = node.materialize(l, item).unwrap();
-                    black_box(frame.message.encode_to_vec());
+                    black_box(node.native_message(item).encode_to_vec());
                 }
             }
         })

@@ -76,6 +76,11 @@ fn canned() -> Canned {
             format!(r#"{{{head},"type":"registerInstance"}}"#),
         ),
         (
+            "BatchInstanceRequest",
+            "BatchInstanceResponse",
+            format!(r#"{{{head},"type":"batchRegisterInstance"}}"#),
+        ),
+        (
             "ServiceQueryRequest",
             "QueryServiceResponse",
             format!(r#"{{{head},"serviceInfo":{info}}}"#),

@@ -42,12 +42,30 @@ pub struct Config {
     pub registry: RegistrySection,
     /// Nacos compatibility (HTTP heartbeats, UDP push).
     pub nacos: NacosSection,
+    /// Operator authority.
+    pub admin: AdminSection,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// A secret that lets an operator change or remove any instance of
+    /// this node (`x-roster-admin-token`); empty: nobody may.
+    pub token: String,
 }
 
 /// `[server]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
+    /// This node's name: its identity in a cluster and in the node epoch
+    /// clients see.
+    pub node_name: String,
+    /// Where the node keeps what must survive a restart (its incarnation
+    /// counter). Empty: nothing is kept, and each start draws a random
+    /// incarnation instead of the next one.
+    pub data_dir: String,
     /// HTTP/JSON listener (API, health, metrics).
     pub http: SocketAddr,
     /// gRPC listener (sessions and the native API).
@@ -79,6 +97,9 @@ pub struct PushSection {
     /// Changes within this window after a push are merged into the next.
     #[serde(with = "duration")]
     pub coalesce_window: Duration,
+    /// While a service stays busy its windows double, up to this.
+    #[serde(with = "duration")]
+    pub coalesce_max_window: Duration,
     /// Updates a session may have queued before its deltas are collapsed.
     pub queue_capacity: usize,
     /// How long `drain` waits for acknowledgements unless told otherwise.
@@ -92,6 +113,10 @@ pub struct PushSection {
 pub struct RegistrySection {
     /// Recent deltas kept per service, for catch-up without a full view.
     pub delta_window: usize,
+    /// How long an ended session's tombstone is kept (so a late copy of
+    /// its data cannot bring it back).
+    #[serde(with = "duration")]
+    pub tombstone_grace: Duration,
 }
 
 /// `[nacos]`
@@ -114,6 +139,12 @@ pub struct NacosSection {
     /// A UDP subscriber that stopped polling is forgotten after this long.
     #[serde(with = "duration")]
     pub udp_subscriber_ttl: Duration,
+    /// A gRPC push (`NotifySubscriberRequest`) not acknowledged this long,
+    /// or answered with an error, is sent again...
+    #[serde(with = "duration")]
+    pub push_ack_timeout: Duration,
+    /// ... at most this many times.
+    pub push_retries: u32,
 }
 
 impl Default for NacosSection {
@@ -124,6 +155,8 @@ impl Default for NacosSection {
             beat_check_interval: Duration::from_secs(1),
             udp_ack_timeout: Duration::from_secs(10),
             udp_subscriber_ttl: Duration::from_secs(180),
+            push_ack_timeout: Duration::from_secs(5),
+            push_retries: 3,
         }
     }
 }
@@ -131,6 +164,8 @@ impl Default for NacosSection {
 impl Default for ServerSection {
     fn default() -> Self {
         Self {
+            node_name: "roster".into(),
+            data_dir: String::new(),
             http: SocketAddr::from(([127, 0, 0, 1], 8848)),
             grpc: SocketAddr::from(([127, 0, 0, 1], 9848)),
             tcp_quickack: true,
@@ -152,6 +187,7 @@ impl Default for PushSection {
     fn default() -> Self {
         Self {
             coalesce_window: Duration::from_millis(5),
+            coalesce_max_window: Duration::from_millis(50),
             queue_capacity: 1024,
             drain_timeout: Duration::from_secs(30),
         }
@@ -160,7 +196,10 @@ impl Default for PushSection {
 
 impl Default for RegistrySection {
     fn default() -> Self {
-        Self { delta_window: 128 }
+        Self {
+            delta_window: 128,
+            tombstone_grace: Duration::from_secs(60),
+        }
     }
 }
 
@@ -173,6 +212,7 @@ impl Default for Config {
             push: PushSection::default(),
             registry: RegistrySection::default(),
             nacos: NacosSection::default(),
+            admin: AdminSection::default(),
         }
     }
 }
@@ -221,6 +261,15 @@ impl Config {
         zero("nacos.beat_check_interval", self.nacos.beat_check_interval)?;
         zero("nacos.udp_ack_timeout", self.nacos.udp_ack_timeout)?;
         zero("nacos.udp_subscriber_ttl", self.nacos.udp_subscriber_ttl)?;
+        zero("nacos.push_ack_timeout", self.nacos.push_ack_timeout)?;
+        zero("push.coalesce_max_window", self.push.coalesce_max_window)?;
+        if self.push.coalesce_max_window < self.push.coalesce_window {
+            return Err(ConfigError::Invalid(
+                "push.coalesce_max_window must be at least push.coalesce_window".into(),
+            ));
+        }
+        roster_core::model::validate_name("server.node_name", &self.server.node_name)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.nacos.delete_timeout < self.nacos.beat_timeout {
             return Err(ConfigError::Invalid(
                 "nacos.delete_timeout must be at least nacos.beat_timeout".into(),

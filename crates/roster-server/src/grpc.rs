@@ -4,7 +4,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use roster_core::ServiceKey;
@@ -15,8 +14,9 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::calls::{self, instance_ref, invalid, status};
+use crate::calls::{self, Caller, invalid, status};
 use crate::node::{Node, SessionLink};
+use roster_core::push::Outbound;
 
 /// The gRPC service over a node.
 pub struct GrpcApi {
@@ -27,6 +27,11 @@ impl GrpcApi {
     /// A service answering for `node`.
     pub fn new(node: Arc<Node>) -> Self {
         Self { node }
+    }
+
+    /// Who makes a unary call.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller<'static>, Status> {
+        Caller::unary(&self.node, request.remote_addr(), request.metadata())
     }
 }
 
@@ -45,14 +50,16 @@ fn outbound(
 ) -> SessionStream {
     let pushes = futures_util::stream::unfold((node, link), |(node, link)| async move {
         let item = link.next().await?;
-        let frame = node.materialize(&link, item)?;
-        if let Some(at) = frame.changed_at {
+        if let Outbound::Update(update) = &item
+            && let Some(at) = update.changed_at
+        {
             node.metrics.pushes_sent.inc();
             node.metrics
                 .push_latency
                 .observe(at.elapsed().as_secs_f64());
         }
-        Some((Ok(frame.message), (node, link)))
+        let message = node.native_message(item);
+        Some((Ok(message), (node, link)))
     });
     let replies = ReceiverStream::new(replies).map(|reply| {
         Ok(v1::ServerMessage {
@@ -126,6 +133,7 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<Streaming<v1::ClientMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr();
         let mut rx = request.into_inner();
         // The first message names the client; it must come within the
         // keep-alive window like any other sign of life.
@@ -145,10 +153,12 @@ impl registry_server::Registry for GrpcApi {
             roster_core::model::validate_name("hello.client_name", &client_name)
                 .map_err(invalid)?;
         }
-        let link = self.node.open_stream(&client_name);
+        let link = self.node.open_stream(&client_name, peer).map_err(status)?;
         tracing::debug!(session = %link.id, client = %client_name, "session opened");
         let (replies, replies_rx) = mpsc::channel(REPLIES_IN_FLIGHT);
-        tokio::spawn(inbound(self.node.clone(), link.clone(), rx, replies));
+        self.node
+            .tasks
+            .spawn(inbound(self.node.clone(), link.clone(), rx, replies));
         Ok(Response::new(outbound(self.node.clone(), link, replies_rx)))
     }
 
@@ -156,21 +166,24 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
-        calls::register(&self.node, None, request.get_ref()).map(Response::new)
+        let caller = self.caller(&request)?;
+        calls::register(&self.node, caller, request.get_ref()).map(Response::new)
     }
 
     async fn deregister(
         &self,
         request: Request<v1::DeregisterRequest>,
     ) -> Result<Response<v1::DeregisterResponse>, Status> {
-        calls::deregister(&self.node, request.get_ref()).map(Response::new)
+        let caller = self.caller(&request)?;
+        calls::deregister(&self.node, caller, request.get_ref()).map(Response::new)
     }
 
     async fn update(
         &self,
         request: Request<v1::UpdateRequest>,
     ) -> Result<Response<v1::UpdateResponse>, Status> {
-        calls::update(&self.node, request.get_ref()).map(Response::new)
+        let caller = self.caller(&request)?;
+        calls::update(&self.node, caller, request.get_ref()).map(Response::new)
     }
 
     async fn query(
@@ -183,10 +196,11 @@ impl registry_server::Registry for GrpcApi {
             service: Some((&key).into()),
             ..Default::default()
         };
-        if let Some(view) = self.node.view(&key) {
+        if let Some(published) = self.node.view(&key) {
+            let view = &published.view;
             out.revision = view.revision;
             out.checksum = view.checksum;
-            out.instances = calls::matching(&view, r)
+            out.instances = calls::matching(view, r)
                 .map(|rec| rec.as_ref().into())
                 .collect();
         }
@@ -215,14 +229,16 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<v1::SubscribeResponse>, Status> {
-        calls::subscribe(&self.node, None, request.get_ref()).map(Response::new)
+        let caller = self.caller(&request)?;
+        calls::subscribe(&self.node, caller, request.get_ref()).map(Response::new)
     }
 
     async fn unsubscribe(
         &self,
         request: Request<v1::UnsubscribeRequest>,
     ) -> Result<Response<v1::UnsubscribeResponse>, Status> {
-        calls::unsubscribe(&self.node, None, request.get_ref()).map(Response::new)
+        let caller = self.caller(&request)?;
+        calls::unsubscribe(&self.node, caller, request.get_ref()).map(Response::new)
     }
 
     async fn pull(
@@ -236,25 +252,11 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
-        let r = request.into_inner();
-        let (key, id) = instance_ref(r.instance.as_ref())?;
-        let timeout = if r.timeout_ms == 0 {
-            self.node.config().push.drain_timeout
-        } else {
-            Duration::from_millis(r.timeout_ms)
-        };
+        let caller = self.caller(&request)?;
         let started = Instant::now();
-        let out = self
-            .node
-            .drain(&key, &id, r.remove, timeout)
-            .await
-            .map_err(status)?;
-        tracing::info!(service = %key, instance = %id, took = ?started.elapsed(), pending = out.pending.len(), "drain finished");
-        Ok(Response::new(v1::DrainResponse {
-            revision: out.revision,
-            complete: out.pending.is_empty(),
-            acknowledged: out.acknowledged,
-            pending: out.pending,
-        }))
+        let r = request.get_ref();
+        let out = calls::drain(&self.node, caller, r).await?;
+        tracing::info!(took = ?started.elapsed(), pending = out.pending.len(), "drain finished");
+        Ok(Response::new(out))
     }
 }

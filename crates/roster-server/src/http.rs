@@ -1,6 +1,8 @@
 //! The HTTP/JSON API under `/v1/`, health (`/healthz`, `/readyz`) and
-//! Prometheus `/metrics`. HTTP clients cannot hold a session stream, so each
-//! registration gets a lease session renewed by `PUT /v1/instances/beat`.
+//! Prometheus `/metrics`. HTTP clients cannot hold a session stream, so a
+//! registration gets a lease session (its id and token in the reply),
+//! renewed by `PUT /v1/instances/beat`; later calls for it prove the token
+//! (`x-roster-session-token` header, or `session_token` in a JSON body).
 //! Translates only; all rules live in [`Node`] and the core.
 
 use std::collections::BTreeMap;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -17,7 +19,9 @@ use roster_core::{Instance, InstanceRecord, RegistryError, ServiceKey, Validatio
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::calls::{ADMIN_TOKEN_HEADER, SESSION_TOKEN_HEADER, admin_token_matches};
 use crate::node::Node;
+use crate::node::links::{parse_token, token_text};
 
 /// An HTTP error: a status and a JSON body `{ "error": ..., "field": ... }`.
 pub struct ApiError {
@@ -53,6 +57,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::UnknownSession(_)
             | RegistryError::UnknownService(_)
             | RegistryError::UnknownInstance { .. } => StatusCode::NOT_FOUND,
+            RegistryError::NotOwner { .. } | RegistryError::Forbidden(_) => StatusCode::FORBIDDEN,
+            RegistryError::SessionExists(_) => StatusCode::CONFLICT,
+            RegistryError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
         };
         Self {
@@ -101,10 +108,11 @@ pub fn router(node: Arc<Node>) -> Router {
 }
 
 async fn ready(State(node): State<Arc<Node>>) -> Response {
-    if node.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else {
-        "ready\n".into_response()
+    use crate::node::Readiness;
+    match node.readiness() {
+        Readiness::Ready if !node.shutdown.is_cancelled() => "ready\n".into_response(),
+        Readiness::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading\n").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
     }
 }
 
@@ -172,8 +180,10 @@ struct RegisterBody {
     metadata: BTreeMap<String, String>,
     #[serde(default)]
     node_name: String,
-    /// Attach to this (lease) session instead of opening a new one.
+    /// Attach to this (lease) session instead of opening a new one; its
+    /// token must be given too.
     session_id: Option<String>,
+    session_token: Option<String>,
 }
 
 impl RegisterBody {
@@ -212,30 +222,109 @@ impl RegisterBody {
 struct RegisterReply {
     instance_id: String,
     session_id: String,
+    /// Proves the lease in later calls; keep it private. Only given when
+    /// the lease is opened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_token: Option<String>,
     revision: u64,
     /// Renew the lease (`PUT /v1/instances/beat`) more often than this.
     keepalive_ms: u64,
 }
 
+/// A session token given in the `x-roster-session-token` header or the
+/// body; malformed is an error.
+fn token_of(headers: &HeaderMap, body: Option<&str>) -> Result<Option<u128>, ApiError> {
+    let given = headers
+        .get(SESSION_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .or(body);
+    match given {
+        None => Ok(None),
+        Some(text) => parse_token(text).map(Some).ok_or_else(|| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: "session_token: not a session token".into(),
+            field: Some("session_token".into()),
+        }),
+    }
+}
+
+/// Whether the admin token was given (and is this node's); a wrong one
+/// is refused.
+fn admin_of(node: &Node, headers: &HeaderMap) -> Result<bool, ApiError> {
+    match headers
+        .get(ADMIN_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        None => Ok(false),
+        Some(given) if admin_token_matches(node, given) => Ok(true),
+        Some(_) => Err(ApiError {
+            status: StatusCode::FORBIDDEN,
+            message: format!("{ADMIN_TOKEN_HEADER}: not this node's admin token"),
+            field: None,
+        }),
+    }
+}
+
+/// The session a call on `(key, id)` acts for: the one named (proved by
+/// its token), or with the admin token the instance's owner.
+fn acting_for(
+    node: &Node,
+    headers: &HeaderMap,
+    session: Option<&str>,
+    token: Option<&str>,
+    target: Option<(&ServiceKey, &str)>,
+) -> Result<String, ApiError> {
+    if let Some(session) = session.filter(|s| !s.is_empty()) {
+        node.authorize(session, None, token_of(headers, token)?)?;
+        return Ok(session.to_owned());
+    }
+    match target {
+        Some((key, id)) if admin_of(node, headers)? => {
+            Ok(node.owning_session(key, id)?.to_string())
+        }
+        _ => Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: "session_id: required (the lease that registered the instance), with its \
+                      session_token"
+                .into(),
+            field: Some("session_id".into()),
+        }),
+    }
+}
+
 async fn register(
     State(node): State<Arc<Node>>,
+    headers: HeaderMap,
     body: Result<Json<RegisterBody>, JsonRejection>,
 ) -> ApiResult<RegisterReply> {
     let Json(body) = body?;
     let key = body.service.key()?;
     let instance = body.instance()?;
-    let session = match &body.session_id {
-        Some(id) => id.clone(),
-        None => node.open_lease("http").to_string(),
+    let (session, token) = match &body.session_id {
+        Some(id) => {
+            let id = acting_for(
+                &node,
+                &headers,
+                Some(id),
+                body.session_token.as_deref(),
+                None,
+            )?;
+            (id, None)
+        }
+        None => {
+            let (id, token) = node.open_lease("http")?;
+            (id.to_string(), Some(token))
+        }
     };
     let result = node.register(&session, key, instance);
-    if result.is_err() && body.session_id.is_none() {
+    if result.is_err() && token.is_some() {
         node.close_session(&session);
     }
     let (instance_id, revision) = result?;
     Ok(Json(RegisterReply {
         instance_id,
         session_id: session,
+        session_token: token.map(token_text),
         revision,
         keepalive_ms: node.config().session.keepalive.as_millis() as u64,
     }))
@@ -252,6 +341,9 @@ struct InstanceParams {
     port: Option<u32>,
     #[serde(default)]
     cluster: String,
+    /// The lease acting (with its token).
+    session_id: Option<String>,
+    session_token: Option<String>,
 }
 
 impl InstanceParams {
@@ -277,30 +369,45 @@ impl InstanceParams {
 
 async fn deregister(
     State(node): State<Arc<Node>>,
+    headers: HeaderMap,
     params: Result<Query<InstanceParams>, QueryRejection>,
 ) -> ApiResult<serde_json::Value> {
     let Query(params) = params?;
     let (key, id) = params.resolve()?;
-    let revision = node.deregister(&key, &id)?;
+    let session = acting_for(
+        &node,
+        &headers,
+        params.session_id.as_deref(),
+        params.session_token.as_deref(),
+        Some((&key, &id)),
+    )?;
+    let revision = node.deregister(&session, &key, &id)?;
     Ok(Json(json!({ "revision": revision })))
+}
+
+/// `PUT /v1/instances/beat`: renews a lease, named by `session_id` with its
+/// token.
+#[derive(Debug, Deserialize)]
+struct BeatBody {
+    session_id: String,
+    session_token: Option<String>,
 }
 
 async fn beat(
     State(node): State<Arc<Node>>,
-    body: Result<Json<InstanceParams>, JsonRejection>,
+    headers: HeaderMap,
+    body: Result<Json<BeatBody>, JsonRejection>,
 ) -> ApiResult<serde_json::Value> {
-    let Json(params) = body?;
-    let (key, id) = params.resolve()?;
-    let owner = node
-        .owner_of(&key, &id)
-        .ok_or_else(|| RegistryError::UnknownInstance {
-            service: key.to_string(),
-            id: id.clone(),
-        })?;
-    if !node.touch(&owner) {
-        return Err(RegistryError::UnknownSession(owner.to_string()).into());
-    }
-    Ok(Json(json!({ "session_id": owner.to_string() })))
+    let Json(body) = body?;
+    let session = acting_for(
+        &node,
+        &headers,
+        Some(&body.session_id),
+        body.session_token.as_deref(),
+        None,
+    )?;
+    node.beat(&session)?;
+    Ok(Json(json!({ "session_id": session })))
 }
 
 /// An instance as JSON.
@@ -352,7 +459,7 @@ impl From<&InstanceRecord> for InstanceJson {
                 .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect(),
             node_name: i.node_name.clone(),
-            owner: r.owner.to_string(),
+            owner: r.owner.session.to_string(),
             version: [r.version.incarnation, r.version.sequence],
         }
     }
@@ -372,7 +479,7 @@ async fn list_instances(
 ) -> ApiResult<serde_json::Value> {
     let Query(params) = params?;
     let key = params.service.key()?;
-    let view = node.view(&key);
+    let view = node.view(&key).map(|p| p.view.clone());
     let instances: Vec<InstanceJson> = view
         .iter()
         .flat_map(|v| v.instances.values())

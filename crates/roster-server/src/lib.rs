@@ -8,6 +8,7 @@ pub mod calls;
 pub mod config;
 pub mod grpc;
 pub mod http;
+pub mod incarnation;
 pub mod metrics;
 pub mod nacos;
 pub mod node;
@@ -15,7 +16,6 @@ pub mod quickack;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use roster_core::ServiceKey;
 use roster_proto::nacos::bi_request_stream_server::BiRequestStreamServer;
@@ -53,7 +53,11 @@ pub fn list_services(node: &Node, namespace: &str, group: &str) -> Vec<ServiceSu
     let views = node.views();
     let mut out: Vec<ServiceSummary> = views
         .values()
-        .filter(|v| v.key.namespace == namespace && (group.is_empty() || v.key.group == group))
+        .filter(|p| {
+            let k = &p.view.key;
+            k.namespace == namespace && (group.is_empty() || k.group == group)
+        })
+        .map(|p| &p.view)
         .map(|v| ServiceSummary {
             key: v.key.as_ref().clone(),
             instances: v.instances.len(),
@@ -79,6 +83,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Incarnation(#[from] incarnation::IncarnationError),
 }
 
 /// A started node.
@@ -93,9 +100,11 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting, ends every session stream and waits for all tasks.
+    /// Stops taking sessions (readiness turns to draining), then stops
+    /// accepting, ends every session stream and waits for every task.
     /// Nothing is deregistered: ephemeral state simply ends with the node.
     pub async fn shutdown(self) {
+        self.node.begin_drain();
         self.node.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -125,14 +134,14 @@ async fn bind(
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let (grpc_listener, grpc_addr) = bind("grpc", config.server.grpc).await?;
     let (http_listener, http_addr) = bind("http", config.server.http).await?;
-    // A new life of the node: its versions win over its previous life's.
-    let incarnation = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_millis() as u64);
-    let (node, changes) = Node::new(config, incarnation);
-    let tasks = TaskTracker::new();
+    // A new life of the node: its versions win over its previous life's,
+    // and clients see that it restarted.
+    let incarnation = incarnation::next(&config.server.data_dir)?;
+    let name = config.server.node_name.clone();
+    let (node, changes) = Node::new(config, &name, incarnation);
+    let tasks: TaskTracker = node.tasks.clone();
 
-    tasks.spawn(node::run_pusher(node.clone(), changes));
+    tasks.spawn(node::fanout::run_pusher(node.clone(), changes));
     tasks.spawn(run_sweeper(node.clone()));
 
     // Nacos v1 UDP pushes go to whatever address clients report (often
@@ -151,7 +160,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         })?;
     let nacos = nacos::Nacos::new(node.clone(), Arc::new(udp));
     tasks.spawn(nacos.clone().run_udp_acks());
-    tasks.spawn(run_beat_checker(nacos.clone()));
+    tasks.spawn(run_beat_checker(node.clone()));
     let nacos_grpc = nacos::grpc::NacosGrpc::new(nacos.clone());
     let quick_ack = node.config().server.tcp_quickack;
     let incoming = futures_util::StreamExt::map(
@@ -186,7 +195,8 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
             tracing::error!("HTTP listener failed: {e}");
         }
     });
-    tracing::info!(%grpc_addr, %http_addr, incarnation, "roster node started");
+    node.set_ready();
+    tracing::info!(%grpc_addr, %http_addr, node = %name, incarnation, "roster node started");
     Ok(RunningServer {
         http_addr,
         grpc_addr,
@@ -197,13 +207,21 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 
 /// Every `nacos.beat_check_interval`: HTTP-registered Nacos instances
 /// without heartbeats turn unhealthy, then are removed.
-async fn run_beat_checker(nacos: Arc<nacos::Nacos>) {
-    let mut tick = tokio::time::interval(nacos.node.config().nacos.beat_check_interval);
+async fn run_beat_checker(node: Arc<Node>) {
+    let mut tick = tokio::time::interval(node.config().nacos.beat_check_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = nacos.node.shutdown.cancelled() => return,
-            _ = tick.tick() => nacos.check_beats(),
+            _ = node.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let out = node.check_beats();
+                for id in &out.unhealthy {
+                    tracing::info!(lease = %id, "no heartbeat: unhealthy");
+                }
+                for id in &out.expired {
+                    tracing::info!(lease = %id, "no heartbeat: removed");
+                }
+            }
         }
     }
 }

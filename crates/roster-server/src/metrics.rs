@@ -20,6 +20,9 @@ pub struct Metrics {
     pub pushes_sent: Counter,
     /// Times a session queue overflowed and collapsed into a full view.
     pub push_queue_overflows: Counter,
+    /// Pull requests answered (the consumers' safety net; a steady climb
+    /// with no changes means a client polls in a loop).
+    pub pulls: Counter,
     /// Seconds from a change to its update leaving for a subscriber.
     pub push_latency: Histogram,
 }
@@ -33,6 +36,7 @@ impl Metrics {
         let instances = Gauge::default();
         let pushes_sent = Counter::default();
         let push_queue_overflows = Counter::default();
+        let pulls = Counter::default();
         // 50 us .. ~26 s
         let push_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         registry.register("sessions", "Open sessions", sessions.clone());
@@ -48,6 +52,7 @@ impl Metrics {
             "Session queue overflows (deltas collapsed into a full view)",
             push_queue_overflows.clone(),
         );
+        registry.register("pulls", "Pull requests answered", pulls.clone());
         registry.register(
             "push_latency_seconds",
             "Time from a change to its update leaving for a subscriber",
@@ -60,6 +65,7 @@ impl Metrics {
             instances,
             pushes_sent,
             push_queue_overflows,
+            pulls,
             push_latency,
         }
     }

@@ -78,7 +78,7 @@ async fn watch_sees_registration_and_deregistration() {
     assert_eq!(id, "10.1.0.1#80#DEFAULT");
     watch_until(&mut watcher, &mut cache, |c| c.get(&id).is_some()).await;
 
-    client.deregister(reference(&k, 1, 80)).await.unwrap();
+    provider.deregister(reference(&k, 1, 80)).await.unwrap();
     watch_until(&mut watcher, &mut cache, |c| c.is_empty() && c.revision > 1).await;
     let listed = client.query(&k, false).await.unwrap();
     assert_eq!(listed.revision, cache.revision);
@@ -246,7 +246,7 @@ async fn drain_returns_once_every_subscriber_acknowledged() {
             })
         })
         .collect();
-    let r = client
+    let r = provider
         .drain(reference(&k, 5, 80), false, WAIT)
         .await
         .unwrap();
@@ -258,7 +258,7 @@ async fn drain_returns_once_every_subscriber_acknowledged() {
     // A subscriber that never acknowledges is named after the timeout.
     let silent = client.open_session("silent").await.unwrap();
     silent.subscribe(&k).await.unwrap();
-    let r = client
+    let r = provider
         .drain(reference(&k, 5, 80), true, Duration::from_millis(300))
         .await
         .unwrap();
@@ -302,6 +302,7 @@ async fn pull_answers_not_modified_a_delta_or_the_full_view() {
             kind: Some(proto::service_update::Kind::Full(proto::FullView {
                 instances: r1.instances,
             })),
+            epoch: update.epoch.clone(),
         })
         .unwrap();
     cache.apply(&update).unwrap();
@@ -392,7 +393,7 @@ async fn malformed_grpc_requests_get_invalid_argument_and_change_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
-    let err = client.deregister(reference(&k, 9, 80)).await.unwrap_err();
+    let err = s.deregister(reference(&k, 9, 80)).await.unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
     let after = client.query(&k, false).await.unwrap();
     assert_eq!(after, before, "nothing stored changed");
@@ -546,7 +547,9 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
         .await
         .unwrap();
     assert_eq!(reply["instance_id"], "10.2.0.1#8080#DEFAULT");
-    assert!(reply["session_id"].as_str().is_some());
+    let lease = reply["session_id"].as_str().unwrap().to_owned();
+    let token = reply["session_token"].as_str().unwrap().to_owned();
+    assert_eq!(lease.len(), 32, "128 random bits: {lease}");
 
     let list: serde_json::Value = get_json(&http, format!("{base}/v1/instances?service=web")).await;
     assert_eq!(list["instances"][0]["metadata"]["zone"], "a");
@@ -559,14 +562,33 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
 
     let beat = http
         .put(format!("{base}/v1/instances/beat"))
-        .json(&serde_json::json!({"service": "web", "ip": "10.2.0.1", "port": 8080}))
+        .json(&serde_json::json!({"session_id": lease, "session_token": token}))
         .send()
         .await
         .unwrap();
     assert_eq!(beat.status(), 200);
+    // A beat, or a registration, naming the lease without its token is
+    // refused: nobody but its holder acts for it.
+    let stolen = http
+        .put(format!("{base}/v1/instances/beat"))
+        .json(&serde_json::json!({"session_id": lease}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stolen.status(), 403);
+    let attached = http
+        .post(format!("{base}/v1/instances"))
+        .json(&serde_json::json!({
+            "service": "web", "ip": "10.2.0.7", "port": 8080, "session_id": lease,
+            "session_token": "00000000000000000000000000000001"
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(attached.status(), 403);
     let unknown = http
         .put(format!("{base}/v1/instances/beat"))
-        .json(&serde_json::json!({"service": "web", "ip": "10.2.0.9", "port": 8080}))
+        .json(&serde_json::json!({"session_id": "nope", "session_token": token}))
         .send()
         .await
         .unwrap();
@@ -627,10 +649,21 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
         get_json(&http, format!("{base}/v1/instances?service=web")).await;
     assert_eq!(after, list, "rejected requests changed nothing");
 
+    // Only the lease's holder removes its instance.
+    let url = format!("{base}/v1/instances?service=web&ip=10.2.0.1&port=8080&session_id={lease}");
+    let r = http.delete(&url).send().await.unwrap();
+    assert_eq!(r.status(), 403);
     let r = http
         .delete(format!(
             "{base}/v1/instances?service=web&ip=10.2.0.1&port=8080"
         ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a session is required");
+    let r = http
+        .delete(&url)
+        .header("x-roster-session-token", &token)
         .send()
         .await
         .unwrap();

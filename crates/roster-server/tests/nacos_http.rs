@@ -652,9 +652,9 @@ async fn v1_udp_subscriber_is_pushed_changes_and_its_acks_count_for_drain() {
         let node = server.node.clone();
         let key = key.clone();
         async move {
-            node.drain(&key, "10.0.0.1#80#DEFAULT", false, WAIT)
-                .await
-                .unwrap()
+            let id = "10.0.0.1#80#DEFAULT";
+            let lease = node.owning_session(&key, id).unwrap();
+            node.drain(&lease, &key, id, false, WAIT).await.unwrap()
         }
     });
     timeout(WAIT, async {
@@ -739,4 +739,96 @@ async fn instance_list_is_served_as_json_once_per_revision_and_follows_changes()
     let next: Value = serde_json::from_str(&poll().await).unwrap();
     assert_eq!(hosts(&next).len(), 2);
     assert!(next["lastRefTime"].as_i64() > first["lastRefTime"].as_i64());
+}
+
+/// The next push datagram, unanswered: (its packet, who sent it).
+async fn udp_packet(socket: &UdpSocket) -> (Value, std::net::SocketAddr) {
+    let mut buf = vec![0u8; 65536];
+    let (n, from) = timeout(WAIT, socket.recv_from(&mut buf))
+        .await
+        .expect("a UDP push arrived")
+        .unwrap();
+    let bytes = &buf[..n];
+    let text = if bytes.starts_with(&[0x1f, 0x8b]) {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    } else {
+        String::from_utf8(bytes.to_vec()).unwrap()
+    };
+    (serde_json::from_str(&text).unwrap(), from)
+}
+
+fn push_ack(stamp: &Value) -> Vec<u8> {
+    json!({"type": "push-ack", "lastRefTime": stamp, "data": ""})
+        .to_string()
+        .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_ack_counts_only_from_the_subscriber_and_for_the_exact_push() {
+    let server = server_with(|c| c.nacos.udp_ack_timeout = Duration::from_secs(30)).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let forger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port().to_string();
+    let a = [("serviceName", "acked"), ("ip", "10.0.0.1"), ("port", "80")];
+    call(&server, Method::POST, "/v1/ns/instance", &a, &[]).await;
+    let poll = [
+        ("serviceName", "DEFAULT_GROUP@@acked"),
+        ("udpPort", port.as_str()),
+        ("clientIP", "127.0.0.1"),
+    ];
+    json_of(&server, "/v1/ns/instance/list", &poll).await;
+    let (first, node) = udp_packet(&socket).await;
+    socket
+        .send_to(&push_ack(&first["lastRefTime"]), node)
+        .await
+        .unwrap();
+    let nonce = first["lastRefTime"].as_i64().unwrap();
+    assert!(nonce > 0 && nonce < 1 << 53, "exact in a JavaScript number");
+
+    let key = ServiceKey::new("", "", "acked").unwrap();
+    let id = "10.0.0.1#80#DEFAULT";
+    let lease = server.node.owning_session(&key, id).unwrap();
+    let drain = |timeout: Duration| {
+        let (node, key, lease) = (server.node.clone(), key.clone(), lease.clone());
+        tokio::spawn(async move { node.drain(&lease, &key, id, false, timeout).await.unwrap() })
+    };
+    // The drain's push: acknowledged by someone else, and by the
+    // subscriber for another push. Neither counts.
+    let pending = drain(Duration::from_millis(800));
+    let (pushed, node) = udp_packet(&socket).await;
+    assert_ne!(
+        pushed["lastRefTime"], first["lastRefTime"],
+        "a nonce per push"
+    );
+    forger
+        .send_to(&push_ack(&pushed["lastRefTime"]), node)
+        .await
+        .unwrap();
+    socket
+        .send_to(&push_ack(&first["lastRefTime"]), node)
+        .await
+        .unwrap();
+    socket
+        .send_to(&push_ack(&json!(nonce ^ 1)), node)
+        .await
+        .unwrap();
+    let outcome = pending.await.unwrap();
+    assert_eq!(outcome.pending.len(), 1, "{outcome:?}");
+    assert!(outcome.pending[0].starts_with("nacos-udp"), "{outcome:?}");
+
+    // The subscriber's own ack of that exact push does.
+    let done = drain(WAIT);
+    let (pushed, node) = udp_packet(&socket).await;
+    socket
+        .send_to(&push_ack(&pushed["lastRefTime"]), node)
+        .await
+        .unwrap();
+    let outcome = done.await.unwrap();
+    assert!(outcome.pending.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.acknowledged.len(), 1, "{outcome:?}");
+    server.shutdown().await;
 }

@@ -134,14 +134,16 @@ async fn nacos_sdk_registers_discovers_and_gets_pushes() {
         .await
         .unwrap();
 
-    // Add.
-    naming
+    // Add, from a second client (connection).
+    let cache2 = tempfile::tempdir().unwrap();
+    let other = nacos(&node, &cache2).await;
+    other
         .register_instance("orders".into(), None, instance("10.20.0.2", 8080, 2.0))
         .await
         .unwrap();
     pushed(&mut rx, |l| l.len() == 2).await;
     // Change (re-register with another weight).
-    naming
+    other
         .register_instance("orders".into(), None, instance("10.20.0.2", 8080, 5.0))
         .await
         .unwrap();
@@ -149,9 +151,19 @@ async fn nacos_sdk_registers_discovers_and_gets_pushes() {
         l.iter().any(|i| i.ip == "10.20.0.2" && i.weight == 5.0)
     })
     .await;
-    // Remove.
+    // As in Nacos 2.x, a connection holds one instance per service: a
+    // second registration on it replaces its first, in one push.
     naming
-        .deregister_instance("orders".into(), None, instance("10.20.0.1", 8080, 1.0))
+        .register_instance("orders".into(), None, instance("10.20.0.3", 8080, 1.0))
+        .await
+        .unwrap();
+    let replaced = pushed(&mut rx, |l| l.iter().any(|i| i.ip == "10.20.0.3")).await;
+    let mut ips: Vec<_> = replaced.iter().map(|i| i.ip.as_str()).collect();
+    ips.sort();
+    assert_eq!(ips, ["10.20.0.2", "10.20.0.3"]);
+    // Remove: the connection's instance goes, the other client's stays.
+    naming
+        .deregister_instance("orders".into(), None, instance("10.20.0.3", 8080, 1.0))
         .await
         .unwrap();
     let after = pushed(&mut rx, |l| l.len() == 1).await;
@@ -181,8 +193,15 @@ async fn nacos_sdk_registers_discovers_and_gets_pushes() {
     assert_eq!(count, 2);
     assert_eq!(names, ["orders", "payments"]);
 
-    // The last instance going is pushed too (an empty list).
+    // A client cannot remove another's instance: deregistering the other
+    // client's address removes nothing (this connection holds nothing there).
     naming
+        .deregister_instance("orders".into(), None, instance("10.20.0.2", 8080, 5.0))
+        .await
+        .unwrap();
+    assert_eq!(held(&node, "orders"), ["10.20.0.2"]);
+    // The last instance going is pushed too (an empty list).
+    other
         .deregister_instance("orders".into(), None, instance("10.20.0.2", 8080, 5.0))
         .await
         .unwrap();
@@ -285,9 +304,10 @@ async fn nacos_and_native_clients_see_each_others_changes() {
 
     // And drain waits for the Nacos subscriber's acknowledgement too.
     let id = "10.23.0.2#9090#DEFAULT";
+    let owner = node.node.owning_session(&key("orders"), id).unwrap();
     let outcome = node
         .node
-        .drain(&key("orders"), id, false, Duration::from_secs(10))
+        .drain(&owner, &key("orders"), id, false, Duration::from_secs(10))
         .await
         .unwrap();
     assert!(outcome.pending.is_empty(), "{outcome:?}");
@@ -493,10 +513,19 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
     .await
     .expect("the silent connection was dropped");
     eventually("the session to go", || node.node.counts().0 == base).await;
-    let (kind, body) = call("HealthCheckRequest").await;
+    // A request on the connection now says it is unregistered (301, which
+    // clients take as "reconnect")...
+    let (kind, body) = call("ServiceQueryRequest").await;
     assert_eq!(
         (kind.as_str(), body["errorCode"].as_i64()),
         ("ErrorResponse", Some(301))
+    );
+    // ... and a health check fails outright: a 3xx would read as healthy
+    // to the Python client, which would then never reconnect.
+    let (kind, body) = call("HealthCheckRequest").await;
+    assert_eq!(
+        (kind.as_str(), body["errorCode"].as_i64()),
+        ("ErrorResponse", Some(500))
     );
     node.shutdown().await;
 }

@@ -8,7 +8,8 @@ use roster_core::push::Outbound;
 use roster_core::{Instance, ServiceKey};
 use roster_proto::v1::{self, server_message::Kind};
 use roster_server::Config;
-use roster_server::node::{Node, SessionLink, run_pusher};
+use roster_server::node::fanout::run_pusher;
+use roster_server::node::{Control, Node, SessionLink};
 
 fn config() -> Config {
     let mut c = Config::default();
@@ -17,14 +18,21 @@ fn config() -> Config {
     c
 }
 
+/// A ready node and its pusher.
+fn started() -> Arc<Node> {
+    let (node, changes) = Node::new(config(), "test", 1);
+    node.set_ready();
+    tokio::spawn(run_pusher(node.clone(), changes));
+    node
+}
+
 /// The next message queued for `link`, decoded.
 async fn next(node: &Node, link: &SessionLink) -> Kind {
     let item = tokio::time::timeout(Duration::from_secs(1), link.next())
         .await
         .expect("a message is queued")
         .expect("session open");
-    let frame = node.materialize(link, item).expect("materializes");
-    frame.message.kind.expect("message has a kind")
+    node.native_message(item).kind.expect("message has a kind")
 }
 
 fn update(kind: Kind) -> v1::ServiceUpdate {
@@ -40,12 +48,11 @@ fn assert_nothing_queued(link: &SessionLink) {
 
 #[tokio::test(start_paused = true)]
 async fn idle_session_is_probed_then_expired_and_subscribers_are_told() {
-    let (node, changes) = Node::new(config(), 1);
-    tokio::spawn(run_pusher(node.clone(), changes));
+    let node = started();
     let key = ServiceKey::simple("orders").unwrap();
 
-    let provider = node.open_stream("provider");
-    let watcher = node.open_stream("watcher");
+    let provider = node.open_stream("provider", None).unwrap();
+    let watcher = node.open_stream("watcher", None).unwrap();
     assert!(matches!(next(&node, &provider).await, Kind::Welcome(_)));
     assert!(matches!(next(&node, &watcher).await, Kind::Welcome(_)));
     node.register(
@@ -95,10 +102,9 @@ async fn idle_session_is_probed_then_expired_and_subscribers_are_told() {
 
 #[tokio::test(start_paused = true)]
 async fn a_probed_session_that_answers_is_kept() {
-    let (node, changes) = Node::new(config(), 1);
-    tokio::spawn(run_pusher(node.clone(), changes));
+    let node = started();
     let key = ServiceKey::simple("kept").unwrap();
-    let provider: Arc<SessionLink> = node.open_stream("provider");
+    let provider: Arc<SessionLink> = node.open_stream("provider", None).unwrap();
     node.register(
         &provider.id,
         key.clone(),
@@ -111,7 +117,7 @@ async fn a_probed_session_that_answers_is_kept() {
     while let Ok(Some(item)) =
         tokio::time::timeout(Duration::from_millis(10), provider.next()).await
     {
-        probed |= matches!(item, Outbound::Control(ref f) if matches!(f.message.kind, Some(Kind::Probe(_))));
+        probed |= matches!(item, Outbound::Control(Control::Probe(_)));
     }
     assert!(probed);
     tokio::time::advance(Duration::from_secs(1)).await;

@@ -56,7 +56,7 @@ pub struct Spec {
 }
 
 /// The largest change sequence number (weights go up to 10,000).
-const MAX_SEQ: u64 = 9_999;
+pub const MAX_SEQ: u64 = 9_999;
 
 impl Spec {
     /// Instance number `n`.
@@ -330,6 +330,9 @@ fn seq_of_hosts(hosts: &[Value]) -> Option<u64> {
 pub struct Pushed {
     /// The newest change it carries (see [`Spec::seq`]).
     pub seq: Option<u64>,
+    /// Every change it carries (the numbers of the instances it shows or
+    /// changes).
+    pub seqs: Vec<u64>,
     /// Instances in the subscriber's view after applying it.
     pub instances: usize,
     pub received: Instant,
@@ -342,7 +345,7 @@ pub struct Pushed {
 /// protocol, acknowledging every push it receives.
 pub enum Subscriber {
     Native {
-        session: Session,
+        session: Box<Session>,
         key: ServiceKey,
         cache: ServiceCache,
     },
@@ -356,7 +359,7 @@ impl Subscriber {
         let session = conn.open_session("bench-subscriber").await?;
         session.subscribe(&key).await?;
         Ok(Self::Native {
-            session,
+            session: Box::new(session),
             key,
             cache: ServiceCache::default(),
         })
@@ -386,15 +389,17 @@ impl Subscriber {
                     Some(proto::service_update::Kind::Delta(d)) => &d.upserted[..],
                     None => &[],
                 };
-                let seq = changed
+                let seqs: Vec<u64> = changed
                     .iter()
                     .map(|i| seq_of_weight(i.weight.unwrap_or(1.0)))
-                    .max();
+                    .collect();
+                let seq = seqs.iter().copied().max();
                 if cache.apply(&update).is_err() {
                     cache.expect_reset();
                 }
                 let pushed = Pushed {
                     seq,
+                    seqs,
                     instances: cache.len(),
                     received,
                     acked: None,
@@ -406,6 +411,10 @@ impl Subscriber {
                 let hosts = hosts(&n.service_info);
                 let pushed = Pushed {
                     seq: seq_of_hosts(hosts),
+                    seqs: hosts
+                        .iter()
+                        .filter_map(|h| Some(seq_of_weight(h["weight"].as_f64()?)))
+                        .collect(),
                     instances: hosts.len(),
                     received: n.received,
                     acked: Some(n.acked),

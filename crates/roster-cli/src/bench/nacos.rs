@@ -1,8 +1,13 @@
 //! A minimal Nacos 2.x gRPC client for the bench: one HTTP/2 connection
 //! carrying unary `Request/request` calls and the `requestBiStream` on which
 //! pushes arrive and are acknowledged. It speaks only what the shapes need
-//! (register, deregister, query, subscribe), the same way to any server.
+//! (register, deregister, query, subscribe), the same way to any server,
+//! and registers as the Java and Python clients do: a connection holds one
+//! registration per service, so a second instance in a service goes out as
+//! a batch of all it holds there (and a deregistration as the batch left).
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -32,6 +37,9 @@ pub struct Notified {
 pub struct NacosConn {
     unary: RequestClient<Channel>,
     next_id: AtomicU64,
+    /// The instances this connection holds, per service (by ip:port);
+    /// a service's requests are made one at a time, others' alongside.
+    held: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Vec<Value>>>>>,
     notified: mpsc::Receiver<Notified>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -107,6 +115,7 @@ impl NacosConn {
         let conn = Self {
             unary,
             next_id: AtomicU64::new(1),
+            held: Default::default(),
             notified: note_rx,
             reader,
         };
@@ -152,18 +161,44 @@ impl NacosConn {
         json!({"namespace": NAMESPACE, "groupName": GROUP, "serviceName": service})
     }
 
-    /// Registers (`deregister` false) or deregisters an instance.
+    /// Registers (`deregister` false) or deregisters an instance: one
+    /// `InstanceRequest` while the connection holds at most one instance in
+    /// the service, else a `BatchInstanceRequest` of all it holds there.
+    /// (Requests of one service are made one at a time.)
     pub async fn instance(&self, service: &str, instance: Value, deregister: bool) -> Result<()> {
+        let same = |a: &Value| a["ip"] == instance["ip"] && a["port"] == instance["port"];
+        let slot = self
+            .held
+            .lock()
+            .entry(service.to_owned())
+            .or_default()
+            .clone();
+        let mut held = slot.lock().await;
+        let before = held.len();
+        let mut set = held.clone();
+        set.retain(|i| !same(i));
+        if !deregister {
+            set.push(instance.clone());
+        }
         let mut body = Self::naming(service);
-        body["type"] = json!(if deregister {
-            "deregisterInstance"
+        let (kind, reply) = if set.len() <= 1 && before <= 1 {
+            let one = set.first().cloned().unwrap_or(instance);
+            body["type"] = json!(if set.is_empty() {
+                "deregisterInstance"
+            } else {
+                "registerInstance"
+            });
+            body["instance"] = one;
+            ("InstanceRequest", "InstanceResponse")
         } else {
-            "registerInstance"
-        });
-        body["instance"] = instance;
-        self.call("InstanceRequest", body, "InstanceResponse")
-            .await
-            .map(drop)
+            body["type"] = json!("batchRegisterInstance");
+            body["instances"] = json!(set);
+            ("BatchInstanceRequest", "BatchInstanceResponse")
+        };
+        self.call(kind, body, reply).await?;
+        // What the server holds now (a failed call changed nothing).
+        *held = set;
+        Ok(())
     }
 
     /// The service's `serviceInfo`, all hosts.

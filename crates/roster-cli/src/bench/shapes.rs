@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::client::{Client, Endpoints, Protocol, Pushed, Spec, Subscriber};
+use super::client::{Client, Endpoints, MAX_SEQ, Protocol, Pushed, Spec, Subscriber};
 use super::{BenchArgs, Latency, Measured, Shape, histogram, progress, record};
 
 /// Runs the shape `args` names against the server at `at`.
@@ -61,10 +61,17 @@ async fn register(
             let mut n = c as u32;
             while n < instances {
                 let t = Instant::now();
-                match client
-                    .register(&service(n % services), &Spec::numbered(n))
-                    .await
-                {
+                // A Nacos gRPC connection holds one registration per
+                // service, so instances are spread for each client to
+                // register once per service as far as the services go:
+                // with a service per instance, instance n goes to service
+                // n; with fewer, client c's k-th to service c + k.
+                let s = if services >= instances {
+                    n
+                } else {
+                    (c as u32 + n / clients) % services
+                };
+                match client.register(&service(s), &Spec::numbered(n)).await {
                     Ok(()) => record(&mut h, t.elapsed()),
                     Err(_) => errors += 1,
                 }
@@ -363,6 +370,9 @@ async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
 /// Clients register and deregister at a steady total `--rate`, each
 /// keeping about `--size` instances live, while subscribers follow the
 /// service; at the end every subscriber's view must match the server's.
+/// Besides the calls' latency, the time from each registration to the
+/// first push that carries it is measured (`push_latency`): each of the
+/// first 9,999 registrations carries its number in its weight.
 async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let (name, duration) = ("bench-churn", a.duration);
     let workers = Client::many(a.protocol, at, a.clients, None, "bench-churn").await?;
@@ -370,11 +380,15 @@ async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let seen = subscribers(a.protocol, at, name, a.subscribers, &mut tasks).await?;
     let per_client = Duration::from_secs_f64(f64::from(a.clients) / a.rate.max(1) as f64);
     let keep = a.size as usize;
+    // Registrations numbered 1.., with when each was made.
+    let numbered = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let made: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
     let bar = progress(duration.as_millis() as u64, "churn (ms)");
     let start = Instant::now();
     let deadline = start + duration;
     let mut set = JoinSet::new();
     for (c, client) in workers.into_iter().enumerate() {
+        let (numbered, made) = (numbered.clone(), made.clone());
         set.spawn(async move {
             let mut h = histogram();
             let mut errors = 0u64;
@@ -391,9 +405,14 @@ async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
                     let gone: Spec = live.pop_front().expect("more than `keep` live");
                     client.deregister(name, &gone).await
                 } else {
-                    let born = Spec::numbered(next);
+                    let mut born = Spec::numbered(next);
                     next += 1;
+                    let x = numbered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    born.seq = (x <= MAX_SEQ).then_some(x);
                     let r = client.register(name, &born).await;
+                    if r.is_ok() && born.seq.is_some() {
+                        made.lock().push((x, t));
+                    }
                     live.push_back(born);
                     r
                 };
@@ -432,7 +451,24 @@ async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
         .filter(|s| s.lock().last().is_none_or(|s| s.instances != listed))
         .count() as u64;
     let pushes: usize = seen.iter().map(|s| s.lock().len()).sum();
+    // Registration to the first push that carries it.
+    let mut pushed = histogram();
+    let made = std::mem::take(&mut *made.lock());
+    for log in &seen {
+        let mut first: std::collections::HashMap<u64, Instant> = Default::default();
+        for p in log.lock().iter() {
+            for x in &p.seqs {
+                first.entry(*x).or_insert(p.received);
+            }
+        }
+        for (x, at) in made.iter() {
+            if let Some(received) = first.get(x) {
+                record(&mut pushed, received.saturating_duration_since(*at));
+            }
+        }
+    }
     let mut extra = BTreeMap::new();
+    extra.insert("push_latency", serde_json::to_value(Latency::of(&pushed))?);
     extra.insert("listed_at_end", json!(listed));
     extra.insert("pushes_received", json!(pushes));
     extra.insert("subscribers_diverged", json!(diverged));

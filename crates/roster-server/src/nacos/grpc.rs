@@ -1,12 +1,16 @@
 //! The Nacos 2.x gRPC protocol on the gRPC port: `Request/request` (unary)
 //! and `BiRequestStream/requestBiStream`, JSON bodies dispatched on
 //! `metadata.type`. A connection (keyed by the peer address, as unary calls
-//! and the stream share one HTTP/2 connection) is a Roster stream session:
-//! its instances live as long as it does, pushes go out as
-//! `NotifySubscriberRequest`s whose acknowledgements feed drain tracking,
-//! and the session probe becomes a `ClientDetectionRequest`.
+//! and the stream share one HTTP/2 connection) is a Roster stream session
+//! holding, as in Java Nacos 2.x, one registration (or one batch) per
+//! service. Its instances live as long as its session; a second stream on
+//! the connection takes the session over without dropping them. Pushes go
+//! out as `NotifySubscriberRequest`s; one not acknowledged in time, or
+//! answered with an error, is sent again a bounded number of times, and an
+//! acknowledgement feeds drain tracking. The session probe becomes a
+//! `ClientDetectionRequest`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,20 +24,35 @@ use roster_core::{RegistryError, ServiceKey, SessionId};
 use roster_proto::nacos::{
     Any, Metadata, Payload, bi_request_stream_server::BiRequestStream, request_server,
 };
-use roster_proto::v1;
 use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::{Response, Status, Streaming};
 
 use super::Nacos;
 use super::wire::{self, InfoRequest, flag, integer, text};
-use crate::node::{Frame, SessionLink};
+use crate::node::{Control, Item, PushUpdate, SessionLink};
 
 /// Nacos error codes (`NacosException`).
 mod code {
     pub const UN_REGISTER: i64 = 301;
     pub const INVALID_PARAM: i64 = 400;
+    pub const SERVER_ERROR: i64 = 500;
     pub const NOT_IMPLEMENTED: i64 = 501;
     pub const BAD_GATEWAY: i64 = 502;
+    pub const OVER_THRESHOLD: i64 = 503;
+}
+
+/// A push sent and not yet acknowledged.
+struct Unacked {
+    key: ServiceKey,
+    revision: u64,
+    /// The request, sent again as is.
+    payload: Payload,
+    /// When it is due to be sent again.
+    due: Instant,
+    /// Times sent so far.
+    sent: u32,
 }
 
 /// One Nacos gRPC connection.
@@ -42,17 +61,53 @@ struct Conn {
     id: String,
     /// Its Roster session.
     link: Arc<SessionLink>,
+    /// The stream currently serving the connection (a newer one cancels
+    /// it and takes its place).
+    stream: Mutex<Serving>,
     /// Subscribed services and the cluster list each asked for.
     subs: Mutex<HashMap<ServiceKey, String>>,
     /// Server→client request ids, unique per connection.
     next_request: AtomicU64,
-    /// Pushes sent and not yet acknowledged: request id → revision.
-    pending: Mutex<HashMap<String, (ServiceKey, u64)>>,
+    /// Pushes not yet acknowledged, by request id: at most one per service
+    /// (a newer push of a service supersedes the older).
+    unacked: Mutex<HashMap<String, Unacked>>,
+    /// When activity was last recorded on the session: recording takes
+    /// the registry's lock, so a busy connection records it at most every
+    /// eighth of the keep-alive window (enough: a probe needs the whole
+    /// window of silence).
+    touched: Mutex<Option<Instant>>,
+}
+
+/// Which stream serves a connection.
+struct Serving {
+    /// Counts takeovers: a stream is current while this is its number.
+    number: u64,
+    /// Cancels the current stream.
+    token: CancellationToken,
+    /// The current stream ended: the connection is going; a new stream
+    /// starts a new connection instead of taking this one over.
+    ended: bool,
 }
 
 impl Conn {
     fn session(&self) -> &SessionId {
         &self.link.id
+    }
+
+    /// Records activity on the session, at most every `every`.
+    fn active(&self, node: &crate::node::Node, every: std::time::Duration) {
+        let mut touched = self.touched.lock();
+        if touched.is_none_or(|t| t.elapsed() >= every) {
+            *touched = Some(Instant::now());
+            drop(touched);
+            node.touch(self.session());
+        }
+    }
+
+    fn next_id(&self) -> String {
+        self.next_request
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string()
     }
 }
 
@@ -90,9 +145,12 @@ impl From<RegistryError> for Failure {
             RegistryError::Invalid(_) => code::INVALID_PARAM,
             RegistryError::UnknownSession(_) => code::UN_REGISTER,
             RegistryError::Unsupported(_) => code::NOT_IMPLEMENTED,
-            RegistryError::UnknownService(_) | RegistryError::UnknownInstance { .. } => {
-                code::INVALID_PARAM
-            }
+            RegistryError::Unavailable(_) => code::OVER_THRESHOLD,
+            RegistryError::UnknownService(_)
+            | RegistryError::UnknownInstance { .. }
+            | RegistryError::NotOwner { .. }
+            | RegistryError::Forbidden(_)
+            | RegistryError::SessionExists(_) => code::INVALID_PARAM,
         };
         Self::new(code, e.to_string())
     }
@@ -199,6 +257,11 @@ impl NacosGrpc {
         }
     }
 
+    /// How often activity of a busy connection is recorded.
+    fn touch_every(&self) -> std::time::Duration {
+        self.nacos.node.config().session.keepalive / 8
+    }
+
     fn connection_id(&self, peer: SocketAddr) -> String {
         format!(
             "{:x}_{}_{}",
@@ -210,6 +273,10 @@ impl NacosGrpc {
 
     fn handle(&self, peer: Option<SocketAddr>, kind: &str, body: &Value, rid: &str) -> Payload {
         if kind == "ServerCheckRequest" {
+            if let Err(e) = self.nacos.node.require_ready() {
+                // 3xx: "retry later" to every client's server check.
+                return error_reply(rid, &Failure::new(300, e.to_string()));
+            }
             let id = peer.map(|p| self.connection_id(p)).unwrap_or_default();
             return reply(
                 "ServerCheckResponse",
@@ -219,12 +286,21 @@ impl NacosGrpc {
         }
         let conn = peer.and_then(|p| self.conns.read().get(&p).cloned());
         let Some(conn) = conn else {
-            return error_reply(
-                rid,
-                &Failure::new(code::UN_REGISTER, "Connection is unregistered."),
-            );
+            // A connection without a stream, such as one a client redialed
+            // after the node restarted. A health check must fail outright
+            // (not with a 3xx, which the Python client takes as healthy),
+            // so the client reconnects, opens a stream and registers again.
+            let failure = if kind == "HealthCheckRequest" {
+                Failure::new(
+                    code::SERVER_ERROR,
+                    "this connection has no stream (the node may have restarted); reconnect",
+                )
+            } else {
+                Failure::new(code::UN_REGISTER, "Connection is unregistered.")
+            };
+            return error_reply(rid, &failure);
         };
-        self.nacos.node.touch(conn.session());
+        conn.active(&self.nacos.node, self.touch_every());
         let outcome = match kind {
             "HealthCheckRequest" => Ok(reply("HealthCheckResponse", rid, json!({}))),
             "InstanceRequest" => self.instance(&conn, body, rid),
@@ -245,6 +321,10 @@ impl NacosGrpc {
         outcome.unwrap_or_else(|f| error_reply(rid, &f))
     }
 
+    /// `registerInstance` replaces what the connection holds in the
+    /// service with the one instance; `deregisterInstance` removes what it
+    /// holds there (as Java Nacos 2.x: one registration per connection and
+    /// service). Nothing another connection registered is touched.
     fn instance(&self, conn: &Conn, body: &Value, rid: &str) -> Result<Payload, Failure> {
         let key = key_of(body)?;
         let action = text(body, "type").unwrap_or_default();
@@ -253,13 +333,17 @@ impl NacosGrpc {
             "registerInstance" => {
                 let mut instance = wire::instance(raw)?;
                 instance.ephemeral = true;
-                self.nacos.node.register(conn.session(), key, instance)?;
+                self.nacos
+                    .node
+                    .set_instances(conn.session(), &key, vec![instance])?;
             }
             "deregisterInstance" => {
-                let instance = wire::instance(raw)?.normalize()?;
-                if let Some(id) = self.nacos.find(&key, &instance) {
-                    self.nacos.deregister(&key, &id);
-                }
+                // Validated like a registration, though only the service
+                // decides what is removed.
+                wire::instance(raw)?.normalize()?;
+                self.nacos
+                    .node
+                    .set_instances(conn.session(), &key, Vec::new())?;
             }
             other => {
                 return Err(Failure::new(
@@ -272,7 +356,8 @@ impl NacosGrpc {
     }
 
     /// Replaces the set of instances this connection publishes for the
-    /// service with the batch (an empty batch removes them all).
+    /// service with the batch (an empty batch removes them all), as one
+    /// change.
     fn batch(&self, conn: &Conn, body: &Value, rid: &str) -> Result<Payload, Failure> {
         let key = key_of(body)?;
         let empty = Vec::new();
@@ -280,26 +365,16 @@ impl NacosGrpc {
             .get("instances")
             .and_then(Value::as_array)
             .unwrap_or(&empty);
-        // Validate the whole batch first: nothing is applied if one is bad.
         let mut instances = Vec::with_capacity(raw.len());
         for (n, r) in raw.iter().enumerate() {
             let mut i = wire::instance(r)
                 .map_err(|e| Failure::new(code::INVALID_PARAM, format!("instances[{n}]: {e}")))?;
             i.ephemeral = true;
-            instances.push(i.normalize()?);
+            instances.push(i);
         }
-        let mut kept = HashSet::new();
-        for i in instances {
-            let (id, _) = self.nacos.node.register(conn.session(), key.clone(), i)?;
-            kept.insert(id);
-        }
-        if let Some(view) = self.nacos.node.view(&key) {
-            for r in view.instances.values() {
-                if r.owner == *conn.session() && !kept.contains(&r.instance.id) {
-                    let _ = self.nacos.node.deregister(&key, &r.instance.id);
-                }
-            }
-        }
+        self.nacos
+            .node
+            .set_instances(conn.session(), &key, instances)?;
         let action = text(body, "type").unwrap_or("batchRegisterInstance");
         Ok(reply(
             "BatchInstanceResponse",
@@ -311,26 +386,31 @@ impl NacosGrpc {
     fn subscribe(&self, conn: &Conn, body: &Value, rid: &str) -> Result<Payload, Failure> {
         let key = key_of(body)?;
         let clusters = text(body, "clusters").unwrap_or_default().to_owned();
-        if flag(body, "subscribe").unwrap_or(true) {
+        let info = if flag(body, "subscribe").unwrap_or(true) {
+            // Known before the first push can be dequeued, so none is
+            // dropped as unwatched; forgotten again if refused.
             conn.subs.lock().insert(key.clone(), clusters.clone());
-            self.nacos.node.subscribe(conn.session(), key.clone())?;
+            let update = match self.nacos.node.subscribe(conn.session(), key.clone()) {
+                Ok(u) => u,
+                Err(e) => {
+                    conn.subs.lock().remove(&key);
+                    return Err(e.into());
+                }
+            };
+            // The reply shows the very view the subscription starts from.
+            self.nacos
+                .info_text(&key, update.view.as_ref(), &clusters, false, true)
         } else {
             conn.subs.lock().remove(&key);
             self.nacos.node.unsubscribe(conn.session(), &key);
             self.forget_unwatched([&key]);
-        }
-        let (_, info) = self.nacos.service_info(
-            &key,
-            &InfoRequest {
-                clusters: &clusters,
-                healthy_only: false,
-                grouped_name: false,
-            },
-        );
-        Ok(reply(
+            let view = self.nacos.node.view(&key);
+            self.nacos
+                .info_text(&key, view.as_ref(), &clusters, false, false)
+        };
+        Ok(raw_payload(
             "SubscribeServiceResponse",
-            rid,
-            json!({ "serviceInfo": info }),
+            with_service_info(reply_head(rid), &info),
         ))
     }
 
@@ -385,7 +465,12 @@ impl NacosGrpc {
 
     /// A message the client sent on the stream.
     fn stream_message(&self, conn: &Conn, p: &Payload) {
-        self.nacos.node.touch(conn.session());
+        if kind_of(p) == "ClientDetectionResponse" {
+            // A probe's answer is always recorded.
+            self.nacos.node.touch(conn.session());
+        } else {
+            conn.active(&self.nacos.node, self.touch_every());
+        }
         let Ok(body) = body_of(p) else {
             tracing::debug!(connection = %conn.id, "unparseable stream message");
             return;
@@ -393,11 +478,18 @@ impl NacosGrpc {
         match kind_of(p) {
             "NotifySubscriberResponse" => {
                 let rid = text(&body, "requestId").unwrap_or_default();
-                let acked = conn.pending.lock().remove(rid);
-                if let Some((key, revision)) = acked
-                    && integer(&body, "resultCode").unwrap_or(200) == 200
-                {
-                    self.nacos.node.ack(conn.session(), [(key, revision)]);
+                let ok = integer(&body, "resultCode").unwrap_or(200) == 200;
+                let mut unacked = conn.unacked.lock();
+                if ok {
+                    if let Some(done) = unacked.remove(rid) {
+                        drop(unacked);
+                        self.nacos
+                            .node
+                            .ack(conn.session(), [(done.key, done.revision)]);
+                    }
+                } else if let Some(failed) = unacked.get_mut(rid) {
+                    // The client could not take it: send it again soon.
+                    failed.due = Instant::now() + retry_delay(&self.nacos);
                 }
             }
             "ConnectionSetupRequest" => {
@@ -422,39 +514,26 @@ impl NacosGrpc {
         }
     }
 
-    /// The payload for a dequeued outbound item, if any.
-    fn outbound(&self, conn: &Conn, item: Outbound<Frame>) -> Option<Payload> {
-        let key = match item {
-            Outbound::Control(frame) => {
-                return match frame.message.kind {
-                    Some(v1::server_message::Kind::Probe(_)) => {
-                        let rid = conn
-                            .next_request
-                            .fetch_add(1, Ordering::Relaxed)
-                            .to_string();
-                        Some(payload(
-                            "ClientDetectionRequest",
-                            &json!({"headers": {}, "requestId": rid, "module": "internal"}),
-                        ))
-                    }
-                    _ => None,
-                };
+    /// The payload for a dequeued item, if any.
+    fn outbound(&self, conn: &Conn, item: Item) -> Option<Payload> {
+        let update: Arc<PushUpdate> = match item {
+            Outbound::Control(Control::Probe(_)) => {
+                return Some(payload(
+                    "ClientDetectionRequest",
+                    &json!({"headers": {}, "requestId": conn.next_id(), "module": "internal"}),
+                ));
             }
-            Outbound::Update { key, .. } | Outbound::FullView(key) => key,
+            Outbound::Control(Control::Welcome(_)) => return None,
+            Outbound::Update(update) => update,
         };
-        let clusters = conn.subs.lock().get(&*key).cloned()?;
-        // Nacos pushes the whole list: the current view covers every
-        // update queued before it.
-        let (revision, info) = self.nacos.shared_info(&key, &clusters);
-        self.nacos.node.full_sent(conn.session(), &key, revision);
-        let rid = conn
-            .next_request
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string();
-        conn.pending
-            .lock()
-            .insert(rid.clone(), ((*key).clone(), revision));
-        self.nacos.node.metrics.pushes_sent.inc();
+        let key = &update.key;
+        let clusters = conn.subs.lock().get(&**key).cloned()?;
+        // Nacos pushes the whole list: the planned view, as this
+        // subscriber's clusters show it.
+        let info = self
+            .nacos
+            .info_text(key, update.view.as_ref(), &clusters, false, true);
+        let rid = conn.next_id();
         let head = json!({
             "headers": {},
             "requestId": rid,
@@ -463,11 +542,70 @@ impl NacosGrpc {
             "serviceName": key.service,
             "groupName": key.group,
         });
-        Some(raw_payload(
-            "NotifySubscriberRequest",
-            with_service_info(head, &info),
-        ))
+        let p = raw_payload("NotifySubscriberRequest", with_service_info(head, &info));
+        let mut unacked = conn.unacked.lock();
+        unacked.retain(|_, u| u.key != **key);
+        unacked.insert(
+            rid,
+            Unacked {
+                key: (**key).clone(),
+                revision: update.revision(),
+                payload: p.clone(),
+                due: Instant::now() + self.nacos.node.config().nacos.push_ack_timeout,
+                sent: 1,
+            },
+        );
+        drop(unacked);
+        self.nacos.node.metrics.pushes_sent.inc();
+        if let Some(at) = update.changed_at {
+            self.nacos
+                .node
+                .metrics
+                .push_latency
+                .observe(at.elapsed().as_secs_f64());
+        }
+        Some(p)
     }
+
+    /// Pushes due to be sent again (not acknowledged in time, or refused);
+    /// those sent as often as allowed are given up.
+    fn due_again(&self, conn: &Conn) -> Vec<Payload> {
+        let config = &self.nacos.node.config().nacos;
+        let now = Instant::now();
+        let mut again = Vec::new();
+        conn.unacked.lock().retain(|_, u| {
+            if u.due > now {
+                return true;
+            }
+            if u.sent > config.push_retries {
+                tracing::debug!(connection = %conn.id, service = %u.key, "push not acknowledged; giving up");
+                return false;
+            }
+            u.sent += 1;
+            u.due = now + config.push_ack_timeout;
+            again.push(u.payload.clone());
+            true
+        });
+        again
+    }
+
+    /// Ends a connection whose last stream ended: its session goes.
+    fn forget(&self, peer: SocketAddr, conn: &Arc<Conn>) {
+        let mut conns = self.conns.write();
+        if conns.get(&peer).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+            conns.remove(&peer);
+        }
+        drop(conns);
+        self.nacos.node.close_session(conn.session());
+        let subs = std::mem::take(&mut *conn.subs.lock());
+        self.forget_unwatched(subs.keys());
+        tracing::debug!(connection = %conn.id, "nacos connection closed");
+    }
+}
+
+/// How soon a push the client refused is sent again.
+fn retry_delay(nacos: &Nacos) -> std::time::Duration {
+    (nacos.node.config().nacos.push_ack_timeout / 5).max(std::time::Duration::from_millis(10))
 }
 
 #[tonic::async_trait]
@@ -498,27 +636,62 @@ impl BiRequestStream for NacosGrpc {
             .remote_addr()
             .ok_or_else(|| Status::failed_precondition("the peer address is unknown"))?;
         let mut inbound = request.into_inner();
-        let link = self.nacos.node.open_stream(&format!("nacos {peer}"));
-        let conn = Arc::new(Conn {
-            id: self.connection_id(peer),
-            link: link.clone(),
-            subs: Mutex::new(HashMap::new()),
-            next_request: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
+        let stream = CancellationToken::new();
+        // A second stream on a connection takes its session over: the
+        // first stream stops, the instances stay.
+        let existing = self.conns.read().get(&peer).cloned();
+        let taken = existing.and_then(|conn| {
+            let mut serving = conn.stream.lock();
+            if serving.ended || conn.link.closed.is_cancelled() {
+                return None;
+            }
+            serving.number += 1;
+            let old = std::mem::replace(&mut serving.token, stream.clone());
+            old.cancel();
+            let number = serving.number;
+            drop(serving);
+            Some((conn, number))
         });
-        // A second stream on the same connection replaces the first.
-        if let Some(old) = self.conns.write().insert(peer, conn.clone()) {
-            self.nacos.node.close_session(old.session());
-        }
-        tracing::debug!(connection = %conn.id, session = %link.id, "nacos connection registered");
+        let (conn, number) = match taken {
+            Some((conn, number)) => {
+                tracing::debug!(connection = %conn.id, "a new stream took the nacos connection over");
+                (conn, number)
+            }
+            None => {
+                let link = self
+                    .nacos
+                    .node
+                    .open_stream(&format!("nacos {peer}"), Some(peer))
+                    .map_err(crate::calls::status)?;
+                let conn = Arc::new(Conn {
+                    id: self.connection_id(peer),
+                    link,
+                    stream: Mutex::new(Serving {
+                        number: 0,
+                        token: stream.clone(),
+                        ended: false,
+                    }),
+                    subs: Mutex::new(HashMap::new()),
+                    next_request: AtomicU64::new(1),
+                    unacked: Mutex::new(HashMap::new()),
+                    touched: Mutex::new(None),
+                });
+                self.conns.write().insert(peer, conn.clone());
+                tracing::debug!(connection = %conn.id, session = %conn.link.id, "nacos connection registered");
+                (conn, 0)
+            }
+        };
 
         let this = self.clone();
         let reader = conn.clone();
-        tokio::spawn(async move {
+        let reading = stream.clone();
+        self.nacos.node.tasks.spawn(async move {
             loop {
                 let msg = tokio::select! {
                     m = inbound.message() => m,
                     _ = reader.link.closed.cancelled() => break,
+                    // Taken over by a newer stream: the session lives on.
+                    _ = reading.cancelled() => return,
                 };
                 match msg {
                     Ok(Some(p)) => this.stream_message(&reader, &p),
@@ -529,26 +702,45 @@ impl BiRequestStream for NacosGrpc {
                     }
                 }
             }
-            let mut conns = this.conns.write();
-            if conns.get(&peer).is_some_and(|c| Arc::ptr_eq(c, &reader)) {
-                conns.remove(&peer);
+            // Only the current stream's end ends the connection (checked
+            // and marked under the lock a takeover takes).
+            {
+                let mut serving = reader.stream.lock();
+                if serving.number != number {
+                    return;
+                }
+                serving.ended = true;
             }
-            drop(conns);
-            this.nacos.node.close_session(reader.session());
-            let subs = std::mem::take(&mut *reader.subs.lock());
-            this.forget_unwatched(subs.keys());
-            tracing::debug!(connection = %reader.id, "nacos connection closed");
+            reading.cancel();
+            this.forget(peer, &reader);
         });
 
         let this = self.clone();
-        let stream = futures_util::stream::unfold((this, conn), |(this, conn)| async move {
-            loop {
-                let item = conn.link.next().await?;
-                if let Some(p) = this.outbound(&conn, item) {
-                    return Some((Ok(p), (this, conn)));
+        let tick = tokio::time::interval(retry_delay(&self.nacos));
+        let state = (this, conn, stream, Vec::<Payload>::new(), tick);
+        let out = futures_util::stream::unfold(
+            state,
+            |(this, conn, stream, mut again, mut tick)| async move {
+                loop {
+                    if let Some(p) = again.pop() {
+                        return Some((Ok(p), (this, conn, stream, again, tick)));
+                    }
+                    tokio::select! {
+                        // A stream taken over stops before it takes
+                        // anything more off the connection's queue.
+                        biased;
+                        _ = stream.cancelled() => return None,
+                        item = conn.link.next() => {
+                            let item = item?;
+                            if let Some(p) = this.outbound(&conn, item) {
+                                return Some((Ok(p), (this, conn, stream, again, tick)));
+                            }
+                        }
+                        _ = tick.tick() => again = this.due_again(&conn),
+                    }
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+            },
+        );
+        Ok(Response::new(Box::pin(out)))
     }
 }

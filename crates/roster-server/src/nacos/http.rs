@@ -17,7 +17,7 @@ use roster_core::{Instance, Metadata, RegistryError, ServiceKey, ValidationError
 use serde_json::{Map, Value, json};
 
 use super::wire::{self, InfoRequest, flag, integer, number, text};
-use super::{Nacos, ServiceSettings};
+use super::{HttpInstance, Nacos, ServiceSettings};
 
 /// Largest form body accepted.
 const MAX_BODY: usize = 1024 * 1024;
@@ -55,6 +55,7 @@ mod code {
     pub const INSTANCE_NOT_FOUND: i64 = 21003;
     pub const SERVICE_NOT_EXIST: i64 = 21008;
     pub const SERVER_ERROR: i64 = 30000;
+    pub const NO_RIGHT: i64 = 403;
 }
 
 impl Fail {
@@ -102,7 +103,11 @@ impl From<RegistryError> for Fail {
             }
             RegistryError::UnknownService(_) => (StatusCode::NOT_FOUND, code::SERVICE_NOT_EXIST),
             RegistryError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, code::SERVER_ERROR),
-            RegistryError::UnknownSession(_) => {
+            RegistryError::NotOwner { .. } | RegistryError::Forbidden(_) => {
+                (StatusCode::FORBIDDEN, code::NO_RIGHT)
+            }
+            RegistryError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, code::SERVER_ERROR),
+            RegistryError::UnknownSession(_) | RegistryError::SessionExists(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, code::SERVER_ERROR)
             }
         };
@@ -388,10 +393,11 @@ pub fn router(nacos: Arc<Nacos>) -> Router {
 }
 
 async fn readiness(State(n): State<Arc<Nacos>>) -> Response {
-    if n.node.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
-    } else {
-        "OK".into_response()
+    use crate::node::Readiness;
+    match n.node.readiness() {
+        Readiness::Ready if !n.node.shutdown.is_cancelled() => "OK".into_response(),
+        Readiness::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading").into_response(),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response(),
     }
 }
 
@@ -400,24 +406,44 @@ async fn readiness(State(n): State<Arc<Nacos>>) -> Response {
 fn register(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     let key = p.key()?;
     let instance = p.instance()?;
-    n.register_http(key, instance)?;
+    n.register_http(&key, instance)?;
     Ok(Reply::Ok)
 }
 
+/// Removes the HTTP instance at the address given (an instance a gRPC
+/// client registered there is not the HTTP client's: it stays).
 fn deregister(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     let key = p.key()?;
     let probe = p.instance()?;
-    if let Some(id) = n.find(&key, &probe) {
-        n.deregister(&key, &id);
-    }
+    n.deregister_http(HttpInstance {
+        key: &key,
+        instance: &probe,
+    });
     Ok(Reply::Ok)
 }
 
-/// The id of an existing instance at the parameters' address.
+/// The id of the instance shown at the parameters' address: its own id, or
+/// the one at the same ip, port and cluster.
 fn existing(n: &Nacos, p: &Params) -> Result<(ServiceKey, String), Fail> {
     let key = p.key()?;
     let probe = p.instance()?;
-    match n.find(&key, &probe) {
+    let found = n.node.view(&key).and_then(|published| {
+        let view = &published.view;
+        if view.instances.contains_key(probe.id.as_str()) {
+            return Some(probe.id.clone());
+        }
+        let ip = probe.addresses.first()?.ip;
+        view.instances
+            .values()
+            .find(|r| {
+                let i = &r.instance;
+                i.port == probe.port
+                    && i.cluster == probe.cluster
+                    && i.addresses.iter().any(|a| a.ip == ip)
+            })
+            .map(|r| r.instance.id.clone())
+    });
+    match found {
         Some(id) => Ok((key, id)),
         None => Err(Fail::no_instance(&key, &probe.id)),
     }
@@ -434,13 +460,20 @@ fn patch(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     edit(n, p, true)
 }
 
+/// Edits the HTTP instance at the address given; one a gRPC client
+/// registered there is not the HTTP client's to change (403).
 fn edit(n: &Nacos, p: &Params, partial: bool) -> Result<Reply, Fail> {
-    let (key, id) = existing(n, p)?;
+    let key = p.key()?;
+    let probe = p.instance()?;
     let weight = p.number("weight")?;
     let enabled = p.flag("enabled")?.or(p.flag("enable")?);
     let healthy = if partial { p.flag("healthy")? } else { None };
     let metadata = p.metadata()?;
-    n.node.modify(&key, &id, |i| {
+    let at = HttpInstance {
+        key: &key,
+        instance: &probe,
+    };
+    n.edit_http(at, |i| {
         if let Some(w) = weight {
             i.weight = w;
         }
@@ -461,8 +494,9 @@ fn edit(n: &Nacos, p: &Params, partial: bool) -> Result<Reply, Fail> {
 
 fn detail(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     let (key, id) = existing(n, p)?;
-    let view = n.node.view(&key).ok_or_else(|| Fail::no_service(&key))?;
-    let record = view
+    let published = n.node.view(&key).ok_or_else(|| Fail::no_service(&key))?;
+    let record = published
+        .view
         .instances
         .get(id.as_str())
         .ok_or_else(|| Fail::no_instance(&key, &id))?;
@@ -505,6 +539,10 @@ fn list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
                 .ok_or_else(|| Fail::missing("clientIP"))?,
         };
         n.udp_poll(SocketAddr::new(ip, port), &key, clusters);
+    } else if let Some(peer) = p.peer {
+        // A poller without a push channel: drain reports it cannot confirm.
+        n.node
+            .note_poller(&key, format!("nacos-http {}", peer.ip()));
     }
     if clusters.is_empty() && !healthy_only {
         // The common poll: every host, the text shared per revision.
@@ -619,7 +657,10 @@ fn delete_service(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     if !n.service_exists(&key) {
         return Err(Fail::no_service(&key));
     }
-    if n.node.view(&key).is_some_and(|v| !v.instances.is_empty()) {
+    if n.node
+        .view(&key)
+        .is_some_and(|p| !p.view.instances.is_empty())
+    {
         return Err(Fail::bad(format!(
             "service {} still has instances; deregister them first",
             wire::grouped(&key)
@@ -653,7 +694,8 @@ fn service_detail(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
         .node
         .view(&key)
         .map(|v| {
-            v.instances
+            v.view
+                .instances
                 .values()
                 .map(|r| r.instance.cluster.clone())
                 .collect()
@@ -702,10 +744,16 @@ fn service_list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
 
 // ---- operator, auth ---------------------------------------------------------
 
+/// Clients read only `status`: `UP` while the node serves (Node's client
+/// takes anything else as down and tries another server).
 fn metrics(n: &Arc<Nacos>, _: &Params) -> Result<Reply, Fail> {
     let (sessions, services, instances) = n.node.counts();
+    let status = match n.node.readiness() {
+        crate::node::Readiness::Ready => "UP",
+        _ => "DOWN",
+    };
     Ok(Reply::Json(json!({
-        "status": "UP",
+        "status": status,
         "serviceCount": services,
         "instanceCount": instances,
         "subscribeCount": n.node.subscription_count(),

@@ -1,35 +1,54 @@
 //! Nacos compatibility: unmodified Nacos clients register, discover and get
 //! pushes from the same registry as native clients. This module translates
-//! the Nacos wire (`../shared/NACOS-PROTOCOL.md`) to [`crate::node::Node`]
-//! operations. Instances live only in the node; kept here is what exists
-//! only on the Nacos side: the per-service `lastRefTime` clock, heartbeat
-//! deadlines of HTTP instances, service-level settings (`protectThreshold`,
-//! selector, metadata) and the live gRPC connections and UDP subscribers.
+//! the Nacos wire (`docs/architecture.md`, "Nacos") to [`crate::node::Node`]
+//! operations, with the semantics Java Nacos 2.x has: a gRPC connection is
+//! a session holding one registration (or one batch) per service; an HTTP
+//! v1 instance is a beat lease of its own, named by its address. Kept here
+//! is only what exists on the Nacos side: service-level settings
+//! (`protectThreshold`, selector, metadata), the texts of views as Nacos
+//! shows them (each carrying its view's publication time as `lastRefTime`,
+//! which so rises with the revision), and the live gRPC connections and
+//! UDP subscribers.
 
-pub mod beat;
 pub mod grpc;
 pub mod http;
 pub mod udp;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::Mutex;
-use roster_core::{Instance, RegistryError, ServiceKey, ServiceView, SessionId};
+use roster_core::{Instance, RegistryError, ServiceKey, SessionId};
 use serde_json::Value;
 
-use crate::node::Node;
+use crate::node::{Node, Published};
+
+/// Metadata key overriding the unhealthy deadline of an HTTP instance (ms).
+pub const BEAT_TIMEOUT_KEY: &str = "preserved.heart.beat.timeout";
+/// Metadata key overriding the removal deadline of an HTTP instance (ms).
+pub const DELETE_TIMEOUT_KEY: &str = "preserved.ip.delete.timeout";
 
 /// Service-level settings created through the Nacos service API.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceSettings {
-    /// `protectThreshold` (stored and shown; Roster does not act on it).
+    /// `protectThreshold`: when the healthy share of a service's instances
+    /// is at or below it, lists show every instance (as healthy) and
+    /// `reachProtectionThreshold`.
     pub protect_threshold: f64,
     /// Service metadata.
     pub metadata: BTreeMap<String, String>,
     /// The selector, as the client sent it (JSON text), empty for none.
     pub selector: String,
+}
+
+/// The Nacos texts of one published view (all clusters), each made once:
+/// `grpc` names the service bare, `http` as `group@@service`.
+#[derive(Debug, Default)]
+pub struct ViewTexts {
+    grpc: OnceLock<Arc<str>>,
+    http: OnceLock<Arc<str>>,
 }
 
 /// A serialized `ServiceInfo` and the revision it shows.
@@ -39,131 +58,154 @@ type SharedInfo = (u64, Arc<str>);
 pub struct Nacos {
     /// The registry.
     pub node: Arc<Node>,
-    /// Last `lastRefTime` given out per service: clients drop data whose
-    /// `lastRefTime` is not newer than what they hold, so it must strictly
-    /// increase per service.
-    ref_times: Mutex<HashMap<ServiceKey, i64>>,
-    /// The session owning every HTTP-registered instance; their liveness is
-    /// decided by [`Self::beats`], never by the session sweep.
-    http_session: SessionId,
-    beats: Mutex<beat::Beats>,
     services: Mutex<BTreeMap<ServiceKey, ServiceSettings>>,
     /// UDP push to HTTP v1 subscribers.
     pub udp: udp::UdpPush,
-    /// The serialized gRPC `ServiceInfo` last pushed per service and
-    /// cluster list, with its revision: every subscriber of that revision
-    /// gets the same text instead of a rebuild each. (For all clusters it
-    /// lives on the view instead.)
+    /// The gRPC `ServiceInfo` text per service and cluster list, with its
+    /// revision, while someone subscribes to that list (for all clusters it
+    /// lives beside the view instead).
     shared: Mutex<HashMap<ServiceKey, HashMap<String, SharedInfo>>>,
+}
+
+/// How a request names an HTTP instance: its address in a service.
+pub struct HttpInstance<'a> {
+    /// The service.
+    pub key: &'a ServiceKey,
+    /// The instance as the request describes it (normalised).
+    pub instance: &'a Instance,
+}
+
+impl HttpInstance<'_> {
+    /// The beat lease of this address: one per (service, ip, port,
+    /// cluster), named by a hash of them, so every request about the
+    /// address finds it, and only it.
+    pub fn lease(&self) -> SessionId {
+        let k = self.key;
+        let i = self.instance;
+        let ip = i
+            .addresses
+            .first()
+            .map(|a| a.ip.to_string())
+            .unwrap_or_default();
+        let identity = format!(
+            "{}\u{0}{}\u{0}{}\u{0}{ip}\u{0}{}\u{0}{}",
+            k.namespace, k.group, k.service, i.port, i.cluster
+        );
+        let hash = xxhash_rust::xxh3::xxh3_128(identity.as_bytes());
+        format!("nacos-http-{hash:032x}").into()
+    }
 }
 
 impl Nacos {
     /// The Nacos face of `node`; `udp` sends its UDP pushes.
     pub fn new(node: Arc<Node>, udp: Arc<tokio::net::UdpSocket>) -> Arc<Self> {
-        let nacos_config = node.config().nacos.clone();
         Arc::new(Self {
-            http_session: node.open_held("nacos-http"),
-            beats: Mutex::new(beat::Beats::new(
-                nacos_config.beat_timeout,
-                nacos_config.delete_timeout,
-            )),
             services: Mutex::new(BTreeMap::new()),
-            ref_times: Mutex::new(HashMap::new()),
             udp: udp::UdpPush::new(udp),
             shared: Mutex::new(HashMap::new()),
             node,
         })
     }
 
-    fn now() -> std::time::Instant {
-        tokio::time::Instant::now().into_std()
-    }
-
-    /// The current view of `key` and a `lastRefTime` for it, taken together
-    /// under the clock's lock, so a later emission never carries an older
-    /// view.
-    fn view_and_time(&self, key: &ServiceKey) -> (Option<Arc<ServiceView>>, i64) {
-        let mut times = self.ref_times.lock();
-        let view = self.node.view(key);
-        (view, Self::next_ref_time(&mut times, key))
+    /// The `lastRefTime` of a list showing `published`: its publication
+    /// time (every text of one revision carries the same), or now for a
+    /// service nothing was ever registered in.
+    fn stamp(published: Option<&Arc<Published>>) -> i64 {
+        published.map_or_else(crate::node::now_ms, |p| p.stamp_ms)
     }
 
     /// The `ServiceInfo` of `key` now, and the revision it shows.
     pub fn service_info(&self, key: &ServiceKey, req: &wire::InfoRequest<'_>) -> (u64, Value) {
-        let (view, time) = self.view_and_time(key);
-        let revision = view.as_ref().map_or(0, |v| v.revision);
-        (
-            revision,
-            wire::service_info(key, view.as_deref(), time, req),
-        )
+        let view = self.node.view(key);
+        let time = Self::stamp(view.as_ref());
+        let revision = view.as_ref().map_or(0, |p| p.view.revision);
+        let protection = self.protection(key);
+        let info = wire::service_info(key, view.as_ref().map(|p| &*p.view), time, req, protection);
+        (revision, info)
     }
 
-    /// The gRPC `ServiceInfo` (JSON text, all hosts) of `key` for
-    /// `clusters`, and the revision it shows; built once per revision and
-    /// shared by every push and query of it (for all clusters, on the view
-    /// itself; for a cluster list, here while someone subscribes to it).
-    /// Its `lastRefTime` is that of the first emission: a client that got
-    /// the same revision later may drop this copy, which holds nothing new.
-    pub fn shared_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
-        if clusters.is_empty() {
-            return self.view_info(key, false);
-        }
-        let current = self.node.view(key).map_or(0, |v| v.revision);
-        if let Some((revision, text)) = self
-            .shared
-            .lock()
-            .get(key)
-            .and_then(|by_clusters| by_clusters.get(clusters))
-            && *revision == current
-        {
-            return (*revision, text.clone());
-        }
+    /// The protect threshold of `key`, if the service has settings (as in
+    /// Nacos, a service made by registrations alone has no protection).
+    fn protection(&self, key: &ServiceKey) -> Option<f64> {
+        self.services.lock().get(key).map(|s| s.protect_threshold)
+    }
+
+    /// The `ServiceInfo` (JSON text, all hosts) of `published` (the view
+    /// of `key`, or none) for `clusters`: the name bare (gRPC) or grouped
+    /// (HTTP, UDP). For all clusters it is built once per revision and kept
+    /// beside the view; for a cluster list (gRPC) it is kept per revision
+    /// while the list is subscribed to (`keep`).
+    pub fn info_text(
+        &self,
+        key: &ServiceKey,
+        published: Option<&Arc<Published>>,
+        clusters: &str,
+        grouped_name: bool,
+        keep: bool,
+    ) -> Arc<str> {
         let request = wire::InfoRequest {
             clusters,
-            healthy_only: false,
-            grouped_name: false,
-        };
-        let (revision, info) = self.service_info(key, &request);
-        let text: Arc<str> = info.to_string().into();
-        self.shared
-            .lock()
-            .entry(key.clone())
-            .or_default()
-            .insert(clusters.to_owned(), (revision, text.clone()));
-        (revision, text)
-    }
-
-    /// The HTTP `ServiceInfo` (JSON text, all clusters and hosts, the name
-    /// as `group@@service`) of `key`, shared like [`Self::shared_info`]'s.
-    pub fn shared_list(&self, key: &ServiceKey) -> (u64, Arc<str>) {
-        self.view_info(key, true)
-    }
-
-    /// The `ServiceInfo` text of the current view of `key` for all clusters,
-    /// kept on the view (so it goes with the revision).
-    fn view_info(&self, key: &ServiceKey, grouped_name: bool) -> (u64, Arc<str>) {
-        let slot = usize::from(grouped_name);
-        // Already built: no lock, no clock.
-        if let Some(view) = self.node.view(key)
-            && let Some(text) = view.nacos_info[slot].get()
-        {
-            return (view.revision, text.clone());
-        }
-        let (view, time) = self.view_and_time(key);
-        let request = wire::InfoRequest {
-            clusters: "",
             healthy_only: false,
             grouped_name,
         };
         let build = || -> Arc<str> {
-            wire::service_info(key, view.as_deref(), time, &request)
+            let time = Self::stamp(published);
+            let view = published.map(|p| &*p.view);
+            wire::service_info(key, view, time, &request, self.protection(key))
                 .to_string()
                 .into()
         };
-        match &view {
-            Some(v) => (v.revision, v.nacos_info[slot].get_or_init(build).clone()),
-            None => (0, build()),
+        let Some(p) = published else {
+            return build();
+        };
+        if clusters.is_empty() {
+            let slot = if grouped_name {
+                &p.nacos.http
+            } else {
+                &p.nacos.grpc
+            };
+            return slot.get_or_init(build).clone();
         }
+        let revision = p.view.revision;
+        if let Some((r, text)) = self
+            .shared
+            .lock()
+            .get(key)
+            .and_then(|by_clusters| by_clusters.get(clusters))
+            && *r == revision
+        {
+            return text.clone();
+        }
+        let text = build();
+        if keep && !grouped_name {
+            self.shared
+                .lock()
+                .entry(key.clone())
+                .or_default()
+                .insert(clusters.to_owned(), (revision, text.clone()));
+        }
+        text
+    }
+
+    /// The gRPC `ServiceInfo` text of `key` now for `clusters`.
+    pub fn shared_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
+        let view = self.node.view(key);
+        let revision = view.as_ref().map_or(0, |p| p.view.revision);
+        (
+            revision,
+            self.info_text(key, view.as_ref(), clusters, false, true),
+        )
+    }
+
+    /// The HTTP `ServiceInfo` text (all clusters, the name as
+    /// `group@@service`) of `key` now.
+    pub fn shared_list(&self, key: &ServiceKey) -> (u64, Arc<str>) {
+        let view = self.node.view(key);
+        let revision = view.as_ref().map_or(0, |p| p.view.revision);
+        (
+            revision,
+            self.info_text(key, view.as_ref(), "", true, false),
+        )
     }
 
     /// Forgets the shared `ServiceInfo`s of a service nobody on this node
@@ -172,99 +214,110 @@ impl Nacos {
         self.shared.lock().remove(key);
     }
 
-    /// The next `lastRefTime` of `key`: now in ms, and always above the
-    /// last one given out.
-    fn next_ref_time(times: &mut HashMap<ServiceKey, i64>, key: &ServiceKey) -> i64 {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        match times.get_mut(key) {
-            Some(last) => {
-                *last = now.max(*last + 1);
-                *last
-            }
-            None => {
-                times.insert(key.clone(), now);
-                now
-            }
-        }
-    }
-
-    /// The id of the instance at the address of `probe`: its id if it has
-    /// one, else the one at the same ip, port and cluster.
-    pub fn find(&self, key: &ServiceKey, probe: &Instance) -> Option<String> {
-        let view = self.node.view(key)?;
-        if view.instances.contains_key(probe.id.as_str()) {
-            return Some(probe.id.clone());
-        }
-        let ip = probe.addresses.first()?.ip;
-        view.instances
-            .values()
-            .find(|r| {
-                let i = &r.instance;
-                i.port == probe.port
-                    && i.cluster == probe.cluster
-                    && i.addresses.iter().any(|a| a.ip == ip)
-            })
-            .map(|r| r.instance.id.clone())
-    }
-
     // ---- HTTP (heartbeat-driven) instances -------------------------------
 
-    /// Registers an instance for an HTTP client: it lives while it is
-    /// beaten (see [`beat::Beats`]). Returns its id.
+    /// The deadlines of an HTTP instance: the configured ones, or those its
+    /// metadata asks for.
+    fn deadlines(&self, instance: &Instance) -> (Duration, Duration) {
+        let config = &self.node.config().nacos;
+        let millis = |k: &str| {
+            instance
+                .metadata
+                .get(k)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+        };
+        let unhealthy = millis(BEAT_TIMEOUT_KEY).unwrap_or(config.beat_timeout);
+        let delete = millis(DELETE_TIMEOUT_KEY)
+            .unwrap_or(config.delete_timeout)
+            .max(unhealthy);
+        (unhealthy, delete)
+    }
+
+    /// Registers an instance for an HTTP client in its address's beat
+    /// lease (replacing what the lease held): it lives while it is beaten.
+    /// Returns its id.
     pub fn register_http(
         &self,
-        key: ServiceKey,
+        key: &ServiceKey,
         instance: Instance,
     ) -> Result<String, RegistryError> {
-        let metadata = instance.metadata.clone();
-        let (id, _) = self
-            .node
-            .register(&self.http_session, key.clone(), instance)?;
-        self.beats.lock().beat(&key, &id, &metadata, Self::now());
+        let instance = instance.normalize()?;
+        let lease = HttpInstance {
+            key,
+            instance: &instance,
+        }
+        .lease();
+        let (unhealthy, delete) = self.deadlines(&instance);
+        let created = self.node.open_beat_lease(&lease, unhealthy, delete)?;
+        let id = instance.id.clone();
+        let result = self.node.set_instances(&lease, key, vec![instance]);
+        if result.is_err() && created {
+            self.node.close_session(&lease);
+        }
+        result?;
         Ok(id)
     }
 
-    /// Removes an instance whoever registered it (already gone is fine:
-    /// it is what was asked for).
-    pub fn deregister(&self, key: &ServiceKey, id: &str) {
-        self.beats.lock().forget(key, id);
-        let _ = self.node.deregister(key, id);
+    /// Removes the HTTP instance at `at`'s address (already gone is fine:
+    /// it is what was asked for). An instance another client registered
+    /// there (a gRPC connection) is not the HTTP client's to remove.
+    pub fn deregister_http(&self, at: HttpInstance<'_>) {
+        self.node.close_session(&at.lease());
     }
 
-    /// A heartbeat for the instance at `probe`'s address. An unknown one is
-    /// registered anew from `probe` when the client sent its details
-    /// (`recreate`); otherwise the answer is `false` (Nacos code 20404).
+    /// Edits the HTTP instance at `at`'s address.
+    pub fn edit_http(
+        &self,
+        at: HttpInstance<'_>,
+        edit: impl FnOnce(&mut Instance),
+    ) -> Result<(), RegistryError> {
+        let lease = at.lease();
+        if !self.node.has_session(&lease) {
+            return Err(match self.node.view(at.key) {
+                Some(p) if p.view.instances.contains_key(at.instance.id.as_str()) => {
+                    RegistryError::NotOwner {
+                        service: at.key.to_string(),
+                        id: at.instance.id.clone(),
+                    }
+                }
+                _ => RegistryError::UnknownInstance {
+                    service: at.key.to_string(),
+                    id: at.instance.id.clone(),
+                },
+            });
+        }
+        self.node
+            .modify(&lease, at.key, &at.instance.id, edit)
+            .map(|_| ())
+    }
+
+    /// A heartbeat for the HTTP instance at `probe`'s address. An unknown
+    /// one is registered anew from `probe` when the client sent its
+    /// details (`recreate`); otherwise the answer is `false` (Nacos code
+    /// 20404). The beat and the deadline check share one lock, so a beat
+    /// answered as known is never followed by the removal it beat.
     pub fn beat(
         &self,
         key: &ServiceKey,
         probe: Instance,
         recreate: bool,
     ) -> Result<bool, RegistryError> {
-        let found = self.find(key, &probe).and_then(|id| {
-            let view = self.node.view(key)?;
-            let record = view.instances.get(id.as_str())?.clone();
-            Some((id, record))
-        });
-        match found {
-            Some((id, record)) => {
-                if record.owner == self.http_session {
-                    let revive =
-                        self.beats
-                            .lock()
-                            .beat(key, &id, &record.instance.metadata, Self::now());
-                    if revive || !record.instance.healthy {
-                        self.node.modify(key, &id, |i| i.healthy = true)?;
-                    }
-                }
+        let probe = probe.normalize()?;
+        let lease = HttpInstance {
+            key,
+            instance: &probe,
+        }
+        .lease();
+        match self.node.beat(&lease) {
+            Ok(()) => Ok(true),
+            Err(RegistryError::UnknownSession(_)) if recreate => {
+                self.register_http(key, probe)?;
                 Ok(true)
             }
-            None if recreate => {
-                self.register_http(key.clone(), probe)?;
-                Ok(true)
-            }
-            None => Ok(false),
+            Err(RegistryError::UnknownSession(_)) => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -275,34 +328,15 @@ impl Nacos {
         (self.node.config().nacos.beat_timeout.as_millis() / 3).max(1) as u64
     }
 
-    /// Applies heartbeat deadlines: silent HTTP instances turn unhealthy,
-    /// then are removed. Instances since taken over by another session
-    /// (a gRPC client registering the same address) are left alone.
-    pub fn check_beats(&self) {
-        let verdicts = self.beats.lock().check(Self::now());
-        let owned = |key: &ServiceKey, id: &str| {
-            self.node.owner_of(key, id).as_ref() == Some(&self.http_session)
-        };
-        for (key, id) in verdicts.unhealthy {
-            if owned(&key, &id) {
-                tracing::info!(service = %key, instance = %id, "no heartbeat: unhealthy");
-                let _ = self.node.modify(&key, &id, |i| i.healthy = false);
-            }
-        }
-        for (key, id) in verdicts.expired {
-            if owned(&key, &id) {
-                tracing::info!(service = %key, instance = %id, "no heartbeat: removed");
-                let _ = self.node.deregister(&key, &id);
-            }
-        }
-    }
-
     // ---- services ---------------------------------------------------------
 
     /// Whether a service exists: it has instances or was created.
     pub fn service_exists(&self, key: &ServiceKey) -> bool {
         self.services.lock().contains_key(key)
-            || self.node.view(key).is_some_and(|v| !v.instances.is_empty())
+            || self
+                .node
+                .view(key)
+                .is_some_and(|p| !p.view.instances.is_empty())
     }
 
     /// The settings of a service (defaults when it was never configured).
@@ -310,14 +344,20 @@ impl Nacos {
         self.services.lock().get(key).cloned().unwrap_or_default()
     }
 
-    /// Creates or replaces a service's settings.
+    /// Creates or replaces a service's settings; subscribers are sent its
+    /// list again (the protect threshold may change what it shows).
     pub fn set_service(&self, key: ServiceKey, settings: ServiceSettings) {
-        self.services.lock().insert(key, settings);
+        self.services.lock().insert(key.clone(), settings);
+        self.node.bump_service(&key);
     }
 
     /// Forgets a service's settings; false if it had none.
     pub fn remove_service(&self, key: &ServiceKey) -> bool {
-        self.services.lock().remove(key).is_some()
+        let removed = self.services.lock().remove(key).is_some();
+        if removed {
+            self.node.bump_service(key);
+        }
+        removed
     }
 
     /// One page of a namespace's services in `group`, by name: the total and
@@ -335,6 +375,7 @@ impl Nacos {
             .node
             .views()
             .values()
+            .map(|p| &p.view)
             .filter(|v| wanted(&v.key) && !v.instances.is_empty())
             .map(|v| v.key.service.clone())
             .collect();

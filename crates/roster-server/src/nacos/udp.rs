@@ -1,9 +1,11 @@
 //! Nacos v1 UDP push: an HTTP client that polls `instance/list` with a
 //! `udpPort` becomes a subscriber at `clientIP:udpPort`, held as a Roster
 //! stream session, so it is pushed like any other subscriber. Pushes are
-//! `{"type":"dom",...}` datagrams (gzip from 1 KiB); a `push-ack` feeds
-//! drain tracking, an unacknowledged push is sent once more. A subscriber
-//! that stops polling is forgotten after `nacos.udp_subscriber_ttl`.
+//! `{"type":"dom",...}` datagrams (gzip from 1 KiB) carrying a random nonce
+//! the `push-ack` must echo from the subscriber's address; an ack feeds
+//! drain tracking, an unacknowledged push is sent once more unless a newer
+//! one superseded it. A subscriber that stops polling is forgotten after
+//! `nacos.udp_subscriber_ttl`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -14,14 +16,13 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use roster_core::ServiceKey;
 use roster_core::push::Outbound;
-use roster_proto::v1;
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::Nacos;
-use super::wire::{InfoRequest, integer, text};
-use crate::node::SessionLink;
+use super::wire::{integer, text};
+use crate::node::{Control, Item, SessionLink};
 
 /// Datagrams at least this long are gzip-compressed (clients detect gzip
 /// by its magic bytes).
@@ -30,6 +31,7 @@ const GZIP_FROM: usize = 1024;
 /// A push waiting for its `push-ack`.
 struct Pending {
     key: ServiceKey,
+    clusters: String,
     revision: u64,
     packet: Vec<u8>,
     sent: Instant,
@@ -44,18 +46,15 @@ struct Subscriber {
     /// client caches each list separately; each is pushed).
     subs: Mutex<HashMap<ServiceKey, BTreeSet<String>>>,
     last_poll: Mutex<Instant>,
-    /// Pushes sent, by the `lastRefTime` the ack echoes.
+    /// Pushes sent, by the nonce the ack must echo: at most one per
+    /// service and cluster list (a newer push supersedes the older).
     pending: Mutex<HashMap<i64, Pending>>,
-    last_stamp: Mutex<i64>,
 }
 
-impl Subscriber {
-    /// A `lastRefTime` for a packet, unique for this subscriber.
-    fn stamp(&self, at_least: i64) -> i64 {
-        let mut last = self.last_stamp.lock();
-        *last = at_least.max(*last + 1);
-        *last
-    }
+/// A nonce for a push: random, and exact in a JavaScript number (clients
+/// echo it back through a double).
+fn nonce() -> i64 {
+    (crate::node::links::random_u128() as i64 & ((1 << 52) - 1)).max(1)
 }
 
 /// The UDP subscribers of a node and the socket they are pushed from.
@@ -84,14 +83,15 @@ impl Nacos {
             match all.get(&addr) {
                 Some(s) => (s.clone(), false),
                 None => {
-                    let link = self.node.open_stream(&format!("nacos-udp {addr}"));
+                    let Ok(link) = self.node.open_stream(&format!("nacos-udp {addr}"), None) else {
+                        return;
+                    };
                     let s = Arc::new(Subscriber {
                         addr,
                         link,
                         subs: Mutex::new(HashMap::new()),
                         last_poll: Mutex::new(Instant::now()),
                         pending: Mutex::new(HashMap::new()),
-                        last_stamp: Mutex::new(0),
                     });
                     all.insert(addr, s.clone());
                     (s, true)
@@ -100,7 +100,9 @@ impl Nacos {
         };
         if new {
             tracing::debug!(%addr, "nacos UDP subscriber");
-            tokio::spawn(self.clone().run_subscriber(sub.clone()));
+            self.node
+                .tasks
+                .spawn(self.clone().run_subscriber(sub.clone()));
         }
         *sub.last_poll.lock() = Instant::now();
         self.node.touch(&sub.link.id);
@@ -112,8 +114,8 @@ impl Nacos {
             new_service
         };
         if new_service {
-            // The session exists: it was opened above and only this
-            // subscriber's task closes it.
+            // Refused only if the subscriber's session ended meanwhile; its
+            // task then forgets it, and the next poll starts over.
             let _ = self.node.subscribe(&sub.link.id, key.clone());
         }
     }
@@ -135,58 +137,47 @@ impl Nacos {
                 _ = resend.tick() => self.udp_resend(&sub, config.udp_ack_timeout).await,
             }
         }
-        self.udp.subscribers.lock().remove(&sub.addr);
+        let mut all = self.udp.subscribers.lock();
+        if all.get(&sub.addr).is_some_and(|s| Arc::ptr_eq(s, &sub)) {
+            all.remove(&sub.addr);
+        }
+        drop(all);
         self.node.close_session(&sub.link.id);
         tracing::debug!(addr = %sub.addr, "nacos UDP subscriber forgotten");
     }
 
     /// Handles one dequeued item; false when the subscriber is to go.
-    async fn udp_outbound(
-        &self,
-        sub: &Subscriber,
-        item: Outbound<crate::node::Frame>,
-        ttl: Duration,
-    ) -> bool {
-        let key = match item {
-            Outbound::Control(frame) => {
+    async fn udp_outbound(&self, sub: &Subscriber, item: Item, ttl: Duration) -> bool {
+        let update = match item {
+            Outbound::Control(Control::Probe(_)) => {
                 // The session sweep probes idle sessions; a UDP subscriber
                 // answers by having polled recently.
-                if matches!(frame.message.kind, Some(v1::server_message::Kind::Probe(_))) {
-                    if sub.last_poll.lock().elapsed() >= ttl {
-                        return false;
-                    }
-                    self.node.touch(&sub.link.id);
+                if sub.last_poll.lock().elapsed() >= ttl {
+                    return false;
                 }
+                self.node.touch(&sub.link.id);
                 return true;
             }
-            Outbound::Update { key, .. } | Outbound::FullView(key) => key,
+            Outbound::Control(Control::Welcome(_)) => return true,
+            Outbound::Update(update) => update,
         };
-        let Some(lists) = sub.subs.lock().get(&*key).cloned() else {
+        let key = &update.key;
+        let Some(lists) = sub.subs.lock().get(&**key).cloned() else {
             return true;
         };
-        for clusters in &lists {
-            let (revision, info) = self.service_info(
-                &key,
-                &InfoRequest {
-                    clusters,
-                    healthy_only: false,
-                    grouped_name: true,
-                },
-            );
-            self.node.full_sent(&sub.link.id, &key, revision);
-            let time = info.get("lastRefTime").and_then(Value::as_i64).unwrap_or(0);
-            let stamp = sub.stamp(time);
-            let packet = encode(&json!({
-                "type": "dom",
-                "data": info.to_string(),
-                "lastRefTime": stamp,
-            }));
+        for clusters in lists {
+            let info = self.info_text(key, update.view.as_ref(), &clusters, true, false);
+            let stamp = nonce();
+            let packet = encode_packet(&info, stamp);
             self.send(sub.addr, &packet).await;
-            sub.pending.lock().insert(
+            let mut pending = sub.pending.lock();
+            pending.retain(|_, p| !(p.key == **key && p.clusters == clusters));
+            pending.insert(
                 stamp,
                 Pending {
-                    key: (*key).clone(),
-                    revision,
+                    key: (**key).clone(),
+                    clusters,
+                    revision: update.revision(),
                     packet,
                     sent: Instant::now(),
                     resent: false,
@@ -197,7 +188,7 @@ impl Nacos {
     }
 
     /// Sends unacknowledged pushes once more, and gives up on those already
-    /// sent twice.
+    /// sent twice. A push a newer one superseded is never sent again.
     async fn udp_resend(&self, sub: &Subscriber, timeout: Duration) {
         let mut again = Vec::new();
         sub.pending.lock().retain(|_, p| {
@@ -226,7 +217,9 @@ impl Nacos {
         }
     }
 
-    /// Reads client replies (`push-ack`) until the node stops.
+    /// Reads client replies (`push-ack`) until the node stops. An ack
+    /// counts only from the subscriber's own address, for the exact push
+    /// it names.
     pub async fn run_udp_acks(self: Arc<Self>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -262,6 +255,16 @@ impl Nacos {
             }
         }
     }
+}
+
+/// The datagram of a push: the `ServiceInfo` text under `data`, the nonce
+/// as `lastRefTime` (the ack echoes it).
+fn encode_packet(info: &str, stamp: i64) -> Vec<u8> {
+    encode(&json!({
+        "type": "dom",
+        "data": info,
+        "lastRefTime": stamp,
+    }))
 }
 
 /// A push datagram: JSON, gzip-compressed when long.

@@ -167,24 +167,40 @@ pub fn hosts(key: &ServiceKey, i: &Instance) -> Vec<Value> {
         .collect()
 }
 
-/// A `ServiceInfo` of `view` (absent: no instances).
+/// A `ServiceInfo` of `view` (absent: no instances), as Java Nacos 2.x
+/// lists it: instances of the clusters asked for that are enabled; only
+/// healthy ones if asked, unless `protection` (the service's protect
+/// threshold, when it has settings) is reached: when the healthy share of
+/// those instances is at or below it, every one is listed, as healthy, and
+/// `reachProtectionThreshold` is set.
 pub fn service_info(
     key: &ServiceKey,
     view: Option<&ServiceView>,
     last_ref_time: i64,
     req: &InfoRequest<'_>,
+    protection: Option<f64>,
 ) -> Value {
     let wanted = clusters(req.clusters);
+    let listed: Vec<&Instance> = view
+        .into_iter()
+        .flat_map(|v| v.instances.values())
+        .map(|r| &r.instance)
+        .filter(|i| i.enabled && (wanted.is_empty() || wanted.contains(&i.cluster.as_str())))
+        .collect();
+    let healthy = listed.iter().filter(|i| i.healthy).count();
+    let reached = match protection {
+        Some(threshold) if !listed.is_empty() => {
+            (healthy as f64) / (listed.len() as f64) <= threshold.max(0.0)
+        }
+        _ => false,
+    };
     let mut list = Vec::new();
-    if let Some(view) = view {
-        for record in view.instances.values() {
-            let i = &record.instance;
-            if !wanted.is_empty() && !wanted.contains(&i.cluster.as_str()) {
-                continue;
-            }
-            if req.healthy_only && !i.healthy {
-                continue;
-            }
+    for i in listed {
+        if reached && !i.healthy {
+            let mut shown = i.clone();
+            shown.healthy = true;
+            list.extend(hosts(key, &shown));
+        } else if reached || !req.healthy_only || i.healthy {
             list.extend(hosts(key, i));
         }
     }
@@ -198,7 +214,7 @@ pub fn service_info(
         "checksum": "",
         "allIPs": false,
         "allIps": false,
-        "reachProtectionThreshold": false,
+        "reachProtectionThreshold": reached,
         "valid": true,
     })
 }

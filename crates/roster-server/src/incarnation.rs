@@ -1,0 +1,79 @@
+//! The node's incarnation: which life of the node this is. It is kept in
+//! the data directory and grows by one at every start, so versions written
+//! by this life outrank the previous life's and clients can tell that the
+//! node restarted. Owns the file and its atomic update; nothing else.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Why the incarnation could not be kept.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot keep the node's incarnation in {path}: {reason}")]
+pub struct IncarnationError {
+    path: String,
+    reason: String,
+}
+
+const FILE: &str = "incarnation";
+
+/// The next incarnation: one above the one stored in `dir` (which is
+/// created if missing), stored before it is returned. Without a directory
+/// there is nothing to count from: a random one is drawn.
+pub fn next(dir: &str) -> Result<u64, IncarnationError> {
+    if dir.is_empty() {
+        // Unordered, but unique enough that clients see a new life.
+        return Ok(crate::node::links::random_u128() as u64 >> 1);
+    }
+    let dir = PathBuf::from(dir);
+    let fail = |path: &Path, e: &dyn std::fmt::Display| IncarnationError {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| fail(&dir, &e))?;
+    let path = dir.join(FILE);
+    let previous = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().map_err(|_| {
+            fail(
+                &path,
+                &format!(
+                    "{:?} is not a number; remove the file to start over",
+                    text.trim()
+                ),
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(fail(&path, &e)),
+    };
+    let next = previous
+        .checked_add(1)
+        .ok_or_else(|| fail(&path, &"the counter is exhausted"))?;
+    let tmp = dir.join(format!("{FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{next}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir)?.sync_all()
+    };
+    write().map_err(|e| fail(&path, &e))?;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_start_gets_a_higher_incarnation_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("data");
+        let d = d.to_str().unwrap();
+        assert_eq!(next(d).unwrap(), 1);
+        assert_eq!(next(d).unwrap(), 2);
+        assert_eq!(next(d).unwrap(), 3);
+        std::fs::write(dir.path().join("data").join(FILE), "soon").unwrap();
+        let e = next(d).unwrap_err().to_string();
+        assert!(e.contains("not a number"), "{e}");
+        assert_ne!(next("").unwrap(), next("").unwrap());
+    }
+}

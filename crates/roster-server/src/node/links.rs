@@ -1,0 +1,306 @@
+//! Sessions as the node runs them: opening (unguessable ids and tokens,
+//! refused unless the node is ready), proving a call may act for a session,
+//! the outbound link each stream session is pushed through, liveness
+//! (touch, sweep, beats) and closing. Closing removes a session's records
+//! and subscriptions in one step under the core lock, so nothing can
+//! subscribe on a session that is going away.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use roster_core::push::OutboundQueue;
+use roster_core::session::SessionKind;
+use roster_core::{RegistryError, SessionId};
+use roster_proto::v1;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::Node;
+use super::fanout::{Control, Item, PushUpdate};
+
+/// The outbound side of one stream session: its bounded queue of control
+/// messages and planned updates, and a way to end it.
+pub struct SessionLink {
+    /// The session.
+    pub id: SessionId,
+    /// What the client called itself.
+    pub client_name: String,
+    /// The connection the session lives on: unary calls from there may act
+    /// for it without its token.
+    pub peer: Option<SocketAddr>,
+    queue: Mutex<OutboundQueue<Control, Arc<PushUpdate>>>,
+    ready: Notify,
+    /// Cancelled when the session ends (expired, closed, node shutting down).
+    pub closed: CancellationToken,
+}
+
+impl SessionLink {
+    fn new(
+        id: SessionId,
+        client_name: String,
+        peer: Option<SocketAddr>,
+        capacity: usize,
+        parent: &CancellationToken,
+    ) -> Self {
+        Self {
+            id,
+            client_name,
+            peer,
+            queue: Mutex::new(OutboundQueue::new(capacity)),
+            ready: Notify::new(),
+            closed: parent.child_token(),
+        }
+    }
+
+    pub(crate) fn push_control(&self, control: Control) {
+        self.queue.lock().push_control(control);
+        self.ready.notify_one();
+    }
+
+    /// Queues a planned update (see [`OutboundQueue::push_update`]).
+    pub(crate) fn push_update(
+        &self,
+        update: Arc<PushUpdate>,
+        full: impl FnOnce() -> Arc<PushUpdate>,
+    ) -> roster_core::push::Enqueued {
+        let key = update.key.clone();
+        let outcome = self.queue.lock().push_update(key, update, full);
+        self.ready.notify_one();
+        outcome
+    }
+
+    /// Queues a full view (a new subscription).
+    pub(crate) fn push_full(&self, update: Arc<PushUpdate>) {
+        self.queue.lock().push_full(update.key.clone(), update);
+        self.ready.notify_one();
+    }
+
+    /// Waits for the next item; `None` once the session has ended.
+    pub async fn next(&self) -> Option<Item> {
+        loop {
+            let ready = self.ready.notified();
+            if let Some(item) = self.queue.lock().pop() {
+                return Some(item);
+            }
+            tokio::select! {
+                _ = ready => {}
+                _ = self.closed.cancelled() => return None,
+            }
+        }
+    }
+
+    /// The next item if one is queued now (does not wait).
+    pub fn try_next(&self) -> Option<Item> {
+        self.queue.lock().pop()
+    }
+
+    /// Items queued now.
+    pub fn queued(&self) -> usize {
+        self.queue.lock().len()
+    }
+}
+
+/// 128 bits from the operating system's random source.
+pub(crate) fn random_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    // The OS source does not fail on a running Linux system; if it ever
+    // did, nothing safe could be handed out.
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    u128::from_le_bytes(bytes)
+}
+
+/// A session token as text (hex).
+pub fn token_text(token: u128) -> String {
+    format!("{token:032x}")
+}
+
+/// A session token from text; `None` when malformed.
+pub fn parse_token(text: &str) -> Option<u128> {
+    let text = text.trim();
+    if text.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(text, 16).ok()
+}
+
+impl Node {
+    fn new_session(
+        &self,
+        kind: SessionKind,
+        client_name: &str,
+    ) -> Result<(SessionId, u128), RegistryError> {
+        self.require_ready()?;
+        let id: SessionId = token_text(random_u128()).into();
+        let token = random_u128();
+        self.core
+            .lock()
+            .open_session(id.clone(), kind, client_name, token, Self::now())?;
+        Ok((id, token))
+    }
+
+    /// Opens a stream session on the connection `peer` and its outbound
+    /// link, queueing the welcome. Refused unless the node is ready.
+    pub fn open_stream(
+        &self,
+        client_name: &str,
+        peer: Option<SocketAddr>,
+    ) -> Result<Arc<SessionLink>, RegistryError> {
+        let (id, token) = self.new_session(SessionKind::Stream, client_name)?;
+        let link = Arc::new(SessionLink::new(
+            id.clone(),
+            client_name.to_owned(),
+            peer,
+            self.config.push.queue_capacity,
+            &self.shutdown,
+        ));
+        link.push_control(Control::Welcome(v1::Welcome {
+            session_id: id.to_string(),
+            keepalive_ms: self.config.session.keepalive.as_millis() as u64,
+            session_token: token_text(token),
+            epoch: Some(self.epoch.clone()),
+        }));
+        self.links.write().insert(id, link.clone());
+        Ok(link)
+    }
+
+    /// Opens a lease session (HTTP clients), renewed by beats. Returns its
+    /// id and token.
+    pub fn open_lease(&self, client_name: &str) -> Result<(SessionId, u128), RegistryError> {
+        self.new_session(SessionKind::Lease, client_name)
+    }
+
+    /// Opens the beat lease `id` of one Nacos v1 HTTP instance, unless it
+    /// is open already (then: false).
+    pub fn open_beat_lease(
+        &self,
+        id: &SessionId,
+        unhealthy_after: std::time::Duration,
+        delete_after: std::time::Duration,
+    ) -> Result<bool, RegistryError> {
+        self.require_ready()?;
+        let mut core = self.core.lock();
+        if core.session(id).is_some() {
+            return Ok(false);
+        }
+        let kind = SessionKind::Beat {
+            unhealthy_after,
+            delete_after,
+        };
+        // Its token is never handed out: only the Nacos HTTP API, by the
+        // instance's address, acts for a beat lease.
+        core.open_session(id.clone(), kind, "nacos-http", random_u128(), Self::now())?;
+        Ok(true)
+    }
+
+    /// Whether a call from `peer` (with `token`, if given) may act for
+    /// `session`: it comes from the session's own connection, or proves
+    /// the session's token.
+    pub fn authorize(
+        &self,
+        session: &str,
+        peer: Option<SocketAddr>,
+        token: Option<u128>,
+    ) -> Result<(), RegistryError> {
+        if let Some(link) = self.links.read().get(session)
+            && link.peer.is_some()
+            && link.peer == peer
+        {
+            return Ok(());
+        }
+        let core = self.core.lock();
+        if core.session(session).is_none() {
+            return Err(RegistryError::UnknownSession(session.to_owned()));
+        }
+        match token {
+            Some(t) if core.token_matches(session, t) => Ok(()),
+            Some(_) => Err(RegistryError::Forbidden(format!(
+                "the token given is not session {session:?}'s"
+            ))),
+            None => Err(RegistryError::Forbidden(format!(
+                "session {session:?} belongs to another connection: call on its stream, \
+                 or give its token (x-roster-session-token)"
+            ))),
+        }
+    }
+
+    /// Whether `session` is open.
+    pub fn has_session(&self, session: &str) -> bool {
+        self.core.lock().session(session).is_some()
+    }
+
+    /// The link of a stream session.
+    pub fn link(&self, session: &str) -> Option<Arc<SessionLink>> {
+        self.links.read().get(session).cloned()
+    }
+
+    /// Records activity on a session; false if it is not open.
+    pub fn touch(&self, session: &str) -> bool {
+        self.core.lock().touch(session, Self::now())
+    }
+
+    /// A beat on a lease: alive, and healthy again if silence had made its
+    /// instances unhealthy.
+    pub fn beat(&self, session: &str) -> Result<(), RegistryError> {
+        self.write(|core, now| core.beat(session, now), Clone::clone)
+            .map(|_| ())
+    }
+
+    /// Ends a session: its records and subscriptions go in one step (so
+    /// nothing subscribes on it meanwhile), then its stream closes.
+    pub fn close_session(&self, session: &str) {
+        let _ = self.write(
+            |core, now| {
+                let changes = core.close_session(session, now);
+                self.subs.lock().remove_session(session);
+                Ok(changes)
+            },
+            Clone::clone,
+        );
+        if let Some(link) = self.links.write().remove(session) {
+            link.closed.cancel();
+        }
+        self.acks.notify_waiters();
+    }
+
+    /// Probes idle sessions and expires silent ones. Returns how many expired.
+    pub fn sweep(&self) -> usize {
+        let out = self
+            .write(
+                |core, now| {
+                    let out = core.sweep(now);
+                    let mut subs = self.subs.lock();
+                    for id in &out.expired {
+                        subs.remove_session(id);
+                    }
+                    Ok(out)
+                },
+                |o| o.changes.clone(),
+            )
+            .unwrap_or_default();
+        for (id, nonce) in &out.probes {
+            if let Some(link) = self.links.read().get(id) {
+                link.push_control(Control::Probe(*nonce));
+            }
+        }
+        for id in &out.expired {
+            tracing::info!(session = %id, "session expired");
+            if let Some(link) = self.links.write().remove(id) {
+                link.closed.cancel();
+            }
+        }
+        if !out.expired.is_empty() {
+            self.acks.notify_waiters();
+        }
+        self.prune_pollers();
+        out.expired.len()
+    }
+
+    /// Applies beat deadlines (Nacos v1 HTTP instances): decided and done
+    /// under one lock, so a beat answered "alive" is never followed by the
+    /// removal it beat.
+    pub fn check_beats(&self) -> roster_core::registry::BeatOutcome {
+        self.write(|core, now| Ok(core.check_beats(now)), |o| o.changes.clone())
+            .unwrap_or_default()
+    }
+}
