@@ -110,3 +110,70 @@ async fn node_client_registers_and_is_pushed_over_udp() {
     run(command, "node nacos client: ok").await;
     server.shutdown().await;
 }
+
+/// The Python gRPC client, when its node restarts, redials its connection
+/// without a stream; its health check must then fail (not answer "3xx",
+/// which it takes as healthy) so that it reconnects and registers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpc_client_registers_again_after_the_node_restarts() {
+    use std::io::{BufRead, BufReader};
+    let Some(python) = environment("ROSTER_NACOS_PYTHON", "nacos-python/bin/python") else {
+        return;
+    };
+    let first = server().await;
+    let (http, grpc) = (first.http_addr, first.grpc_addr);
+    let work = tempfile::tempdir().unwrap();
+    let mut child = Command::new(python)
+        .arg(script("tests/python/nacos_restart.py"))
+        .arg(http.port().to_string())
+        .arg(grpc.port().to_string())
+        .arg(work.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the client started");
+    assert_eq!(line, "registered");
+    let key = roster_core::ServiceKey::simple("py-restart").unwrap();
+    let listed = |server: &RunningServer| {
+        server
+            .node
+            .view(&key)
+            .is_some_and(|p| p.instances.contains_key("10.9.9.9#9999#DEFAULT"))
+    };
+    assert!(listed(&first));
+    first.shutdown().await;
+
+    // The same ports, a new life: the client must come back by itself (it
+    // redoes its registrations within about 30 s of reconnecting).
+    let mut config = Config::default();
+    config.server.http = http;
+    config.server.grpc = grpc;
+    let second = roster_server::start(config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !listed(&second) {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the Python client did not register again after the restart");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(child.stdin.take());
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    second.shutdown().await;
+}

@@ -1,0 +1,454 @@
+//! The Nacos 2.x gRPC protocol at the wire, where the real clients cannot
+//! be made to misbehave: a raw connection (one HTTP/2 connection carrying
+//! unary calls and the bi-stream, as every Nacos client has) against a
+//! real node on loopback. Push retries, a second stream taking the
+//! connection over, the protect threshold, and pushes that show exactly the
+//! view that was planned.
+
+use std::time::Duration;
+
+use roster_core::{Instance, ServiceKey};
+use roster_proto::nacos::bi_request_stream_client::BiRequestStreamClient;
+use roster_proto::nacos::request_client::RequestClient;
+use roster_proto::nacos::{Any, Metadata, Payload};
+use roster_server::{Config, RunningServer};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+use tonic::transport::Channel;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> RunningServer {
+    let mut config = Config::default();
+    config.server.http = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc = "127.0.0.1:0".parse().unwrap();
+    tweak(&mut config);
+    roster_server::start(config).await.unwrap()
+}
+
+fn payload(kind: &str, body: Value) -> Payload {
+    Payload {
+        metadata: Some(Metadata {
+            r#type: kind.into(),
+            ..Default::default()
+        }),
+        body: Some(Any {
+            type_url: String::new(),
+            value: serde_json::to_vec(&body).unwrap().into(),
+        }),
+    }
+}
+
+fn open(p: &Payload) -> (String, Value) {
+    let kind = p.metadata.as_ref().unwrap().r#type.clone();
+    let body = serde_json::from_slice(&p.body.as_ref().unwrap().value).unwrap();
+    (kind, body)
+}
+
+/// One bi-stream of a raw connection.
+struct Stream {
+    out: mpsc::UnboundedSender<Payload>,
+    inbound: tonic::Streaming<Payload>,
+}
+
+impl Stream {
+    async fn open(channel: &Channel) -> Self {
+        let (out, rx) = mpsc::unbounded_channel();
+        out.send(payload(
+            "ConnectionSetupRequest",
+            json!({"clientVersion": "raw-test", "headers": {}}),
+        ))
+        .unwrap();
+        let inbound = BiRequestStreamClient::new(channel.clone())
+            .request_bi_stream(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { out, inbound }
+    }
+
+    /// The next request the server sends on this stream, if one comes
+    /// within `within`.
+    async fn next_within(&mut self, within: Duration) -> Option<(String, Value)> {
+        match timeout(within, self.inbound.message()).await {
+            Ok(Ok(Some(p))) => Some(open(&p)),
+            _ => None,
+        }
+    }
+
+    /// The next push, or a panic.
+    async fn push(&mut self) -> Value {
+        loop {
+            let (kind, body) = self.next_within(WAIT).await.expect("a push in time");
+            if kind == "NotifySubscriberRequest" {
+                return body;
+            }
+        }
+    }
+
+    fn answer(&self, request_id: &Value, result: i64) {
+        self.out
+            .send(payload(
+                "NotifySubscriberResponse",
+                json!({"requestId": request_id, "resultCode": result, "errorCode": 0, "message": ""}),
+            ))
+            .unwrap();
+    }
+}
+
+/// A raw Nacos connection: its channel and unary client.
+struct Raw {
+    channel: Channel,
+    unary: RequestClient<Channel>,
+}
+
+impl Raw {
+    async fn connect(server: &RunningServer) -> Self {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", server.grpc_addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        Self {
+            unary: RequestClient::new(channel.clone()),
+            channel,
+        }
+    }
+
+    async fn call(&self, kind: &str, body: Value) -> (String, Value) {
+        let reply = self
+            .unary
+            .clone()
+            .request(payload(kind, body))
+            .await
+            .unwrap()
+            .into_inner();
+        open(&reply)
+    }
+
+    /// Opens a stream and waits until the node knows the connection.
+    async fn stream(&self) -> Stream {
+        let stream = Stream::open(&self.channel).await;
+        timeout(WAIT, async {
+            while self.call("HealthCheckRequest", json!({})).await.0 != "HealthCheckResponse" {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the connection was registered");
+        stream
+    }
+
+    async fn register(&self, service: &str, ip: &str, port: u16) {
+        let (kind, _) = self
+            .call(
+                "InstanceRequest",
+                json!({"namespace": "public", "groupName": "DEFAULT_GROUP", "serviceName": service,
+                       "type": "registerInstance",
+                       "instance": {"ip": ip, "port": port, "weight": 1.0, "healthy": true,
+                                    "enabled": true, "ephemeral": true, "metadata": {}}}),
+            )
+            .await;
+        assert_eq!(kind, "InstanceResponse");
+    }
+
+    async fn subscribe(&self, service: &str) -> Value {
+        let (kind, body) = self
+            .call(
+                "SubscribeServiceRequest",
+                json!({"namespace": "public", "groupName": "DEFAULT_GROUP", "serviceName": service,
+                       "subscribe": true, "clusters": ""}),
+            )
+            .await;
+        assert_eq!(kind, "SubscribeServiceResponse");
+        body["serviceInfo"].clone()
+    }
+}
+
+fn ips(info: &Value) -> Vec<String> {
+    let mut ips: Vec<String> = info["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| format!("{}:{}", h["ip"].as_str().unwrap(), h["port"]))
+        .collect();
+    ips.sort();
+    ips
+}
+
+fn key(name: &str) -> ServiceKey {
+    ServiceKey::simple(name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_not_acknowledged_or_refused_is_sent_again_a_bounded_number_of_times() {
+    let server = start(|c| {
+        c.nacos.push_ack_timeout = Duration::from_millis(200);
+        c.nacos.push_retries = 2;
+    })
+    .await;
+    let raw = Raw::connect(&server).await;
+    let mut stream = raw.stream().await;
+    raw.subscribe("retried").await;
+    let first = stream.push().await; // the subscription's view
+    stream.answer(&first["requestId"], 200);
+
+    let writer = roster_client::Connection::connect(&server.grpc_addr.to_string())
+        .await
+        .unwrap()
+        .open_session("writer")
+        .await
+        .unwrap();
+    writer
+        .register(
+            &key("retried"),
+            &Instance::new("10.30.0.1".parse().unwrap(), 80),
+        )
+        .await
+        .unwrap();
+    // Never acknowledged: sent once, then twice more, then given up.
+    let push = stream.push().await;
+    let rid = push["requestId"].clone();
+    for _ in 0..2 {
+        let again = stream.push().await;
+        assert_eq!(again["requestId"], rid, "the same push again");
+        assert_eq!(ips(&again["serviceInfo"]), ips(&push["serviceInfo"]));
+    }
+    assert!(
+        stream
+            .next_within(Duration::from_millis(800))
+            .await
+            .is_none(),
+        "at most push_retries more times"
+    );
+
+    // Refused by the client: sent again soon; accepted: not again.
+    writer
+        .register(
+            &key("retried"),
+            &Instance::new("10.30.0.2".parse().unwrap(), 80),
+        )
+        .await
+        .unwrap();
+    let push = stream.push().await;
+    stream.answer(&push["requestId"], 500);
+    let again = stream.push().await;
+    assert_eq!(again["requestId"], push["requestId"]);
+    stream.answer(&again["requestId"], 200);
+    assert!(
+        stream
+            .next_within(Duration::from_millis(800))
+            .await
+            .is_none()
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stream_takes_the_connection_over_without_dropping_its_instances() {
+    let server = start(|_| {}).await;
+    let raw = Raw::connect(&server).await;
+    let first = raw.stream().await;
+    raw.register("taken-over", "10.31.0.1", 80).await;
+    let listed = || {
+        server
+            .node
+            .view(&key("taken-over"))
+            .map_or(0, |p| p.instances.len())
+    };
+    assert_eq!(listed(), 1);
+    let sessions = server.node.counts().0;
+
+    let mut second = raw.stream().await;
+    assert_eq!(listed(), 1, "kept while the new stream takes over");
+    assert_eq!(server.node.counts().0, sessions, "the same session");
+    // Pushes now go to the new stream.
+    raw.subscribe("taken-over").await;
+    let push = second.push().await;
+    assert_eq!(ips(&push["serviceInfo"]), ["10.31.0.1:80"]);
+    // The old stream ending changes nothing.
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(listed(), 1);
+    // The current one ending ends the session.
+    drop(second);
+    timeout(WAIT, async {
+        while listed() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the connection's instance went with its last stream");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protect_threshold_lists_every_instance_when_too_few_are_healthy() {
+    let server = start(|_| {}).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/nacos/v1/ns", server.http_addr);
+    let post = |path: &str, form: Vec<(&str, &str)>| {
+        let r = http.post(format!("{base}{path}")).form(&form).send();
+        async move { r.await.unwrap().error_for_status().unwrap() }
+    };
+    post(
+        "/service",
+        vec![("serviceName", "guarded"), ("protectThreshold", "0.6")],
+    )
+    .await;
+    for (ip, healthy) in [
+        ("10.32.0.1", "true"),
+        ("10.32.0.2", "false"),
+        ("10.32.0.3", "false"),
+    ] {
+        post(
+            "/instance",
+            vec![
+                ("serviceName", "guarded"),
+                ("ip", ip),
+                ("port", "80"),
+                ("healthy", healthy),
+            ],
+        )
+        .await;
+    }
+    let list = |healthy_only: &'static str| {
+        let r = http
+            .get(format!("{base}/instance/list"))
+            .query(&[("serviceName", "guarded"), ("healthyOnly", healthy_only)])
+            .send();
+        async move { r.await.unwrap().json::<Value>().await.unwrap() }
+    };
+    // 1 healthy of 3 is at or below 0.6: every instance, shown healthy.
+    let protected = list("true").await;
+    assert_eq!(protected["reachProtectionThreshold"], true, "{protected}");
+    assert_eq!(ips(&protected).len(), 3);
+    assert!(
+        protected["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["healthy"] == true)
+    );
+    // Over gRPC too.
+    let raw = Raw::connect(&server).await;
+    let _stream = raw.stream().await;
+    let (_, reply) = raw
+        .call(
+            "ServiceQueryRequest",
+            json!({"namespace": "public", "groupName": "DEFAULT_GROUP", "serviceName": "guarded",
+                   "cluster": "", "healthyOnly": true}),
+        )
+        .await;
+    assert_eq!(reply["serviceInfo"]["reachProtectionThreshold"], true);
+    assert_eq!(ips(&reply["serviceInfo"]).len(), 3);
+
+    // Below the threshold's reach: only the healthy one.
+    let r = http
+        .put(format!("{base}/service"))
+        .form(&[("serviceName", "guarded"), ("protectThreshold", "0.2")])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let plain = list("true").await;
+    assert_eq!(plain["reachProtectionThreshold"], false);
+    assert_eq!(ips(&plain), ["10.32.0.1:80"]);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_push_shows_the_view_it_was_planned_from_and_the_last_is_the_final_one() {
+    let server = start(|c| c.nacos.push_ack_timeout = Duration::from_secs(30)).await;
+    let raw = Raw::connect(&server).await;
+    let mut stream = raw.stream().await;
+    raw.subscribe("planned").await;
+    let writer = roster_client::Connection::connect(&server.grpc_addr.to_string())
+        .await
+        .unwrap()
+        .open_session("writer")
+        .await
+        .unwrap();
+    let mut instance = Instance::new("10.33.0.1".parse().unwrap(), 80);
+    // Bursts of changes, each followed by a quiet spell: after each, the
+    // last push must show the last change, not an earlier view.
+    for round in 1..=20u32 {
+        for step in 1..=10u32 {
+            instance.weight = f64::from(round * 100 + step);
+            writer.register(&key("planned"), &instance).await.unwrap();
+        }
+        let wanted = f64::from(round * 100 + 10);
+        let seen = timeout(WAIT, async {
+            loop {
+                let push = stream.push().await;
+                stream.answer(&push["requestId"], 200);
+                let weight = push["serviceInfo"]["hosts"][0]["weight"].as_f64();
+                if weight == Some(wanted) {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(seen.is_ok(), "round {round}: the final view was pushed");
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_client_cannot_remove_or_change_a_grpc_connections_instance() {
+    let server = start(|_| {}).await;
+    let raw = Raw::connect(&server).await;
+    let stream = raw.stream().await;
+    raw.register("mixed", "10.34.0.1", 80).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/nacos/v1/ns/instance", server.http_addr);
+    let at = [
+        ("serviceName", "mixed"),
+        ("ip", "10.34.0.1"),
+        ("port", "80"),
+    ];
+    // Deregistering its address over HTTP removes no gRPC registration.
+    let r = http.delete(&base).query(&at).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let listed = || {
+        server
+            .node
+            .view(&key("mixed"))
+            .map(|p| {
+                p.instances
+                    .values()
+                    .map(|r| r.instance.weight)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(listed(), [1.0]);
+    // Nor is it the HTTP client's to change.
+    let r = http
+        .put(&base)
+        .query(&at)
+        .query(&[("weight", "0")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(listed(), [1.0]);
+    // An HTTP registration of the same address is a second holder: when
+    // the gRPC connection goes, the address stays listed (its HTTP lease).
+    let r = http
+        .post(&base)
+        .query(&at)
+        .query(&[("weight", "3")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(listed(), [3.0], "the later registration is shown");
+    drop(stream);
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(listed(), [3.0]);
+    server.shutdown().await;
+}
