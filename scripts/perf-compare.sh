@@ -98,16 +98,19 @@ alone() {
   done
 }
 
-both register-grpc register --protocol nacos-grpc --instances 20000 --clients 8
+# A Nacos gRPC connection holds one registration per service (Java Nacos
+# 2.x): each client registers one instance into each of 1,000 services, as
+# 20 applications with the real client would.
+both register-grpc register --protocol nacos-grpc --instances 20000 --clients 20 --services 1000
 both register-http register --protocol nacos-http --instances 20000 --clients 8
 both query-grpc query --protocol nacos-grpc --readers 8 --size 10 --duration 3s
 both query-http query --protocol nacos-http --readers 8 --size 10 --duration 3s
 # Callers sharing a connection, as the threads of a Java application share
 # its Nacos client: their unary calls are in flight together.
-both register-grpc-mux register --protocol nacos-grpc --instances 50000 --clients 64 --connections 4
+both register-grpc-mux register --protocol nacos-grpc --instances 50000 --clients 64 --connections 4 --services 50000
 both query-grpc-mux query --protocol nacos-grpc --readers 64 --connections 4 --size 10 --duration 3s
 both push-100-grpc push --protocol nacos-grpc --subscribers 100 --changes 20 --interval 100ms
-both storm-grpc storm --protocol nacos-grpc --instances 50000 --clients 16
+both storm-grpc storm --protocol nacos-grpc --instances 50000 --clients 16 --services 50000
 both churn-grpc churn --protocol nacos-grpc --subscribers 50 --rate 500 --duration 3s
 
 alone register-native register --instances 20000 --clients 8
