@@ -755,17 +755,14 @@ impl Registry {
                 revision: state.revision(),
             };
         };
-        self.revision += 1;
-        let revision = self.revision;
-        let grown = state.apply_one(revision, id, effect);
-        self.instance_count = self.instance_count.wrapping_add_signed(grown);
-        if state.mark_unpublished() {
-            self.unpublished.push(key.clone());
-        }
-        Change {
-            key: key.clone(),
-            revision,
-        }
+        let counts = (&mut self.revision, &mut self.instance_count);
+        commit(
+            counts,
+            &mut self.unpublished,
+            state,
+            key,
+            |state, revision| state.apply_one(revision, id, effect),
+        )
     }
 
     /// Sets `owner`'s records of `key` (Some: now holds it; None: drops it)
@@ -862,17 +859,36 @@ impl Registry {
                 revision: state.revision(),
             };
         }
-        self.revision += 1;
-        let revision = self.revision;
-        let grown = state.apply(revision, effects);
-        self.instance_count = self.instance_count.wrapping_add_signed(grown);
-        if state.mark_unpublished() {
-            self.unpublished.push(key.clone());
-        }
-        Change {
-            key: key.clone(),
-            revision,
-        }
+        let counts = (&mut self.revision, &mut self.instance_count);
+        commit(
+            counts,
+            &mut self.unpublished,
+            state,
+            key,
+            |state, revision| state.apply(revision, effects),
+        )
+    }
+}
+
+/// Moves `state` to the next revision of the node with `apply` (which
+/// returns how many entries it added), keeping the instance count and the
+/// list of services to publish.
+fn commit(
+    (revision, instance_count): (&mut u64, &mut usize),
+    unpublished: &mut Vec<Arc<ServiceKey>>,
+    state: &mut ServiceState,
+    key: &Arc<ServiceKey>,
+    apply: impl FnOnce(&mut ServiceState, u64) -> isize,
+) -> Change {
+    *revision += 1;
+    let grown = apply(state, *revision);
+    *instance_count = instance_count.wrapping_add_signed(grown);
+    if state.mark_unpublished() {
+        unpublished.push(key.clone());
+    }
+    Change {
+        key: key.clone(),
+        revision: *revision,
     }
 }
 

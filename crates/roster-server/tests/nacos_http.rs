@@ -568,27 +568,11 @@ async fn http_and_native_clients_share_one_registry() {
 /// Receives the next push datagram (gunzipped) and answers `push-ack`
 /// unless `ack` is false. Returns the pushed `ServiceInfo`.
 async fn udp_push(socket: &UdpSocket, ack: bool) -> Value {
-    let mut buf = vec![0u8; 65536];
-    let (n, from) = timeout(WAIT, socket.recv_from(&mut buf))
-        .await
-        .expect("a UDP push arrived")
-        .unwrap();
-    let bytes = &buf[..n];
-    let text = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_string(&mut s)
-            .unwrap();
-        s
-    } else {
-        String::from_utf8(bytes.to_vec()).unwrap()
-    };
-    let packet: Value = serde_json::from_str(&text).unwrap();
+    let (packet, from) = udp_packet(socket).await;
     assert_eq!(packet["type"], "dom");
     if ack {
-        let reply = json!({"type": "push-ack", "lastRefTime": packet["lastRefTime"], "data": ""});
         socket
-            .send_to(reply.to_string().as_bytes(), from)
+            .send_to(&push_ack(&packet["lastRefTime"]), from)
             .await
             .unwrap();
     }
