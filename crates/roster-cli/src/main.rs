@@ -425,21 +425,20 @@ async fn shutdown_signal() {
 
 /// A client of the SDK for one command: it must reach the registry.
 async fn sdk(server: &str, name: &str) -> Result<Client> {
-    Ok(Client::builder()
+    Ok(sdk_builder(server, name).build().await?)
+}
+
+fn sdk_builder(server: &str, name: &str) -> roster_client::ClientBuilder {
+    Client::builder()
         .addresses([server])
         .client_name(name)
         .require_connection(true)
-        .build()
-        .await?)
 }
 
 async fn watch(server: &str, json: bool, key: ServiceKey) -> Result<()> {
     // A watcher shows every change as it happens, the last instance going
     // away included: empty-push protection is for choosing instances.
-    let client = Client::builder()
-        .addresses([server])
-        .client_name(format!("roster-cli watch {}", key.service))
-        .require_connection(true)
+    let client = sdk_builder(server, &format!("roster-cli watch {}", key.service))
         .empty_push_protection(false)
         .build()
         .await?;

@@ -104,8 +104,6 @@ enum Exit {
 struct Live {
     conn: Connection,
     session: Session,
-    /// The session's pushed updates, read beside its calls.
-    updates: tokio::sync::Mutex<mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>>,
 }
 
 impl Live {
@@ -241,13 +239,7 @@ impl Driver {
             addr: addr.to_owned(),
             reason: "no welcome from the registry".into(),
         })??;
-        let mut session = session;
-        let updates = tokio::sync::Mutex::new(session.detach_updates());
-        Ok(Live {
-            conn,
-            session,
-            updates,
-        })
+        Ok(Live { conn, session })
     }
 
     fn set_offline(&self, reason: String) {
@@ -332,7 +324,9 @@ impl Driver {
     }
 
     /// Runs one session: redo, then serve until it breaks or we stop.
-    async fn connected(&mut self, live: Live, addr: &str) -> Exit {
+    async fn connected(&mut self, mut live: Live, addr: &str) -> Exit {
+        // The session's pushed updates, read beside its calls.
+        let mut updates = live.session.detach_updates();
         if let Err(e) = self.redo(&live).await {
             return Exit::Broken(e.message().to_owned());
         }
@@ -358,7 +352,7 @@ impl Driver {
         loop {
             let step: Result<(), tonic::Status> = tokio::select! {
                 _ = self.shared.stop.cancelled() => return Exit::Stop,
-                msg = async { live.updates.lock().await.recv().await } => match msg {
+                msg = updates.recv() => match msg {
                     Some(Ok(update)) => self.pushed(&live, update).await,
                     Some(Err(e)) => Err(as_status(e)),
                     None => Err(tonic::Status::unavailable("the registry closed the session")),
@@ -595,17 +589,9 @@ impl Driver {
             Outcome::Failed(e) => {
                 tracing::warn!(service = %key, "{e}; reloading the full view");
                 metrics::counter!(metric_names::FULL_RELOADS).increment(1);
-                let pulled = self.pull_request(live, key, 0, 0).await?;
-                let Some(full) = pulled.update else {
-                    return Ok(());
-                };
-                match self.apply(key, &full, Origin::Reload) {
+                match self.reload(live, key).await? {
                     Outcome::Applied(r) => r,
-                    Outcome::Failed(e) => {
-                        tracing::error!(service = %key, "the reloaded full view does not verify: {e}");
-                        return Ok(());
-                    }
-                    Outcome::Held | Outcome::Gone => return Ok(()),
+                    Outcome::Failed(_) | Outcome::Held | Outcome::Gone => return Ok(()),
                 }
             }
         };
@@ -732,7 +718,7 @@ impl Driver {
             // Not modified by revision, yet the checksums differ: the
             // revision held is another node life's. Reload.
             metrics::counter!(metric_names::FULL_RELOADS).increment(1);
-            return self.reload(live, key).await;
+            return self.reload(live, key).await.map(drop);
         }
         match answer.update {
             Some(update) => self.accept(live, key, update, Origin::Pull).await,
@@ -741,31 +727,22 @@ impl Driver {
     }
 
     /// Replaces a service's cache by the registry's full view.
-    async fn reload(&self, live: &Live, key: &ServiceKey) -> Result<(), tonic::Status> {
+    async fn reload(&self, live: &Live, key: &ServiceKey) -> Result<Outcome, tonic::Status> {
         let pulled = self.pull_request(live, key, 0, 0).await?;
-        match pulled.update {
-            Some(full) => {
-                if let Outcome::Failed(e) = self.apply(key, &full, Origin::Reload) {
-                    tracing::error!(service = %key, "the reloaded full view does not verify: {e}");
-                }
-                Ok(())
-            }
-            // Nothing was ever registered there on this node: the answer
-            // is an empty view.
-            None => {
-                let empty = v1::ServiceUpdate {
-                    service: Some(key.into()),
-                    revision: pulled.revision,
-                    checksum: 0,
-                    kind: Some(v1::service_update::Kind::Full(v1::FullView::default())),
-                    epoch: pulled.epoch.clone(),
-                };
-                if let Outcome::Failed(e) = self.apply(key, &empty, Origin::Reload) {
-                    tracing::error!(service = %key, "cannot apply the empty view: {e}");
-                }
-                Ok(())
-            }
+        // No update: nothing was ever registered there on this node, so
+        // the view is empty.
+        let full = pulled.update.unwrap_or_else(|| v1::ServiceUpdate {
+            service: Some(key.into()),
+            revision: pulled.revision,
+            checksum: 0,
+            kind: Some(v1::service_update::Kind::Full(v1::FullView::default())),
+            epoch: pulled.epoch.clone(),
+        });
+        let outcome = self.apply(key, &full, Origin::Reload);
+        if let Outcome::Failed(e) = &outcome {
+            tracing::error!(service = %key, "the reloaded full view does not verify: {e}");
         }
+        Ok(outcome)
     }
 
     /// Pulls one service and applies the answer.

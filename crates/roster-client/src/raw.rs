@@ -20,10 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::acks::{AckQueue, AckSent};
 use crate::{ClientError, MAX_MESSAGE_BYTES};
 
-/// Metadata carrying the node's admin token (operator calls).
-pub const ADMIN_TOKEN_HEADER: &str = "x-roster-admin-token";
-/// Metadata carrying a session's token (a unary call acting for it).
-pub const SESSION_TOKEN_HEADER: &str = "x-roster-session-token";
+pub use roster_proto::{ADMIN_TOKEN_HEADER, SESSION_TOKEN_HEADER};
 
 /// A connection to one registry node, for one-shot calls.
 #[derive(Clone)]

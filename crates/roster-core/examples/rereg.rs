@@ -33,13 +33,15 @@ fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     let mut n = 0u32;
     let t = Instant::now();
-    for _ in 0..50_000 {
+    for k in 0..50_000 {
         n = (n + 7919) % 10_000;
-        if mode == "new" {
-            black_box(reg.register(&s, &key, instance(10_000 + n), now).unwrap());
+        // `new`: each one an instance not yet in the service.
+        let i = if mode == "new" {
+            instance(10_000 + k)
         } else {
-            black_box(reg.register(&s, &key, instance(n), now).unwrap());
-        }
+            instance(n)
+        };
+        black_box(reg.register(&s, &key, i, now).unwrap());
     }
     eprintln!("{:?}", t.elapsed() / 50_000);
 }

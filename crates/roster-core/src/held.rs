@@ -163,6 +163,14 @@ impl Held {
         }
     }
 
+    /// The records, if live.
+    pub fn records(&self) -> Option<&Records> {
+        match self {
+            Held::Live { records, .. } => Some(records),
+            Held::Gone { .. } => None,
+        }
+    }
+
     /// Whether an incoming state (live at `version` if `live`, else a
     /// tombstone) supersedes this one.
     pub fn superseded_by(&self, version: Version, live: bool) -> bool {

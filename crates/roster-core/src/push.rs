@@ -202,14 +202,6 @@ impl Subscriptions {
         plan
     }
 
-    /// A full view of `key` at `revision` went out (a queued full view is
-    /// built when dequeued, so it may be newer than anything planned).
-    pub fn full_sent(&mut self, session: &str, key: &ServiceKey, revision: u64) {
-        if let Some(s) = self.state_mut(session, key) {
-            s.sent = s.sent.max(revision);
-        }
-    }
-
     /// Records an acknowledgement. False if there is no such subscription.
     pub fn ack(&mut self, session: &str, key: &ServiceKey, revision: u64) -> bool {
         match self.state_mut(session, key) {
@@ -237,24 +229,6 @@ impl Subscriptions {
     /// Subscribers of one service.
     pub fn count(&self, key: &ServiceKey) -> usize {
         self.by_service.get(key).map_or(0, HashMap::len)
-    }
-
-    /// Of `sessions`, those still subscribed to `key` that have not
-    /// acknowledged `revision` (sessions gone since are not waited for).
-    pub fn unacked(
-        &self,
-        key: &ServiceKey,
-        revision: u64,
-        sessions: &[SessionId],
-    ) -> Vec<SessionId> {
-        let Some(subs) = self.by_service.get(key) else {
-            return Vec::new();
-        };
-        sessions
-            .iter()
-            .filter(|s| subs.get(*s).is_some_and(|st| st.acked < revision))
-            .cloned()
-            .collect()
     }
 
     fn state_mut(&mut self, session: &str, key: &ServiceKey) -> Option<&mut SubState> {

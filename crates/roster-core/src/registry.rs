@@ -175,11 +175,6 @@ impl Registry {
         self.incarnation
     }
 
-    /// The last revision handed out (to any service).
-    pub fn last_revision(&self) -> u64 {
-        self.revision
-    }
-
     fn next_version(&mut self) -> Version {
         self.sequence += 1;
         Version {
@@ -266,10 +261,7 @@ impl Registry {
         key: &ServiceKey,
         id: &str,
     ) -> Option<&Arc<InstanceRecord>> {
-        let Some(Held::Live { records, .. }) = self.data.get(owner) else {
-            return None;
-        };
-        records.get(key, id)
+        self.data.get(owner)?.records()?.get(key, id)
     }
 
     /// Why a session cannot act on `(key, id)`: it is someone else's, or
@@ -319,8 +311,7 @@ impl Registry {
             .into_iter()
             .map(checked)
             .collect::<Result<Vec<_>, _>>()?;
-        let owner = self.owner(session)?;
-        self.sessions.touch(session, now);
+        let owner = self.touch_owner(session, now)?;
         if instances.is_empty() && !self.services.contains_key(key) {
             // Nothing held there, nothing to hold: no service is made.
             return Ok(Change {
@@ -341,17 +332,6 @@ impl Registry {
             changes.insert(id, Some(record(instance, &owner, version)));
         }
         Ok(self.write(&owner, version, &key, changes.into_iter().collect()))
-    }
-
-    /// The ids `session` holds in `key`.
-    pub fn held_ids(&self, session: &str, key: &ServiceKey) -> Vec<Arc<str>> {
-        let Ok(owner) = self.owner(session) else {
-            return Vec::new();
-        };
-        let Some(Held::Live { records, .. }) = self.data.get(&owner) else {
-            return Vec::new();
-        };
-        records.ids(key)
     }
 
     /// Removes an instance `session` holds.
@@ -732,28 +712,16 @@ impl Registry {
             // Only sessions whose data is live write.
             _ => {
                 debug_assert!(false, "a write for a session that is not live");
-                return Change {
-                    key: key.clone(),
-                    revision: self.services.get(key).map_or(0, ServiceState::revision),
-                };
+                return unchanged(key, self.services.get(key));
             }
         };
         let data = &self.data;
         let Some(state) = self.services.get_mut(key) else {
-            return Change {
-                key: key.clone(),
-                revision: 0,
-            };
+            return unchanged(key, None);
         };
-        let lookup = |h: &OwnerRef| match data.get(h) {
-            Some(Held::Live { records, .. }) => records.get(key, &id).cloned(),
-            _ => None,
-        };
+        let lookup = |h: &OwnerRef| data.get(h)?.records()?.get(key, &id).cloned();
         let Some(effect) = state.hold(&id, owner, record.as_ref(), had, lookup) else {
-            return Change {
-                key: key.clone(),
-                revision: state.revision(),
-            };
+            return unchanged(key, Some(state));
         };
         let counts = (&mut self.revision, &mut self.instance_count);
         commit(
@@ -801,16 +769,14 @@ impl Registry {
         let mut changes = Vec::with_capacity(touched.len());
         for (key, ids) in touched {
             let before = self.services.get(&key).map(ServiceState::revision);
-            let holding: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)> = match self.data.get(owner) {
-                Some(Held::Live { records, .. }) => ids
-                    .into_iter()
-                    .map(|id| {
-                        let r = records.get(&key, &id).cloned();
-                        (id, r)
-                    })
-                    .collect(),
-                _ => ids.into_iter().map(|id| (id, None)).collect(),
-            };
+            let records = self.data.get(owner).and_then(Held::records);
+            let holding: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)> = ids
+                .into_iter()
+                .map(|id| {
+                    let r = records.and_then(|r| r.get(&key, &id)).cloned();
+                    (id, r)
+                })
+                .collect();
             // What it held of these ids is gone or replaced: each may have
             // been shown from another holder.
             let had = vec![false; holding.len()];
@@ -834,16 +800,10 @@ impl Registry {
     ) -> Change {
         let data = &self.data;
         let Some(state) = self.services.get_mut(key) else {
-            return Change {
-                key: key.clone(),
-                revision: 0,
-            };
+            return unchanged(key, None);
         };
         // Another holder's record; only asked for ids held twice.
-        let held = |h: &OwnerRef, id: &Arc<str>| match data.get(h) {
-            Some(Held::Live { records, .. }) => records.get(key, id).cloned(),
-            _ => None,
-        };
+        let held = |h: &OwnerRef, id: &Arc<str>| data.get(h)?.records()?.get(key, id).cloned();
         // (Collected in place: the two element types have one layout.)
         let effects: Vec<(Arc<str>, crate::service::Effect)> = holding
             .into_iter()
@@ -854,10 +814,7 @@ impl Registry {
             })
             .collect();
         if effects.is_empty() {
-            return Change {
-                key: key.clone(),
-                revision: state.revision(),
-            };
+            return unchanged(key, Some(state));
         }
         let counts = (&mut self.revision, &mut self.instance_count);
         commit(
@@ -889,6 +846,15 @@ fn commit(
     Change {
         key: key.clone(),
         revision: *revision,
+    }
+}
+
+/// The change of a write that changed nothing: the service stays at its
+/// revision (0 if it has no state).
+fn unchanged(key: &Arc<ServiceKey>, state: Option<&ServiceState>) -> Change {
+    Change {
+        key: key.clone(),
+        revision: state.map_or(0, ServiceState::revision),
     }
 }
 

@@ -95,6 +95,16 @@ pub enum Effect {
     Remove,
 }
 
+/// What [`ServiceState::enter`] did to an entry.
+enum Entered {
+    /// It holds this record now; true if the id was new.
+    Upserted(Arc<InstanceRecord>, bool),
+    /// It is gone (its id as it was held).
+    Removed(Arc<str>),
+    /// The id was not there to remove.
+    Nothing,
+}
+
 /// One service's mutable state, owned by the registry.
 #[derive(Debug)]
 pub struct ServiceState {
@@ -167,8 +177,7 @@ impl ServiceState {
         had: bool,
         lookup: impl Fn(&OwnerRef) -> Option<Arc<InstanceRecord>>,
     ) -> Option<Effect> {
-        let contested = !self.contested.is_empty() && self.contested.contains_key(id);
-        if had && !contested {
+        if had && !self.contested.contains_key(id) {
             // The id's only holder: its entry is this owner's.
             return Some(match held {
                 Some(new) => Effect::Upsert(new.clone()),
@@ -176,7 +185,7 @@ impl ServiceState {
             });
         }
         let current = self.instances.get(id);
-        let Some(holders) = self.contested.get_mut(id).filter(|_| contested) else {
+        let Some(holders) = self.contested.get_mut(id) else {
             return match (current, held) {
                 (None, None) => None,
                 (None, Some(new)) => Some(Effect::Upsert(new.clone())),
@@ -234,23 +243,16 @@ impl ServiceState {
         let mut removed = Vec::with_capacity(effects.len() - upserts);
         let mut grown = 0isize;
         for (id, effect) in effects {
-            match effect {
-                Effect::Upsert(record) => {
-                    debug_assert_eq!(&*id, record.instance.id);
-                    self.checksum = self.checksum.wrapping_add(record.hash);
-                    match self.instances.insert(id, record.clone()) {
-                        Some(old) => self.checksum = self.checksum.wrapping_sub(old.hash),
-                        None => grown += 1,
-                    }
+            match self.enter(id, effect) {
+                Entered::Upserted(record, added) => {
+                    grown += isize::from(added);
                     upserted.push(record);
                 }
-                Effect::Remove => {
-                    if let Some((id, old)) = self.instances.remove_with_key(&id) {
-                        self.checksum = self.checksum.wrapping_sub(old.hash);
-                        grown -= 1;
-                        removed.push(id);
-                    }
+                Entered::Removed(id) => {
+                    grown -= 1;
+                    removed.push(id);
                 }
+                Entered::Nothing => {}
             }
         }
         upserted.sort_by(|a, b| a.instance.id.cmp(&b.instance.id));
@@ -262,30 +264,41 @@ impl ServiceState {
     /// [`Self::apply`] of one effect (the registration hot path).
     pub fn apply_one(&mut self, revision: u64, id: Arc<str>, effect: Effect) -> isize {
         debug_assert!(revision > self.revision);
+        match self.enter(id, effect) {
+            Entered::Upserted(record, added) => {
+                self.push_delta(revision, vec![record], Vec::new());
+                isize::from(added)
+            }
+            Entered::Removed(id) => {
+                self.push_delta(revision, Vec::new(), vec![id]);
+                -1
+            }
+            Entered::Nothing => {
+                self.push_delta(revision, Vec::new(), Vec::new());
+                0
+            }
+        }
+    }
+
+    /// Changes one entry and the checksum with it (no revision, no delta).
+    #[inline]
+    fn enter(&mut self, id: Arc<str>, effect: Effect) -> Entered {
         match effect {
             Effect::Upsert(record) => {
                 debug_assert_eq!(&*id, record.instance.id);
                 self.checksum = self.checksum.wrapping_add(record.hash);
-                let grown = match self.instances.insert(id, record.clone()) {
-                    Some(old) => {
-                        self.checksum = self.checksum.wrapping_sub(old.hash);
-                        0
-                    }
-                    None => 1,
-                };
-                self.push_delta(revision, vec![record], Vec::new());
-                grown
+                let old = self.instances.insert(id, record.clone());
+                if let Some(old) = &old {
+                    self.checksum = self.checksum.wrapping_sub(old.hash);
+                }
+                Entered::Upserted(record, old.is_none())
             }
             Effect::Remove => match self.instances.remove_with_key(&id) {
                 Some((id, old)) => {
                     self.checksum = self.checksum.wrapping_sub(old.hash);
-                    self.push_delta(revision, Vec::new(), vec![id]);
-                    -1
+                    Entered::Removed(id)
                 }
-                None => {
-                    self.push_delta(revision, Vec::new(), Vec::new());
-                    0
-                }
+                None => Entered::Nothing,
             },
         }
     }

@@ -157,11 +157,6 @@ impl SessionTable {
         self.sessions.get_mut(id)
     }
 
-    /// Every session.
-    pub fn iter(&self) -> impl Iterator<Item = &Session> {
-        self.sessions.values()
-    }
-
     /// Number of sessions.
     pub fn len(&self) -> usize {
         self.sessions.len()
@@ -218,10 +213,10 @@ impl SessionTable {
     /// and which past their delete deadline at `now`. (Marking an instance
     /// unhealthy is the registry's, and does nothing to one that already
     /// is, so a lease may be listed at every check while it stays silent.)
-    pub fn check_beats(&mut self, now: Instant) -> BeatVerdicts {
+    pub fn check_beats(&self, now: Instant) -> BeatVerdicts {
         let mut out = BeatVerdicts::default();
         for id in &self.beats {
-            let Some(s) = self.sessions.get_mut(id) else {
+            let Some(s) = self.sessions.get(id) else {
                 continue;
             };
             let SessionKind::Beat {

@@ -17,3 +17,10 @@ pub mod nacos {
 }
 
 pub mod convert;
+
+/// The gRPC metadata key (and HTTP header) carrying a session's token: a
+/// unary call acting for that session from elsewhere than its connection.
+pub const SESSION_TOKEN_HEADER: &str = "x-roster-session-token";
+/// The gRPC metadata key (and HTTP header) carrying the node's admin token
+/// (operator calls).
+pub const ADMIN_TOKEN_HEADER: &str = "x-roster-admin-token";

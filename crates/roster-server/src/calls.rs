@@ -19,10 +19,7 @@ use tonic::{Code, Status};
 
 use crate::node::{Node, PullAnswer};
 
-/// Metadata carrying a session's token on a unary call.
-pub const SESSION_TOKEN_HEADER: &str = "x-roster-session-token";
-/// Metadata carrying the node's admin token.
-pub const ADMIN_TOKEN_HEADER: &str = "x-roster-admin-token";
+pub use roster_proto::{ADMIN_TOKEN_HEADER, SESSION_TOKEN_HEADER};
 
 /// Maps a registry error to a gRPC status with a reason.
 pub fn status(e: RegistryError) -> Status {

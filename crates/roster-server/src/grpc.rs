@@ -78,12 +78,6 @@ async fn inbound(
     replies: mpsc::Sender<v1::Reply>,
 ) {
     use v1::client_message::Kind;
-    // Any message is activity, but recording it takes the registry's lock,
-    // so a busy stream records it at most every eighth of the keep-alive
-    // window: the session cannot look idle meanwhile (a probe needs the
-    // whole window of silence), and a probe reply is always recorded.
-    let every = node.config().session.keepalive / 8;
-    let mut touched: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
             m = rx.message() => m,
@@ -97,12 +91,8 @@ async fn inbound(
                 break;
             }
         };
-        if matches!(msg.kind, Some(Kind::ProbeReply(_)))
-            || touched.is_none_or(|t| t.elapsed() >= every)
-        {
-            node.touch(&link.id);
-            touched = Some(Instant::now());
-        }
+        // Any message is activity; a probe's answer is always recorded.
+        link.active(&node, matches!(msg.kind, Some(Kind::ProbeReply(_))));
         match msg.kind {
             Some(Kind::Call(call)) => {
                 let reply = calls::answer(&node, &link.id, call);

@@ -10,22 +10,17 @@ use roster_server::{Config, RunningServer};
 use tokio::time::timeout;
 use tokio_stream::wrappers::ReceiverStream;
 
+mod common;
+use common::{key, start_with};
+
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start(tweak: impl FnOnce(&mut Config)) -> (RunningServer, Client) {
-    let mut config = Config::default();
-    config.server.http = "127.0.0.1:0".parse().unwrap();
-    config.server.grpc = "127.0.0.1:0".parse().unwrap();
-    tweak(&mut config);
-    let server = roster_server::start(config).await.unwrap();
+    let server = start_with(tweak).await;
     let client = Client::connect(&server.grpc_addr.to_string())
         .await
         .unwrap();
     (server, client)
-}
-
-fn key(name: &str) -> ServiceKey {
-    ServiceKey::simple(name).unwrap()
 }
 
 fn instance(last: u8, port: u16) -> Instance {

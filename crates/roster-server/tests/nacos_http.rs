@@ -2,26 +2,20 @@
 //! HTTP client and a UDP socket against a Roster node on free loopback
 //! ports. Heartbeat deadlines are configured short, so expiry is real.
 
-use std::io::Read;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use roster_client::Client;
 use roster_core::ServiceKey;
-use roster_server::{Config, RunningServer};
+use roster_server::RunningServer;
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 use tokio::time::{Instant, sleep, timeout};
 
-const WAIT: Duration = Duration::from_secs(20);
+mod common;
+use common::{start_with, udp_packet};
 
-async fn server_with(edit: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = Config::default();
-    config.server.http = "127.0.0.1:0".parse().unwrap();
-    config.server.grpc = "127.0.0.1:0".parse().unwrap();
-    edit(&mut config);
-    roster_server::start(config).await.unwrap()
-}
+const WAIT: Duration = Duration::from_secs(20);
 
 /// A request to the node's Nacos API: `(status, body text)`.
 async fn call(
@@ -89,7 +83,7 @@ fn assert_no_nulls(v: &Value) {
 
 #[tokio::test]
 async fn v1_instances_register_list_update_and_deregister() {
-    let server = server_with(|_| {}).await;
+    let server = start_with(|_| {}).await;
     // Query-string parameters (Node, Python) and form bodies (Java).
     let (s, body) = call(
         &server,
@@ -219,7 +213,7 @@ async fn v1_instances_register_list_update_and_deregister() {
 
 #[tokio::test]
 async fn v1_bad_input_gets_400_with_a_message_and_keeps_what_is_stored() {
-    let server = server_with(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let ok = [("serviceName", "svc"), ("ip", "10.0.0.1"), ("port", "80")];
     assert_eq!(
         call(&server, Method::POST, "/v1/ns/instance", &ok, &[])
@@ -309,7 +303,7 @@ async fn v1_bad_input_gets_400_with_a_message_and_keeps_what_is_stored() {
 
 #[tokio::test]
 async fn v1_beats_keep_an_instance_then_it_turns_unhealthy_is_removed_and_gets_20404() {
-    let server = server_with(|c| {
+    let server = start_with(|c| {
         c.nacos.beat_timeout = Duration::from_millis(600);
         c.nacos.delete_timeout = Duration::from_millis(1200);
         c.nacos.beat_check_interval = Duration::from_millis(50);
@@ -386,7 +380,7 @@ async fn v1_beats_keep_an_instance_then_it_turns_unhealthy_is_removed_and_gets_2
 
 #[tokio::test]
 async fn v1_service_crud_metrics_login_and_health() {
-    let server = server_with(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let svc = [("serviceName", "catalog"), ("groupName", "shop")];
     let (s, body) = call(
         &server,
@@ -483,7 +477,7 @@ async fn v1_service_crud_metrics_login_and_health() {
 
 #[tokio::test]
 async fn v2_api_wraps_replies_and_errors_in_the_envelope() {
-    let server = server_with(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let id = [("serviceName", "v2svc"), ("ip", "10.0.0.1"), ("port", "80")];
     let (s, body) = call(&server, Method::POST, "/v2/ns/instance", &[], &id).await;
     assert_eq!(s, StatusCode::OK);
@@ -529,7 +523,7 @@ async fn v2_api_wraps_replies_and_errors_in_the_envelope() {
 
 #[tokio::test]
 async fn http_and_native_clients_share_one_registry() {
-    let server = server_with(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let native = Client::builder()
         .addresses([server.grpc_addr.to_string()])
         .require_connection(true)
@@ -581,7 +575,7 @@ async fn udp_push(socket: &UdpSocket, ack: bool) -> Value {
 
 #[tokio::test]
 async fn v1_udp_subscriber_is_pushed_changes_and_its_acks_count_for_drain() {
-    let server = server_with(|c| c.nacos.udp_ack_timeout = Duration::from_millis(300)).await;
+    let server = start_with(|c| c.nacos.udp_ack_timeout = Duration::from_millis(300)).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let port = socket.local_addr().unwrap().port().to_string();
     let poll = [
@@ -689,7 +683,7 @@ async fn v1_udp_subscriber_is_pushed_changes_and_its_acks_count_for_drain() {
 
 #[tokio::test]
 async fn instance_list_is_served_as_json_once_per_revision_and_follows_changes() {
-    let server = server_with(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let a = [
         ("serviceName", "polled"),
         ("ip", "10.0.0.1"),
@@ -725,26 +719,6 @@ async fn instance_list_is_served_as_json_once_per_revision_and_follows_changes()
     assert!(next["lastRefTime"].as_i64() > first["lastRefTime"].as_i64());
 }
 
-/// The next push datagram, unanswered: (its packet, who sent it).
-async fn udp_packet(socket: &UdpSocket) -> (Value, std::net::SocketAddr) {
-    let mut buf = vec![0u8; 65536];
-    let (n, from) = timeout(WAIT, socket.recv_from(&mut buf))
-        .await
-        .expect("a UDP push arrived")
-        .unwrap();
-    let bytes = &buf[..n];
-    let text = if bytes.starts_with(&[0x1f, 0x8b]) {
-        let mut s = String::new();
-        flate2::read::GzDecoder::new(bytes)
-            .read_to_string(&mut s)
-            .unwrap();
-        s
-    } else {
-        String::from_utf8(bytes.to_vec()).unwrap()
-    };
-    (serde_json::from_str(&text).unwrap(), from)
-}
-
 fn push_ack(stamp: &Value) -> Vec<u8> {
     json!({"type": "push-ack", "lastRefTime": stamp, "data": ""})
         .to_string()
@@ -753,7 +727,7 @@ fn push_ack(stamp: &Value) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_udp_ack_counts_only_from_the_subscriber_and_for_the_exact_push() {
-    let server = server_with(|c| c.nacos.udp_ack_timeout = Duration::from_secs(30)).await;
+    let server = start_with(|c| c.nacos.udp_ack_timeout = Duration::from_secs(30)).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let forger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let port = socket.local_addr().unwrap().port().to_string();

@@ -11,10 +11,13 @@ use nacos_sdk::api::naming::{
 };
 use nacos_sdk::api::props::ClientProps;
 use roster_client::{Change, Client};
-use roster_core::{Instance, ServiceKey};
+use roster_core::Instance;
 use roster_server::{Config, RunningServer};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
+
+mod common;
+use common::{key, nacos_body, nacos_payload, start_with};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -26,8 +29,7 @@ async fn server_on(http: SocketAddr, grpc: SocketAddr) -> RunningServer {
 }
 
 async fn server() -> RunningServer {
-    let any = "127.0.0.1:0".parse().unwrap();
-    server_on(any, any).await
+    start_with(|_| {}).await
 }
 
 async fn nacos(server: &RunningServer, cache: &tempfile::TempDir) -> NamingService {
@@ -76,10 +78,6 @@ async fn pushed(
     })
     .await
     .expect("the push arrived")
-}
-
-fn key(service: &str) -> ServiceKey {
-    ServiceKey::simple(service).unwrap()
 }
 
 /// The ips the node holds for `service`.
@@ -404,26 +402,6 @@ async fn malformed_nacos_requests_get_error_responses_and_disturb_nothing() {
     node.shutdown().await;
 }
 
-fn raw_payload(kind: &str, body: serde_json::Value) -> roster_proto::nacos::Payload {
-    use roster_proto::nacos::{Any, Metadata, Payload};
-    Payload {
-        metadata: Some(Metadata {
-            r#type: kind.into(),
-            ..Default::default()
-        }),
-        body: Some(Any {
-            type_url: String::new(),
-            value: serde_json::to_vec(&body).unwrap().into(),
-        }),
-    }
-}
-
-fn raw_body(p: &roster_proto::nacos::Payload) -> (String, serde_json::Value) {
-    let kind = p.metadata.as_ref().unwrap().r#type.clone();
-    let body = serde_json::from_slice(&p.body.as_ref().unwrap().value).unwrap();
-    (kind, body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_nacos_connection_is_probed_then_dropped() {
     use roster_proto::nacos::bi_request_stream_client::BiRequestStreamClient;
@@ -447,7 +425,7 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
         .await
         .unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(raw_payload(
+    tx.send(nacos_payload(
         "ConnectionSetupRequest",
         serde_json::json!({"clientVersion": "raw-test", "headers": {}}),
     ))
@@ -461,9 +439,9 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
     let call = |kind: &'static str| {
         let mut unary = unary.clone();
         async move {
-            raw_body(
+            nacos_body(
                 &unary
-                    .request(raw_payload(kind, serde_json::json!({"requestId": "1"})))
+                    .request(nacos_payload(kind, serde_json::json!({"requestId": "1"})))
                     .await
                     .unwrap()
                     .into_inner(),
@@ -490,10 +468,10 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let (kind, body) = raw_body(&probe);
+    let (kind, body) = nacos_body(&probe);
     assert_eq!(kind, "ClientDetectionRequest");
     assert_eq!(body["headers"], serde_json::json!({}));
-    tx.send(raw_payload(
+    tx.send(nacos_payload(
         "ClientDetectionResponse",
         serde_json::json!({"requestId": body["requestId"], "resultCode": 200}),
     ))
@@ -507,7 +485,7 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
     // Silent from now on: probed again, then dropped and unregistered.
     timeout(WAIT, async {
         while let Ok(Some(p)) = inbound.message().await {
-            assert_eq!(raw_body(&p).0, "ClientDetectionRequest");
+            assert_eq!(nacos_body(&p).0, "ClientDetectionRequest");
         }
     })
     .await

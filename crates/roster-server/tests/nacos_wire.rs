@@ -7,44 +7,20 @@
 
 use std::time::Duration;
 
-use roster_core::{Instance, ServiceKey};
+use roster_core::Instance;
+use roster_proto::nacos::Payload;
 use roster_proto::nacos::bi_request_stream_client::BiRequestStreamClient;
 use roster_proto::nacos::request_client::RequestClient;
-use roster_proto::nacos::{Any, Metadata, Payload};
-use roster_server::{Config, RunningServer};
+use roster_server::RunningServer;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tonic::transport::Channel;
 
+mod common;
+use common::{key, nacos_body, nacos_payload, start_with};
+
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn start(tweak: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = Config::default();
-    config.server.http = "127.0.0.1:0".parse().unwrap();
-    config.server.grpc = "127.0.0.1:0".parse().unwrap();
-    tweak(&mut config);
-    roster_server::start(config).await.unwrap()
-}
-
-fn payload(kind: &str, body: Value) -> Payload {
-    Payload {
-        metadata: Some(Metadata {
-            r#type: kind.into(),
-            ..Default::default()
-        }),
-        body: Some(Any {
-            type_url: String::new(),
-            value: serde_json::to_vec(&body).unwrap().into(),
-        }),
-    }
-}
-
-fn open(p: &Payload) -> (String, Value) {
-    let kind = p.metadata.as_ref().unwrap().r#type.clone();
-    let body = serde_json::from_slice(&p.body.as_ref().unwrap().value).unwrap();
-    (kind, body)
-}
 
 /// One bi-stream of a raw connection.
 struct Stream {
@@ -55,7 +31,7 @@ struct Stream {
 impl Stream {
     async fn open(channel: &Channel) -> Self {
         let (out, rx) = mpsc::unbounded_channel();
-        out.send(payload(
+        out.send(nacos_payload(
             "ConnectionSetupRequest",
             json!({"clientVersion": "raw-test", "headers": {}}),
         ))
@@ -72,7 +48,7 @@ impl Stream {
     /// within `within`.
     async fn next_within(&mut self, within: Duration) -> Option<(String, Value)> {
         match timeout(within, self.inbound.message()).await {
-            Ok(Ok(Some(p))) => Some(open(&p)),
+            Ok(Ok(Some(p))) => Some(nacos_body(&p)),
             _ => None,
         }
     }
@@ -89,7 +65,7 @@ impl Stream {
 
     fn answer(&self, request_id: &Value, result: i64) {
         self.out
-            .send(payload(
+            .send(nacos_payload(
                 "NotifySubscriberResponse",
                 json!({"requestId": request_id, "resultCode": result, "errorCode": 0, "message": ""}),
             ))
@@ -121,11 +97,11 @@ impl Raw {
         let reply = self
             .unary
             .clone()
-            .request(payload(kind, body))
+            .request(nacos_payload(kind, body))
             .await
             .unwrap()
             .into_inner();
-        open(&reply)
+        nacos_body(&reply)
     }
 
     /// Opens a stream and waits until the node knows the connection.
@@ -178,13 +154,9 @@ fn ips(info: &Value) -> Vec<String> {
     ips
 }
 
-fn key(name: &str) -> ServiceKey {
-    ServiceKey::simple(name).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_not_acknowledged_or_refused_is_sent_again_a_bounded_number_of_times() {
-    let server = start(|c| {
+    let server = start_with(|c| {
         c.nacos.push_ack_timeout = Duration::from_millis(200);
         c.nacos.push_retries = 2;
     })
@@ -248,7 +220,7 @@ async fn a_push_not_acknowledged_or_refused_is_sent_again_a_bounded_number_of_ti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_stream_takes_the_connection_over_without_dropping_its_instances() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let raw = Raw::connect(&server).await;
     let first = raw.stream().await;
     raw.register("taken-over", "10.31.0.1", 80).await;
@@ -286,7 +258,7 @@ async fn a_second_stream_takes_the_connection_over_without_dropping_its_instance
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_protect_threshold_lists_every_instance_when_too_few_are_healthy() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}/nacos/v1/ns", server.http_addr);
     let post = |path: &str, form: Vec<(&str, &str)>| {
@@ -360,8 +332,8 @@ async fn the_protect_threshold_lists_every_instance_when_too_few_are_healthy() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_push_shows_the_view_it_was_planned_from_and_the_last_is_the_final_one() {
-    let server = start(|c| c.nacos.push_ack_timeout = Duration::from_secs(30)).await;
+async fn after_each_burst_of_changes_the_last_push_shows_the_final_view() {
+    let server = start_with(|c| c.nacos.push_ack_timeout = Duration::from_secs(30)).await;
     let raw = Raw::connect(&server).await;
     let mut stream = raw.stream().await;
     raw.subscribe("planned").await;
@@ -398,7 +370,7 @@ async fn every_push_shows_the_view_it_was_planned_from_and_the_last_is_the_final
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_client_cannot_remove_or_change_a_grpc_connections_instance() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let raw = Raw::connect(&server).await;
     let stream = raw.stream().await;
     raw.register("mixed", "10.34.0.1", 80).await;
@@ -446,9 +418,61 @@ async fn an_http_client_cannot_remove_or_change_a_grpc_connections_instance() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(listed(), [3.0], "the later registration is shown");
+    let sessions = server.node.counts().0;
     drop(stream);
     drop(raw);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    timeout(WAIT, async {
+        while server.node.counts().0 >= sessions {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the gRPC connection's session ended");
     assert_eq!(listed(), [3.0]);
+    server.shutdown().await;
+}
+
+/// A UDP subscriber following the same cluster list of a service as a gRPC
+/// connection is pushed the service named `group@@service` (the HTTP
+/// name), never the gRPC text naming it bare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_udp_push_names_the_service_grouped_beside_a_grpc_subscriber_of_its_clusters() {
+    let server = start_with(|_| {}).await;
+    let raw = Raw::connect(&server).await;
+    let _stream = raw.stream().await;
+    raw.register("named", "10.35.0.1", 80).await;
+    let (kind, body) = raw
+        .call(
+            "SubscribeServiceRequest",
+            json!({"namespace": "public", "groupName": "DEFAULT_GROUP", "serviceName": "named",
+                   "subscribe": true, "clusters": "DEFAULT"}),
+        )
+        .await;
+    assert_eq!(kind, "SubscribeServiceResponse");
+    assert_eq!(body["serviceInfo"]["name"], "named", "gRPC names it bare");
+
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = socket.local_addr().unwrap().port().to_string();
+    let r = reqwest::Client::new()
+        .get(format!(
+            "http://{}/nacos/v1/ns/instance/list",
+            server.http_addr
+        ))
+        .query(&[
+            ("serviceName", "named"),
+            ("clusters", "DEFAULT"),
+            ("udpPort", port.as_str()),
+            ("clientIP", "127.0.0.1"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let listed: Value = r.json().await.unwrap();
+    assert_eq!(listed["name"], "DEFAULT_GROUP@@named");
+    let (packet, _) = common::udp_packet(&socket).await;
+    let pushed: Value = serde_json::from_str(packet["data"].as_str().unwrap()).unwrap();
+    assert_eq!(pushed["name"], "DEFAULT_GROUP@@named");
+    assert_eq!(ips(&pushed), ["10.35.0.1:80"]);
     server.shutdown().await;
 }

@@ -8,28 +8,19 @@ use std::time::Duration;
 
 use roster_client::{Connection, Session, proto};
 use roster_core::{Instance, ServiceKey};
-use roster_server::{Config, RunningServer};
+use roster_server::RunningServer;
 use tokio::time::timeout;
 
-const WAIT: Duration = Duration::from_secs(10);
+mod common;
+use common::{key, start_with};
 
-async fn start(tweak: impl FnOnce(&mut Config)) -> RunningServer {
-    let mut config = Config::default();
-    config.server.http = "127.0.0.1:0".parse().unwrap();
-    config.server.grpc = "127.0.0.1:0".parse().unwrap();
-    tweak(&mut config);
-    roster_server::start(config).await.unwrap()
-}
+const WAIT: Duration = Duration::from_secs(10);
 
 /// A new connection (its own TCP connection) to the node.
 async fn connect(server: &RunningServer) -> Connection {
     Connection::connect(&server.grpc_addr.to_string())
         .await
         .unwrap()
-}
-
-fn key(name: &str) -> ServiceKey {
-    ServiceKey::simple(name).unwrap()
 }
 
 fn instance(last: u8, port: u16) -> Instance {
@@ -78,7 +69,7 @@ async fn follow(
 
 #[tokio::test]
 async fn a_session_cannot_remove_or_change_another_sessions_instance() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let k = key("owned");
     let (a, b) = (connect(&server).await, connect(&server).await);
     let owner = a.open_session("owner").await.unwrap();
@@ -119,7 +110,7 @@ async fn a_session_cannot_remove_or_change_another_sessions_instance() {
 
 #[tokio::test]
 async fn re_registering_someone_elses_address_and_leaving_removes_nothing() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let k = key("squatted");
     let conn = connect(&server).await;
     let mut watcher = conn.open_session("watcher").await.unwrap();
@@ -163,7 +154,7 @@ async fn re_registering_someone_elses_address_and_leaving_removes_nothing() {
 
 #[tokio::test]
 async fn sessions_are_unguessable_and_a_unary_call_needs_their_connection_or_token() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let k = key("bound");
     let (a, b) = (connect(&server).await, connect(&server).await);
     let s = a.open_session("s").await.unwrap();
@@ -200,7 +191,7 @@ async fn sessions_are_unguessable_and_a_unary_call_needs_their_connection_or_tok
 
 #[tokio::test]
 async fn an_operator_with_the_admin_token_may_remove_any_instance_and_nobody_else() {
-    let server = start(|c| c.admin.token = "s3cret".into()).await;
+    let server = start_with(|c| c.admin.token = "s3cret".into()).await;
     let k = key("operated");
     let owner = connect(&server).await.open_session("owner").await.unwrap();
     owner.register(&k, &instance(5, 80)).await.unwrap();
@@ -217,7 +208,7 @@ async fn an_operator_with_the_admin_token_may_remove_any_instance_and_nobody_els
     server.shutdown().await;
 
     // A node without an admin token has no operator.
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let owner = connect(&server).await.open_session("owner").await.unwrap();
     owner.register(&k, &instance(5, 80)).await.unwrap();
     let anyone = connect(&server).await.with_admin_token("").unwrap();
@@ -227,7 +218,7 @@ async fn an_operator_with_the_admin_token_may_remove_any_instance_and_nobody_els
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_reports_who_acknowledged_who_left_and_who_cannot_acknowledge() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let k = key("drained");
     let provider = connect(&server)
         .await
@@ -269,7 +260,15 @@ async fn drain_reports_who_acknowledged_who_left_and_who_cannot_acknowledge() {
             .await;
         (r, provider)
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The drain has begun once the weight is 0.
+    let watcher = connect(&server).await;
+    timeout(WAIT, async {
+        while listed(&watcher, &k).await.first().map(|i| i.2) != Some(0.0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the drain set the weight to 0");
     // A subscriber arriving while the drain waits is waited for too.
     let late = connect(&server).await.open_session("late").await.unwrap();
     late.subscribe(&key("drained")).await.unwrap();
@@ -299,7 +298,7 @@ async fn drain_reports_who_acknowledged_who_left_and_who_cannot_acknowledge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_never_outlives_its_session() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let k = key("orphans");
     let conn = connect(&server).await;
     for _ in 0..200 {
@@ -330,7 +329,7 @@ async fn a_subscription_never_outlives_its_session() {
 
 #[tokio::test]
 async fn a_node_shutting_down_takes_no_new_session_and_is_not_ready() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let base = format!("http://{}", server.http_addr);
     let http = reqwest::Client::new();
     let status = |path: &'static str| {
@@ -383,7 +382,7 @@ async fn welcomes_full_views_and_pulls_carry_the_node_epoch_which_a_restart_rais
     let data = tempfile::tempdir().unwrap();
     let dir = data.path().to_string_lossy().into_owned();
     let boot = |dir: String| {
-        start(move |c| {
+        start_with(move |c| {
             c.server.node_name = "node-a".into();
             c.server.data_dir = dir;
         })
@@ -413,7 +412,7 @@ async fn welcomes_full_views_and_pulls_carry_the_node_epoch_which_a_restart_rais
 
 #[tokio::test]
 async fn dropping_a_session_without_closing_it_ends_it() {
-    let server = start(|_| {}).await;
+    let server = start_with(|_| {}).await;
     let k = key("dropped");
     let conn = connect(&server).await;
     let s = conn.open_session("dropped").await.unwrap();

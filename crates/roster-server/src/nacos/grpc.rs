@@ -71,11 +71,6 @@ struct Conn {
     /// Pushes not yet acknowledged, by request id: at most one per service
     /// (a newer push of a service supersedes the older).
     unacked: Mutex<HashMap<String, Unacked>>,
-    /// When activity was last recorded on the session: recording takes
-    /// the registry's lock, so a busy connection records it at most every
-    /// eighth of the keep-alive window (enough: a probe needs the whole
-    /// window of silence).
-    touched: Mutex<Option<Instant>>,
 }
 
 /// Which stream serves a connection.
@@ -92,16 +87,6 @@ struct Serving {
 impl Conn {
     fn session(&self) -> &SessionId {
         &self.link.id
-    }
-
-    /// Records activity on the session, at most every `every`.
-    fn active(&self, node: &crate::node::Node, every: std::time::Duration) {
-        let mut touched = self.touched.lock();
-        if touched.is_none_or(|t| t.elapsed() >= every) {
-            *touched = Some(Instant::now());
-            drop(touched);
-            node.touch(self.session());
-        }
     }
 
     fn next_id(&self) -> String {
@@ -257,11 +242,6 @@ impl NacosGrpc {
         }
     }
 
-    /// How often activity of a busy connection is recorded.
-    fn touch_every(&self) -> std::time::Duration {
-        self.nacos.node.config().session.keepalive / 8
-    }
-
     fn connection_id(&self, peer: SocketAddr) -> String {
         format!(
             "{:x}_{}_{}",
@@ -300,7 +280,7 @@ impl NacosGrpc {
             };
             return error_reply(rid, &failure);
         };
-        conn.active(&self.nacos.node, self.touch_every());
+        conn.link.active(&self.nacos.node, false);
         let outcome = match kind {
             "HealthCheckRequest" => Ok(reply("HealthCheckResponse", rid, json!({}))),
             "InstanceRequest" => self.instance(&conn, body, rid),
@@ -465,12 +445,9 @@ impl NacosGrpc {
 
     /// A message the client sent on the stream.
     fn stream_message(&self, conn: &Conn, p: &Payload) {
-        if kind_of(p) == "ClientDetectionResponse" {
-            // A probe's answer is always recorded.
-            self.nacos.node.touch(conn.session());
-        } else {
-            conn.active(&self.nacos.node, self.touch_every());
-        }
+        // A probe's answer is always recorded.
+        let answer = kind_of(p) == "ClientDetectionResponse";
+        conn.link.active(&self.nacos.node, answer);
         let Ok(body) = body_of(p) else {
             tracing::debug!(connection = %conn.id, "unparseable stream message");
             return;
@@ -674,7 +651,6 @@ impl BiRequestStream for NacosGrpc {
                     subs: Mutex::new(HashMap::new()),
                     next_request: AtomicU64::new(1),
                     unacked: Mutex::new(HashMap::new()),
-                    touched: Mutex::new(None),
                 });
                 self.conns.write().insert(peer, conn.clone());
                 tracing::debug!(connection = %conn.id, session = %conn.link.id, "nacos connection registered");

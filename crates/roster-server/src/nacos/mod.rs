@@ -63,9 +63,14 @@ pub struct Nacos {
     pub udp: udp::UdpPush,
     /// The gRPC `ServiceInfo` text per service and cluster list, with its
     /// revision, while someone subscribes to that list (for all clusters it
-    /// lives beside the view instead).
+    /// lives beside the view instead): at most [`SHARED_LISTS`] per service,
+    /// at the newest revision made.
     shared: Mutex<HashMap<ServiceKey, HashMap<String, SharedInfo>>>,
 }
+
+/// How many cluster lists of one service [`Nacos::shared`] keeps texts of
+/// (more are built for each use: clients pick from a handful of lists).
+const SHARED_LISTS: usize = 64;
 
 /// How a request names an HTTP instance: its address in a service.
 pub struct HttpInstance<'a> {
@@ -166,6 +171,10 @@ impl Nacos {
             };
             return slot.get_or_init(build).clone();
         }
+        if grouped_name {
+            // Only the gRPC texts (the name bare) are kept per list.
+            return build();
+        }
         let revision = p.view.revision;
         if let Some((r, text)) = self
             .shared
@@ -177,12 +186,14 @@ impl Nacos {
             return text.clone();
         }
         let text = build();
-        if keep && !grouped_name {
-            self.shared
-                .lock()
-                .entry(key.clone())
-                .or_default()
-                .insert(clusters.to_owned(), (revision, text.clone()));
+        if keep {
+            let mut shared = self.shared.lock();
+            let by_clusters = shared.entry(key.clone()).or_default();
+            // Texts of older revisions are never used again.
+            by_clusters.retain(|_, (r, _)| *r >= revision);
+            if by_clusters.len() < SHARED_LISTS || by_clusters.contains_key(clusters) {
+                by_clusters.insert(clusters.to_owned(), (revision, text.clone()));
+            }
         }
         text
     }
@@ -273,24 +284,22 @@ impl Nacos {
         at: HttpInstance<'_>,
         edit: impl FnOnce(&mut Instance),
     ) -> Result<(), RegistryError> {
-        let lease = at.lease();
-        if !self.node.has_session(&lease) {
-            return Err(match self.node.view(at.key) {
-                Some(p) if p.view.instances.contains_key(at.instance.id.as_str()) => {
-                    RegistryError::NotOwner {
-                        service: at.key.to_string(),
-                        id: at.instance.id.clone(),
-                    }
-                }
+        let id = &at.instance.id;
+        match self.node.modify(&at.lease(), at.key, id, edit) {
+            Ok(_) => Ok(()),
+            // No lease there: the address is someone else's, or no one's.
+            Err(RegistryError::UnknownSession(_)) => Err(match self.node.view(at.key) {
+                Some(p) if p.view.instances.contains_key(id.as_str()) => RegistryError::NotOwner {
+                    service: at.key.to_string(),
+                    id: id.clone(),
+                },
                 _ => RegistryError::UnknownInstance {
                     service: at.key.to_string(),
-                    id: at.instance.id.clone(),
+                    id: id.clone(),
                 },
-            });
+            }),
+            Err(e) => Err(e),
         }
-        self.node
-            .modify(&lease, at.key, &at.instance.id, edit)
-            .map(|_| ())
     }
 
     /// A heartbeat for the HTTP instance at `probe`'s address. An unknown

@@ -105,7 +105,7 @@ impl Nacos {
                 .spawn(self.clone().run_subscriber(sub.clone()));
         }
         *sub.last_poll.lock() = Instant::now();
-        self.node.touch(&sub.link.id);
+        sub.link.active(&self.node, false);
         let new_service = {
             let mut subs = sub.subs.lock();
             let lists = subs.entry(key.clone()).or_default();

@@ -160,7 +160,6 @@ impl Node {
                 }
             }
             if pending.is_empty() || Instant::now() >= deadline {
-                let mut label = |s: &SessionId| label(s);
                 let unconfirmable = self.pollers.lock().recent(key, Instant::now());
                 return Ok(DrainOutcome {
                     revision,

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use roster_core::push::OutboundQueue;
@@ -31,6 +32,8 @@ pub struct SessionLink {
     pub peer: Option<SocketAddr>,
     queue: Mutex<OutboundQueue<Control, Arc<PushUpdate>>>,
     ready: Notify,
+    /// When activity was last recorded (see [`Self::active`]).
+    touched: Mutex<Option<Instant>>,
     /// Cancelled when the session ends (expired, closed, node shutting down).
     pub closed: CancellationToken,
 }
@@ -49,7 +52,23 @@ impl SessionLink {
             peer,
             queue: Mutex::new(OutboundQueue::new(capacity)),
             ready: Notify::new(),
+            touched: Mutex::new(None),
             closed: parent.child_token(),
+        }
+    }
+
+    /// Records activity on the session (anything it sent). Recording takes
+    /// the registry's lock, so a busy session records it at most every
+    /// eighth of the keep-alive window: it cannot look idle meanwhile (a
+    /// probe needs the whole window of silence). `always`: record it now
+    /// (a probe's answer).
+    pub fn active(&self, node: &Node, always: bool) {
+        let every = node.config().session.keepalive / 8;
+        let mut touched = self.touched.lock();
+        if always || touched.is_none_or(|t| t.elapsed() >= every) {
+            *touched = Some(Instant::now());
+            drop(touched);
+            node.touch(&self.id);
         }
     }
 
@@ -222,11 +241,6 @@ impl Node {
                  or give its token (x-roster-session-token)"
             ))),
         }
-    }
-
-    /// Whether `session` is open.
-    pub fn has_session(&self, session: &str) -> bool {
-        self.core.lock().session(session).is_some()
     }
 
     /// The link of a stream session.

@@ -404,11 +404,6 @@ impl Node {
         );
     }
 
-    /// The ids `session` holds in `key`.
-    pub fn held_ids(&self, session: &str, key: &ServiceKey) -> Vec<Arc<str>> {
-        self.core.lock().held_ids(session, key)
-    }
-
     /// The session of this node that owns the instance shown for
     /// `(key, id)`: the session an operator's call (with the admin token)
     /// acts for.
