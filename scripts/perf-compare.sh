@@ -8,7 +8,7 @@
 #          --release -p roster-server --example transport_floor),
 #          and `rnacos` on PATH or in $RNACOS: cargo install rnacos)
 #   ONLY=REGEX runs only the shapes whose label matches.
-#   FLOOR=1 also runs the Nacos gRPC register and query and the Nacos HTTP
+#   FLOOR=1 also runs the Nacos gRPC register, batch and query and the Nacos HTTP
 #   query against the transport
 #   floor (crates/roster-server/examples/transport_floor.rs: canned
 #   replies, no registry), as servers floor-h2, floor-tonic, floor-http.
@@ -76,7 +76,7 @@ both() {
     stop_rnacos
     if [[ -n ${FLOOR:-} ]]; then
       case $label in
-      register-grpc* | query-grpc*)
+      register-grpc* | query-grpc* | batch-grpc*)
         floor h2 "$label" "$@"
         floor tonic "$label" "$@"
         ;;
@@ -102,6 +102,8 @@ alone() {
 # 2.x): each client registers one instance into each of 1,000 services, as
 # 20 applications with the real client would.
 both register-grpc register --protocol nacos-grpc --instances 20000 --clients 20 --services 1000
+# The same 20,000 instances, ten to a BatchInstanceRequest.
+both batch-grpc register --protocol nacos-grpc --instances 20000 --clients 20 --services 1000 --batch 10
 both register-http register --protocol nacos-http --instances 20000 --clients 8
 both query-grpc query --protocol nacos-grpc --readers 8 --size 10 --duration 3s
 both query-http query --protocol nacos-http --readers 8 --size 10 --duration 3s

@@ -213,6 +213,19 @@ impl Client {
         }
     }
 
+    /// Registers `instances` in one call (Nacos gRPC: a
+    /// `BatchInstanceRequest`, replacing what the connection holds in the
+    /// service).
+    pub async fn register_batch(&self, service: &str, instances: &[Spec]) -> Result<()> {
+        match self {
+            Self::NacosGrpc(c) => {
+                c.batch(service, instances.iter().map(Spec::nacos_json).collect())
+                    .await
+            }
+            _ => bail!("batch registration is a Nacos gRPC request"),
+        }
+    }
+
     /// Removes an instance.
     pub async fn deregister(&self, service: &str, i: &Spec) -> Result<()> {
         let native_ref = || -> Result<proto::InstanceRef> {

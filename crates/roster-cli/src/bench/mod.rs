@@ -69,6 +69,11 @@ pub struct BenchArgs {
     /// by default one each. Over gRPC their calls are multiplexed.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     connections: Option<u32>,
+    /// Instances per registration call (register, nacos-grpc only): each
+    /// client registers its instances `batch` at a time, one
+    /// `BatchInstanceRequest` per service. 1: one instance per call.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    batch: u32,
     /// Concurrent readers (query).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     readers: u32,
@@ -256,6 +261,9 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
 
 /// Runs one shape and prints its report.
 pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Result<()> {
+    if args.batch > 1 && (args.shape != Shape::Register || args.protocol != Protocol::NacosGrpc) {
+        bail!("--batch needs the register shape and --protocol nacos-grpc");
+    }
     let target = match server {
         Some(addr) => Target {
             at: Endpoints {
@@ -336,6 +344,7 @@ fn parameters(a: &BenchArgs) -> Value {
         Shape::Register | Shape::Storm => json!({
             "clients": a.clients, "instances": a.instances, "services": a.services,
             "connections": a.connections.unwrap_or(a.clients).min(a.clients),
+            "batch": a.batch,
         }),
         Shape::Query => json!({
             "readers": a.readers, "size": a.size, "duration_s": a.duration.as_secs_f64(),

@@ -33,13 +33,16 @@ pub struct Notified {
     pub acked: Instant,
 }
 
+/// The instances a connection holds in one service.
+type Held = Arc<tokio::sync::Mutex<Vec<Value>>>;
+
 /// One Nacos gRPC connection.
 pub struct NacosConn {
     unary: RequestClient<Channel>,
     next_id: AtomicU64,
     /// The instances this connection holds, per service (by ip:port);
     /// a service's requests are made one at a time, others' alongside.
-    held: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Vec<Value>>>>>,
+    held: parking_lot::Mutex<HashMap<String, Held>>,
     notified: mpsc::Receiver<Notified>,
     reader: tokio::task::JoinHandle<()>,
 }
@@ -161,18 +164,23 @@ impl NacosConn {
         json!({"namespace": NAMESPACE, "groupName": GROUP, "serviceName": service})
     }
 
+    /// What the connection holds in `service`, locked by each request that
+    /// changes it.
+    fn slot(&self, service: &str) -> Held {
+        self.held
+            .lock()
+            .entry(service.to_owned())
+            .or_default()
+            .clone()
+    }
+
     /// Registers (`deregister` false) or deregisters an instance: one
     /// `InstanceRequest` while the connection holds at most one instance in
     /// the service, else a `BatchInstanceRequest` of all it holds there.
     /// (Requests of one service are made one at a time.)
     pub async fn instance(&self, service: &str, instance: Value, deregister: bool) -> Result<()> {
         let same = |a: &Value| a["ip"] == instance["ip"] && a["port"] == instance["port"];
-        let slot = self
-            .held
-            .lock()
-            .entry(service.to_owned())
-            .or_default()
-            .clone();
+        let slot = self.slot(service);
         let mut held = slot.lock().await;
         let before = held.len();
         let mut set = held.clone();
@@ -198,6 +206,20 @@ impl NacosConn {
         self.call(kind, body, reply).await?;
         // What the server holds now (a failed call changed nothing).
         *held = set;
+        Ok(())
+    }
+
+    /// Replaces what the connection holds in the service with `instances`
+    /// (one `BatchInstanceRequest`).
+    pub async fn batch(&self, service: &str, instances: Vec<Value>) -> Result<()> {
+        let slot = self.slot(service);
+        let mut held = slot.lock().await;
+        let mut body = Self::naming(service);
+        body["type"] = json!("batchRegisterInstance");
+        body["instances"] = json!(instances);
+        self.call("BatchInstanceRequest", body, "BatchInstanceResponse")
+            .await?;
+        *held = instances;
         Ok(())
     }
 

@@ -50,6 +50,7 @@ async fn register(
             .into_iter()
             .map(Arc::new)
             .collect();
+    let batch = a.batch.max(1);
     let bar = progress(u64::from(instances), "register");
     let start = Instant::now();
     let mut set = JoinSet::new();
@@ -58,30 +59,38 @@ async fn register(
         set.spawn(async move {
             let mut h = histogram();
             let mut errors = 0u64;
-            let mut n = c as u32;
-            while n < instances {
-                let t = Instant::now();
-                // A Nacos gRPC connection holds one registration per
-                // service, so instances are spread for each client to
-                // register once per service as far as the services go:
-                // with a service per instance, instance n goes to service
-                // n; with fewer, client c's k-th to service c + k.
+            // Client c registers instances c, c + clients, ..., `batch`
+            // to a call; its k-th call goes to service c + k (or, with a
+            // service per instance, instance n to service n). A Nacos gRPC
+            // connection holds one registration (or batch) per service,
+            // so a client names each service once as far as they go.
+            let mine: Vec<u32> = (c as u32..instances).step_by(clients as usize).collect();
+            for (k, chunk) in mine.chunks(batch as usize).enumerate() {
                 let s = if services >= instances {
-                    n
+                    chunk[0]
                 } else {
-                    (c as u32 + n / clients) % services
+                    (c as u32 + k as u32) % services
                 };
-                match client.register(&service(s), &Spec::numbered(n)).await {
+                let t = Instant::now();
+                let done = if batch == 1 {
+                    client
+                        .register(&service(s), &Spec::numbered(chunk[0]))
+                        .await
+                } else {
+                    let specs: Vec<Spec> = chunk.iter().map(|n| Spec::numbered(*n)).collect();
+                    client.register_batch(&service(s), &specs).await
+                };
+                match done {
                     Ok(()) => record(&mut h, t.elapsed()),
-                    Err(_) => errors += 1,
+                    Err(_) => errors += chunk.len() as u64,
                 }
-                bar.inc(1);
-                n += clients;
+                bar.inc(chunk.len() as u64);
             }
             (h, errors)
         });
     }
     let (latency, errors) = join_histograms(&mut set).await?;
+    let registered = (u64::from(instances)).saturating_sub(errors);
     let elapsed = start.elapsed();
     if let Some(probe) = probe {
         probe.send_replace(true);
@@ -89,10 +98,10 @@ async fn register(
     bar.finish_and_clear();
     Ok((
         Measured {
-            operations: latency.len(),
+            operations: registered,
             errors,
             elapsed,
-            instances_held: latency.len(),
+            instances_held: registered,
             latency,
             extra: BTreeMap::new(),
             hold: vec![Box::new(workers.clone())],
