@@ -30,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Response, Status, Streaming};
 
 use super::Nacos;
-use super::wire::{self, InfoRequest, flag, integer, text};
+use super::request::{self, Body, Loose};
+use super::wire::{self, InfoRequest};
 use crate::node::{Control, Item, PushUpdate, SessionLink};
 
 /// Nacos error codes (`NacosException`).
@@ -161,35 +162,41 @@ fn raw_payload(kind: &str, body: Vec<u8>) -> Payload {
     }
 }
 
-/// The JSON object `head` with a `serviceInfo` field holding `info`, a
-/// shared, already serialized `ServiceInfo`.
-fn with_service_info(head: Value, info: &str) -> Vec<u8> {
-    let mut body = head.to_string();
-    body.pop(); // the closing brace
-    body.push_str(",\"serviceInfo\":");
-    body.push_str(info);
-    body.push('}');
-    body.into_bytes()
+/// A successful reply's common fields, as an unclosed JSON object.
+fn reply_head(request_id: &str) -> String {
+    let mut body = String::with_capacity(128);
+    body.push_str(r#"{"resultCode":200,"errorCode":0,"message":"","success":true,"requestId":"#);
+    body.push_str(&Value::from(request_id).to_string());
+    body
 }
 
-/// The common fields of a successful reply.
-fn reply_head(request_id: &str) -> Value {
-    json!({
-        "resultCode": 200,
-        "errorCode": 0,
-        "message": "",
-        "requestId": request_id,
-        "success": true,
-    })
+/// The unclosed JSON object `head` closed with a `serviceInfo` field
+/// holding `info`, a shared, already serialized `ServiceInfo`.
+fn with_service_info(mut head: String, info: &str) -> Vec<u8> {
+    head.push_str(",\"serviceInfo\":");
+    head.push_str(info);
+    head.push('}');
+    head.into_bytes()
 }
 
-/// A successful reply: the common fields plus `fields`.
+/// A successful reply holding the serialized `ServiceInfo` `info`.
+fn info_reply(kind: &str, request_id: &str, info: &str) -> Payload {
+    raw_payload(kind, with_service_info(reply_head(request_id), info))
+}
+
+/// A successful reply: the common fields plus `fields` (an object).
 fn reply(kind: &str, request_id: &str, fields: Value) -> Payload {
     let mut body = reply_head(request_id);
-    if let (Some(b), Value::Object(extra)) = (body.as_object_mut(), fields) {
-        b.extend(extra);
+    if let Value::Object(extra) = fields {
+        for (k, v) in extra {
+            body.push(',');
+            body.push_str(&Value::from(k).to_string());
+            body.push(':');
+            body.push_str(&v.to_string());
+        }
     }
-    payload(kind, &body)
+    body.push('}');
+    raw_payload(kind, body.into_bytes())
 }
 
 fn error_reply(request_id: &str, failure: &Failure) -> Payload {
@@ -206,31 +213,13 @@ fn error_reply(request_id: &str, failure: &Failure) -> Payload {
 }
 
 /// The JSON body of a payload.
-fn body_of(p: &Payload) -> Result<Value, Failure> {
-    let bytes = p.body.as_ref().map(|b| &b.value[..]).unwrap_or(b"{}");
-    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
-    let value: Value = serde_json::from_slice(bytes)
-        .map_err(|e| Failure::new(code::BAD_GATEWAY, format!("unparseable body: {e}")))?;
-    if value.is_object() {
-        Ok(value)
-    } else {
-        Err(Failure::new(
-            code::BAD_GATEWAY,
-            "the body is not a JSON object",
-        ))
-    }
+fn body_of(p: &Payload) -> Result<Body<'_>, Failure> {
+    let bytes = p.body.as_ref().map_or(&b""[..], |b| &b.value[..]);
+    Body::parse(bytes).map_err(|m| Failure::new(code::BAD_GATEWAY, m))
 }
 
 fn kind_of(p: &Payload) -> &str {
     p.metadata.as_ref().map_or("", |m| m.r#type.as_str())
-}
-
-fn key_of(body: &Value) -> Result<ServiceKey, Failure> {
-    Ok(wire::service_key(
-        text(body, "namespace"),
-        text(body, "groupName"),
-        text(body, "serviceName"),
-    )?)
 }
 
 impl NacosGrpc {
@@ -251,7 +240,7 @@ impl NacosGrpc {
         )
     }
 
-    fn handle(&self, peer: Option<SocketAddr>, kind: &str, body: &Value, rid: &str) -> Payload {
+    fn handle(&self, peer: Option<SocketAddr>, kind: &str, body: Body<'_>, rid: &str) -> Payload {
         if kind == "ServerCheckRequest" {
             if let Err(e) = self.nacos.node.require_ready() {
                 // 3xx: "retry later" to every client's server check.
@@ -290,9 +279,9 @@ impl NacosGrpc {
                 "persistent instances (ephemeral=false) are not supported by Roster yet; \
                  register ephemeral instances",
             )),
-            "SubscribeServiceRequest" => self.subscribe(&conn, body, rid),
-            "ServiceQueryRequest" => self.query(body, rid),
-            "ServiceListRequest" => self.list(body, rid),
+            "SubscribeServiceRequest" => self.subscribe(&conn, &body, rid),
+            "ServiceQueryRequest" => self.query(&body, rid),
+            "ServiceListRequest" => self.list(&body, rid),
             other => Err(Failure::new(
                 code::INVALID_PARAM,
                 format!("Unsupported request type {other:?}"),
@@ -305,13 +294,13 @@ impl NacosGrpc {
     /// service with the one instance; `deregisterInstance` removes what it
     /// holds there (as Java Nacos 2.x: one registration per connection and
     /// service). Nothing another connection registered is touched.
-    fn instance(&self, conn: &Conn, body: &Value, rid: &str) -> Result<Payload, Failure> {
-        let key = key_of(body)?;
-        let action = text(body, "type").unwrap_or_default();
-        let raw = body.get("instance").unwrap_or(&Value::Null);
+    fn instance(&self, conn: &Conn, body: Body<'_>, rid: &str) -> Result<Payload, Failure> {
+        let key = body.key()?;
+        let action = body.action.text().unwrap_or_default();
+        let raw = &body.instance;
         match action {
             "registerInstance" => {
-                let mut instance = wire::instance(raw)?;
+                let mut instance = request::instance(raw)?;
                 instance.ephemeral = true;
                 self.nacos
                     .node
@@ -320,7 +309,7 @@ impl NacosGrpc {
             "deregisterInstance" => {
                 // Validated like a registration, though only the service
                 // decides what is removed.
-                wire::instance(raw)?.normalize()?;
+                request::instance(raw)?.normalize()?;
                 self.nacos
                     .node
                     .set_instances(conn.session(), &key, Vec::new())?;
@@ -338,16 +327,21 @@ impl NacosGrpc {
     /// Replaces the set of instances this connection publishes for the
     /// service with the batch (an empty batch removes them all), as one
     /// change.
-    fn batch(&self, conn: &Conn, body: &Value, rid: &str) -> Result<Payload, Failure> {
-        let key = key_of(body)?;
-        let empty = Vec::new();
-        let raw = body
-            .get("instances")
-            .and_then(Value::as_array)
-            .unwrap_or(&empty);
+    fn batch(&self, conn: &Conn, body: Body<'_>, rid: &str) -> Result<Payload, Failure> {
+        let key = body.key()?;
+        let raw = match &body.instances {
+            Loose::Is(list) => &list[..],
+            Loose::Absent => &[],
+            Loose::Not => {
+                return Err(Failure::new(
+                    code::INVALID_PARAM,
+                    "instances must be a list of instances",
+                ));
+            }
+        };
         let mut instances = Vec::with_capacity(raw.len());
         for (n, r) in raw.iter().enumerate() {
-            let mut i = wire::instance(r)
+            let mut i = request::instance(r)
                 .map_err(|e| Failure::new(code::INVALID_PARAM, format!("instances[{n}]: {e}")))?;
             i.ephemeral = true;
             instances.push(i);
@@ -355,7 +349,7 @@ impl NacosGrpc {
         self.nacos
             .node
             .set_instances(conn.session(), &key, instances)?;
-        let action = text(body, "type").unwrap_or("batchRegisterInstance");
+        let action = body.action.text().unwrap_or("batchRegisterInstance");
         Ok(reply(
             "BatchInstanceResponse",
             rid,
@@ -363,10 +357,10 @@ impl NacosGrpc {
         ))
     }
 
-    fn subscribe(&self, conn: &Conn, body: &Value, rid: &str) -> Result<Payload, Failure> {
-        let key = key_of(body)?;
-        let clusters = text(body, "clusters").unwrap_or_default().to_owned();
-        let info = if flag(body, "subscribe").unwrap_or(true) {
+    fn subscribe(&self, conn: &Conn, body: &Body<'_>, rid: &str) -> Result<Payload, Failure> {
+        let key = body.key()?;
+        let clusters = body.clusters.text().unwrap_or_default().to_owned();
+        let info = if body.subscribe.flag().unwrap_or(true) {
             // Known before the first push can be dequeued, so none is
             // dropped as unwatched; forgotten again if refused.
             conn.subs.lock().insert(key.clone(), clusters.clone());
@@ -388,28 +382,26 @@ impl NacosGrpc {
             self.nacos
                 .info_text(&key, view.as_ref(), &clusters, false, false)
         };
-        Ok(raw_payload(
-            "SubscribeServiceResponse",
-            with_service_info(reply_head(rid), &info),
-        ))
+        Ok(info_reply("SubscribeServiceResponse", rid, &info))
     }
 
-    fn query(&self, body: &Value, rid: &str) -> Result<Payload, Failure> {
-        let key = key_of(body)?;
-        let clusters = text(body, "cluster")
-            .or_else(|| text(body, "clusters"))
+    fn query(&self, body: &Body<'_>, rid: &str) -> Result<Payload, Failure> {
+        let key = body.key()?;
+        let clusters = body
+            .cluster
+            .text()
+            .or_else(|| body.clusters.text())
             .unwrap_or_default();
-        let healthy_only = flag(body, "healthyOnly")
-            .or_else(|| flag(body, "healthOnly"))
+        let healthy_only = body
+            .healthy_only
+            .flag()
+            .or_else(|| body.health_only.flag())
             .unwrap_or(false);
         // The common query shares the text pushes use; a filtered one
         // is built for the asker alone.
         if !healthy_only && clusters.is_empty() {
             let (_, info) = self.nacos.shared_info(&key, clusters);
-            return Ok(raw_payload(
-                "QueryServiceResponse",
-                with_service_info(reply_head(rid), &info),
-            ));
+            return Ok(info_reply("QueryServiceResponse", rid, &info));
         }
         let (_, info) = self.nacos.service_info(
             &key,
@@ -426,13 +418,13 @@ impl NacosGrpc {
         ))
     }
 
-    fn list(&self, body: &Value, rid: &str) -> Result<Payload, Failure> {
+    fn list(&self, body: &Body<'_>, rid: &str) -> Result<Payload, Failure> {
         let namespace =
-            roster_core::ServiceKey::new(text(body, "namespace").unwrap_or_default(), "", "x")?
+            roster_core::ServiceKey::new(body.namespace.text().unwrap_or_default(), "", "x")?
                 .namespace;
-        let group = wire::group_or_default(text(body, "groupName"));
-        let page_no = integer(body, "pageNo").unwrap_or(1).max(1);
-        let page_size = integer(body, "pageSize").unwrap_or(10).max(0);
+        let group = wire::group_or_default(body.group_name.text());
+        let page_no = body.page_no.integer().unwrap_or(1).max(1);
+        let page_size = body.page_size.integer().unwrap_or(10).max(0);
         let (count, names) = self
             .nacos
             .page_of_services(&namespace, group, page_no, page_size);
@@ -454,8 +446,8 @@ impl NacosGrpc {
         };
         match kind_of(p) {
             "NotifySubscriberResponse" => {
-                let rid = text(&body, "requestId").unwrap_or_default();
-                let ok = integer(&body, "resultCode").unwrap_or(200) == 200;
+                let rid = body.request_id.text().unwrap_or_default();
+                let ok = body.result_code.integer().unwrap_or(200) == 200;
                 let mut unacked = conn.unacked.lock();
                 if ok {
                     if let Some(done) = unacked.remove(rid) {
@@ -472,7 +464,7 @@ impl NacosGrpc {
             "ConnectionSetupRequest" => {
                 tracing::debug!(
                     connection = %conn.id,
-                    client = text(&body, "clientVersion").unwrap_or_default(),
+                    client = body.client_version.text().unwrap_or_default(),
                     "nacos connection set up"
                 );
             }
@@ -511,14 +503,16 @@ impl NacosGrpc {
             .nacos
             .info_text(key, update.view.as_ref(), &clusters, false, true);
         let rid = conn.next_id();
-        let head = json!({
+        let mut head = json!({
             "headers": {},
             "requestId": rid,
             "module": "naming",
             "namespace": key.namespace,
             "serviceName": key.service,
             "groupName": key.group,
-        });
+        })
+        .to_string();
+        head.pop(); // the closing brace
         let p = raw_payload("NotifySubscriberRequest", with_service_info(head, &info));
         let mut unacked = conn.unacked.lock();
         unacked.retain(|_, u| u.key != **key);
@@ -594,8 +588,8 @@ impl request_server::Request for NacosGrpc {
             Ok(b) => b,
             Err(f) => return Ok(Response::new(error_reply("", &f))),
         };
-        let rid = text(&body, "requestId").unwrap_or_default().to_owned();
-        Ok(Response::new(self.handle(peer, kind_of(&p), &body, &rid)))
+        let rid = body.request_id.text().unwrap_or_default().to_owned();
+        Ok(Response::new(self.handle(peer, kind_of(&p), body, &rid)))
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod grpc;
 pub mod http;
+pub mod request;
 pub mod udp;
 pub mod wire;
 

@@ -1,7 +1,7 @@
-//! Nacos JSON shapes: reading request fields tolerantly (absent and `null`
-//! are the same; clients differ in spelling), turning Nacos instances into
-//! Roster instances, and building `ServiceInfo` and replies that never
-//! contain `null`.
+//! Nacos JSON shapes: reading fields of a JSON value tolerantly (absent
+//! and `null` are the same), service keys, metadata objects as strings,
+//! and building `ServiceInfo` and replies that never contain `null`. (gRPC
+//! request bodies are read in one pass in `request`.)
 
 use roster_core::{DEFAULT_GROUP, Instance, Metadata, ServiceKey, ServiceView, ValidationError};
 use serde_json::{Map, Value, json};
@@ -68,26 +68,6 @@ pub fn service_key(
 /// `group@@service`.
 pub fn grouped(key: &ServiceKey) -> String {
     format!("{}{GROUP_SEPARATOR}{}", key.group, key.service)
-}
-
-/// A Nacos instance object (gRPC) as a Roster instance.
-pub fn instance(body: &Value) -> Result<Instance, ValidationError> {
-    let ip = text(body, "ip").unwrap_or_default();
-    let ip = roster_core::model::parse_ip("instance.ip", ip)?;
-    let port = integer(body, "port")
-        .and_then(|p| u16::try_from(p).ok())
-        .ok_or_else(|| ValidationError::new("instance.port", "must be 1..=65535"))?;
-    let mut i = Instance::new(ip, port);
-    i.id = text(body, "instanceId").unwrap_or_default().to_owned();
-    i.weight = number(body, "weight").unwrap_or(1.0);
-    i.healthy = flag(body, "healthy").unwrap_or(true);
-    i.enabled = flag(body, "enabled").unwrap_or(true);
-    i.ephemeral = flag(body, "ephemeral").unwrap_or(true);
-    i.cluster = text(body, "clusterName").unwrap_or_default().to_owned();
-    if let Some(Value::Object(m)) = body.get("metadata") {
-        i.metadata = string_map(m);
-    }
-    Ok(i)
 }
 
 /// A JSON object's entries as strings (non-string values as their JSON).
