@@ -4,13 +4,13 @@
 # through the same protocol and the same bench client, appending one JSON
 # report per run to OUT. Summarise with scripts/perf-summary.py OUT.
 #   usage: scripts/perf-compare.sh OUT [RUNS]   (needs target/release/roster,
-#          with FLOOR=1 target/release/examples/transport_floor (cargo build
-#          --release -p roster-server --example transport_floor),
+#          with FLOOR=1 target/release/transport_floor (cargo build
+#          --release -p roster-bench --bin transport_floor),
 #          and `rnacos` on PATH or in $RNACOS: cargo install rnacos)
 #   ONLY=REGEX runs only the shapes whose label matches.
 #   FLOOR=1 also runs the Nacos gRPC register, batch and query and the Nacos HTTP
 #   query against the transport
-#   floor (crates/roster-server/examples/transport_floor.rs: canned
+#   floor (crates/roster-bench/src/bin/transport_floor.rs: canned
 #   replies, no registry), as servers floor-h2, floor-tonic, floor-http.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,7 +56,7 @@ floor() {
   shift 2
   local port=$((http + 1000))
   [[ $mode == http ]] && port=$http
-  target/release/examples/transport_floor "$mode" 127.0.0.1:$port &
+  target/release/transport_floor "$mode" 127.0.0.1:$port &
   local pid=$!
   wait_port $((http + 1000))
   record "floor-$mode" "$label" --server 127.0.0.1:$((http + 1000)) "$@" --pid "$pid" || true

@@ -3,11 +3,12 @@
 //! (tables for people, `--json` for scripts). Errors are one line on stderr
 //! and a non-zero exit.
 
-mod bench;
 mod output;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -23,12 +24,14 @@ use roster_core::{Instance, ServiceKey};
     about = "Roster: a service registry for very large fleets"
 )]
 struct Cli {
-    /// The registry's gRPC address [default: 127.0.0.1:9848; `bench`
-    /// starts its own node when none is given].
-    #[arg(long, global = true, env = "ROSTER_SERVER")]
+    /// The registry's gRPC address, for the commands other than `server`
+    /// [default: 127.0.0.1:9848; `bench` starts its own node when none is
+    /// given].
+    #[arg(long, env = "ROSTER_SERVER")]
     server: Option<String>,
-    /// Machine-readable output (JSON; JSON lines for `watch`).
-    #[arg(long, global = true)]
+    /// Machine-readable output (JSON; JSON lines for `watch`), for the
+    /// commands other than `server`.
+    #[arg(long)]
     json: bool,
     #[command(subcommand)]
     command: Command,
@@ -41,11 +44,13 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// HTTP listen address (overrides config and ROSTER_SERVER_HTTP).
-        #[arg(long)]
+        /// HTTP listen address, host:port (overrides config and
+        /// ROSTER_SERVER_HTTP).
+        #[arg(long, value_parser = roster_server::config::listen_address)]
         http: Option<SocketAddr>,
-        /// gRPC listen address (overrides config and ROSTER_SERVER_GRPC).
-        #[arg(long)]
+        /// gRPC listen address, host:port (overrides config and
+        /// ROSTER_SERVER_GRPC).
+        #[arg(long, value_parser = roster_server::config::listen_address)]
         grpc: Option<SocketAddr>,
         /// This node's name (overrides config and ROSTER_SERVER_NODE_NAME).
         #[arg(long)]
@@ -105,7 +110,7 @@ enum Command {
     },
     /// Measure a load shape against a node (its own local node unless
     /// `--server` is given): throughput, latency, server CPU and memory.
-    Bench(bench::BenchArgs),
+    Bench(roster_bench::BenchArgs),
     /// Drain an instance (weight 0, or remove) and wait for every subscriber.
     Drain {
         #[command(flatten)]
@@ -172,8 +177,8 @@ struct InstanceArgs {
     /// The instance's IP (repeat as NETWORK=IP for several networks).
     #[arg(long, required = true)]
     ip: Vec<String>,
-    /// The instance's port.
-    #[arg(long)]
+    /// The instance's port, 1..=65535.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     port: u16,
     /// Cluster (default "DEFAULT").
     #[arg(long, default_value = "")]
@@ -218,21 +223,6 @@ fn parse_meta(text: &str) -> Result<(String, String), String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The runtime everything runs on, the server included.
-fn runtime() -> tokio::runtime::Builder {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    // Without the LIFO slot, a task woken by another runs after the tasks
-    // already queued instead of next. A change fanned out to the session
-    // streams sharing a connection then reaches that connection's writer
-    // once for all of them, not once per stream: `bench push --subscribers
-    // 1000` made 8.5k writes instead of 41k for 50k deliveries, at 19 us of
-    // server CPU per delivery instead of 27 (docs/performance.md).
-    #[cfg(tokio_unstable)]
-    builder.disable_lifo_slot();
-    builder
-}
-
 fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| {
@@ -248,7 +238,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match runtime().build() {
+    // Everything runs on the node's runtime, the server included.
+    let runtime = match roster_server::runtime().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -256,9 +247,26 @@ fn main() {
         }
     };
     if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", one_line(&e));
         std::process::exit(1);
     }
+}
+
+/// An error and its causes on one line, each said once: a cause whose
+/// text the message already holds is left out.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The node commands talk to when `--server` is not given.
@@ -297,6 +305,7 @@ async fn run(cli: Cli) -> Result<()> {
                 node_name,
             }
             .normalize()?;
+            let stop = shutdown_signal();
             let client = sdk(&addr, &format!("roster-cli register {}", key.service)).await?;
             let registration = client.register(&key, instance).await?;
             output::registered(
@@ -305,11 +314,20 @@ async fn run(cli: Cli) -> Result<()> {
                 registration.instance_id(),
                 client.server().as_deref().unwrap_or_default(),
             );
-            shutdown_signal().await;
+            let id = registration.instance_id().to_owned();
+            stop.await;
             let removed = registration.deregister().await;
             client.shutdown().await;
-            removed.context("deregistering on exit")?;
-            Ok(())
+            match removed {
+                Ok(()) => {
+                    output::deregistered(json, &id);
+                    Ok(())
+                }
+                Err(e) => bail!(
+                    "{id} was not deregistered ({e}); the registry removes it when this \
+                     client's session expires"
+                ),
+            }
         }
         Command::Deregister { service, at, admin } => {
             let key = service.key()?;
@@ -336,7 +354,11 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Watch { service } => watch(&addr, json, service.key()?).await,
-        Command::Bench(args) => bench::run(given.as_deref(), json, args).await,
+        Command::Bench(args) => {
+            let server = args.server.clone().or(given);
+            let me = std::env::current_exe().context("cannot find this binary to start a node")?;
+            roster_bench::run(server.as_deref(), json, args, &me).await
+        }
         Command::Drain {
             service,
             at,
@@ -388,6 +410,7 @@ async fn server(
         }
         None => {}
     }
+    let stop = shutdown_signal();
     let server = roster_server::start(config).await?;
     // Scripts and tests read the bound addresses from this line.
     println!(
@@ -395,32 +418,43 @@ async fn server(
         server.grpc_addr, server.http_addr
     );
     tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutting down"),
+        _ = stop => tracing::info!("shutting down"),
         _ = server.wait() => {}
     }
     server.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Ctrl-C or SIGTERM: listened for from the call on (not from the first
+/// poll), so a signal that comes right after a command said it is ready is
+/// not lost to the default action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt());
+        let terminate = signal(SignalKind::terminate());
+        async move {
+            match (interrupt, terminate) {
+                (Ok(mut i), Ok(mut t)) => {
+                    tokio::select! {
+                        _ = i.recv() => {}
+                        _ = t.recv() => {}
+                    }
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+                (Ok(mut i), Err(_)) => {
+                    i.recv().await;
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// A client of the SDK for one command: it must reach the registry.
@@ -442,24 +476,31 @@ async fn watch(server: &str, json: bool, key: ServiceKey) -> Result<()> {
         .empty_push_protection(false)
         .build()
         .await?;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
     let mut updates = client.subscribe(&key).await?;
-    // Instances in the view, kept from the changes.
-    let mut count = 0usize;
+    // The view, kept from the changes, to show what a removal removed.
+    let mut view: HashMap<String, Arc<Instance>> = HashMap::new();
     loop {
         let update = tokio::select! {
             u = updates.next() => u,
-            _ = shutdown_signal() => break,
+            _ = &mut stop => break,
         };
         let Some(update) = update else {
             bail!("the client stopped");
         };
-        match &update.change {
-            Change::Reset(all) => count = all.len(),
-            Change::Added(_) => count += 1,
-            Change::Removed(_) => count = count.saturating_sub(1),
-            Change::Changed(_) => {}
-        }
-        output::watched(json, &update, count);
+        let removed = match &update.change {
+            Change::Reset(all) => {
+                view = all.iter().map(|i| (i.id.clone(), i.clone())).collect();
+                None
+            }
+            Change::Added(i) | Change::Changed(i) => {
+                view.insert(i.id.clone(), i.clone());
+                None
+            }
+            Change::Removed(id) => view.remove(id),
+        };
+        output::watched(json, &update, view.len(), removed.as_deref());
     }
     client.shutdown().await;
     Ok(())

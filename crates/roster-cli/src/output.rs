@@ -25,6 +25,20 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// `address:port`, and `[id]` when the id is not the default one.
+fn shown(i: &proto::Instance) -> String {
+    let mut out = format!("{}:{}", address(i), i.port);
+    let first = i.addresses.first().and_then(|a| a.ip.parse().ok());
+    let default = first.map(|ip| {
+        let port = u16::try_from(i.port).unwrap_or_default();
+        Instance::default_id(&ip, port, &i.cluster)
+    });
+    if default.as_deref() != Some(i.id.as_str()) {
+        out.push_str(&format!(" [{}]", i.id));
+    }
+    out
+}
+
 fn address(i: &proto::Instance) -> String {
     let addrs: Vec<String> = i
         .addresses
@@ -63,6 +77,14 @@ pub fn registered(json: bool, key: &ServiceKey, id: &str, server: &str) {
         );
     } else {
         println!("registered {id} in {key} at {server}; Ctrl-C deregisters");
+    }
+}
+
+pub fn deregistered(json: bool, id: &str) {
+    if json {
+        println!("{}", json!({ "result": "deregistered", "instance_id": id }));
+    } else {
+        println!("deregistered {id}");
     }
 }
 
@@ -161,7 +183,11 @@ pub fn services(json: bool, list: &[proto::ServiceSummary]) {
 
 /// One line per change of a watched service; `count` is the number of
 /// instances after it.
-pub fn watched(json: bool, update: &Update, count: usize) {
+/// One line per change: `+` added, `~` changed, `-` removed, each as
+/// `address:port`, with `[id]` where the id is not the default one
+/// (`ip#port#cluster`). `removed` is the instance a removal removed, when
+/// the watcher knew it.
+pub fn watched(json: bool, update: &Update, count: usize, removed_instance: Option<&Instance>) {
     let wire = |i: &Instance| proto::Instance::from_model(i);
     let (kind, added, changed, removed): (
         _,
@@ -198,16 +224,16 @@ pub fn watched(json: bool, update: &Update, count: usize) {
     if kind == "reset" {
         parts.push("reset".to_owned());
     }
-    parts.extend(added.iter().map(|i| format!("+{}:{}", address(i), i.port)));
-    parts.extend(changed.iter().map(|i| {
-        format!(
-            "~{}:{} weight={}",
-            address(i),
-            i.port,
-            i.weight.unwrap_or(1.0)
-        )
+    parts.extend(added.iter().map(|i| format!("+{}", shown(i))));
+    parts.extend(
+        changed
+            .iter()
+            .map(|i| format!("~{} weight={}", shown(i), i.weight.unwrap_or(1.0))),
+    );
+    parts.extend(removed.iter().map(|id| match removed_instance {
+        Some(i) => format!("-{}", shown(&wire(i))),
+        None => format!("-[{id}]"),
     }));
-    parts.extend(removed.iter().map(|id| format!("-{id}")));
     println!(
         "revision {} {} ({count} instances)",
         update.revision,

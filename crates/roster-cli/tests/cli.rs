@@ -260,8 +260,8 @@ fn cli_errors_are_one_clear_line_and_a_non_zero_exit() {
         &addr,
         &["register", "orders", "--ip", "10.0.0.1", "--port", "0"],
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("instance.port"));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1..=65535"));
     let out = roster(
         &addr,
         &[
@@ -578,4 +578,145 @@ fn a_watcher_follows_a_node_killed_and_restarted_and_shows_the_removal_at_once()
     );
     // No more lines: the watcher is not reloading in a loop.
     assert!(lines.recv_timeout(Duration::from_secs(1)).is_err());
+}
+
+/// Stderr of a failed run: one line, starting with `error: `.
+fn one_error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+fn said_once(err: &str, part: &str) {
+    assert_eq!(err.matches(part).count(), 1, "{part:?} in {err}");
+}
+
+#[test]
+fn each_error_is_said_once_on_one_line() {
+    let (_server, addr, http) =
+        server_at("127.0.0.1:0", "127.0.0.1:0", tempfile::tempdir().unwrap());
+    // A port in use.
+    let out = Command::new(BIN)
+        .args(["server", "--http", "127.0.0.1:0", "--grpc", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_error_line(&out);
+    said_once(&err, "cannot listen on");
+    said_once(&err, "Address already in use");
+    // A config file that is not there.
+    let out = Command::new(BIN)
+        .args(["server", "--config", "/nonexistent/roster.toml"])
+        .output()
+        .unwrap();
+    let err = one_error_line(&out);
+    said_once(&err, "No such file or directory");
+    // A variable with a bad value is named.
+    let out = Command::new(BIN)
+        .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .env("ROSTER_SESSION_PROBE_TIMEOUT", "later")
+        .output()
+        .unwrap();
+    let err = one_error_line(&out);
+    assert!(err.contains("ROSTER_SESSION_PROBE_TIMEOUT"), "{err}");
+    // An unreachable registry.
+    let out = roster("127.0.0.1:1", &["list", "orders"]);
+    let err = one_error_line(&out);
+    said_once(&err, "cannot reach the registry");
+    said_once(&err, "refused");
+    // Not found: the registry's message, without the status' debug text.
+    let out = operator(
+        &addr,
+        &["deregister", "orders", "--ip", "10.0.0.1", "--port", "80"],
+    );
+    let err = one_error_line(&out);
+    assert!(err.contains("not found") && !err.contains("code:"), "{err}");
+    // The HTTP port given as the registry.
+    let out = roster(&http, &["list", "orders"]);
+    let err = one_error_line(&out);
+    assert!(err.contains("looks like the HTTP port"), "{err}");
+    // The operator commands' options are not offered to `server`.
+    let out = Command::new(BIN)
+        .args(["server", "--help"])
+        .output()
+        .unwrap();
+    let help = stdout(&out);
+    assert!(
+        !help.contains("--json") && !help.contains("--server"),
+        "{help}"
+    );
+}
+
+#[test]
+fn register_says_on_interrupt_whether_it_deregistered() {
+    let (node, addr) = server();
+    let (register, lines) = spawn(
+        &addr,
+        &["register", "orders", "--ip", "10.9.4.1", "--port", "80"],
+    );
+    assert!(lines.recv_timeout(WAIT).unwrap().starts_with("registered"));
+    interrupt(&register.0);
+    assert!(
+        lines
+            .recv_timeout(WAIT)
+            .unwrap()
+            .starts_with("deregistered 10.9.4.1#80#DEFAULT")
+    );
+    let mut register = register;
+    assert!(register.0.wait().unwrap().success());
+
+    // With the registry gone, it says it could not and exits 1.
+    let mut register = Command::new(BIN)
+        .args([
+            "--server", &addr, "register", "orders", "--ip", "10.9.4.2", "--port", "80",
+        ])
+        // Only the error, not the warning that the session was lost.
+        .env("ROSTER_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(register.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("registered"), "{line}");
+    drop(node);
+    interrupt(&register);
+    let done = register.wait_with_output().unwrap();
+    assert_eq!(done.status.code(), Some(1));
+    let err = one_error_line(&done);
+    assert!(err.contains("was not deregistered"), "{err}");
+}
+
+#[test]
+fn the_sample_config_starts_a_node() {
+    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/roster.toml");
+    let data = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args([
+            "server",
+            "--config",
+            sample,
+            "--http",
+            "localhost:0",
+            "--grpc",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let running = Running(child, Some(data));
+    assert!(
+        line.starts_with("roster listening: grpc=127.0.0.1:"),
+        "{line}"
+    );
+    drop(running);
 }

@@ -18,53 +18,12 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tonic::Code;
 
 use crate::cache::ServiceCache;
-use crate::client::{Change, Shared, Status, Update};
 use crate::raw::{Connection, Session};
+use crate::state::{Change, Command, Shared, Status, Update};
 use crate::{ClientError, metric_names};
 
 /// Pulls in flight at once when every subscribed service is pulled.
 const PULLS_IN_FLIGHT: usize = 32;
-
-/// What the application asks of the driver.
-pub(crate) enum Command {
-    /// Make registration `id` (already in the state) on the registry.
-    Register {
-        id: u64,
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-    /// Remove an instance (already dropped from the state).
-    Deregister {
-        key: ServiceKey,
-        instance_id: String,
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-    /// Drain a registered instance and wait for its subscribers.
-    Drain {
-        key: ServiceKey,
-        instance_id: String,
-        remove: bool,
-        timeout: Duration,
-        reply: oneshot::Sender<Result<v1::DrainResponse, ClientError>>,
-    },
-    /// Subscribe to a service (already in the state) and load its view.
-    Subscribe {
-        key: ServiceKey,
-        reply: oneshot::Sender<()>,
-    },
-    /// Stop the registry pushing a service (already dropped from the state).
-    Unsubscribe { key: ServiceKey },
-    /// Pull a service now.
-    Refresh {
-        key: ServiceKey,
-        reply: oneshot::Sender<Result<(), ClientError>>,
-    },
-    /// The connection in use.
-    Connection {
-        reply: oneshot::Sender<Result<Connection, ClientError>>,
-    },
-    /// Deregister everything, write the disk cache and stop.
-    Shutdown { reply: oneshot::Sender<()> },
-}
 
 /// Where an update came from; decides how it is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +157,12 @@ impl Driver {
                 }
                 Err(e) => {
                     tracing::debug!(server = %addr, "cannot open a session: {e}");
-                    self.set_offline(e.to_string());
+                    // A `Connect` error names the address; the reason is
+                    // what is kept (it is shown with the addresses).
+                    self.set_offline(match e {
+                        ClientError::Connect { reason, .. } => reason,
+                        other => other.to_string(),
+                    });
                     attempt = attempt.saturating_add(1);
                     failed_in_round += 1;
                     if failed_in_round >= addresses.len()
@@ -285,7 +249,13 @@ impl Driver {
                 let _ = reply.send(Ok(()));
             }
             Command::Deregister { reply, .. } => {
-                let _ = reply.send(Ok(()));
+                // Not made again on reconnect; the registry removes it when
+                // the session it belongs to expires.
+                let reason = self.shared.lock().last_error.clone().unwrap_or_default();
+                let _ = reply.send(Err(ClientError::Connect {
+                    addr: self.shared.config.addresses.join(", "),
+                    reason,
+                }));
             }
             Command::Subscribe { reply, .. } => {
                 let _ = reply.send(());
@@ -458,8 +428,9 @@ impl Driver {
                         let _ = reply.send(Ok(()));
                     }
                     Err(s) if is_broken(&s) => {
-                        // Its session is being replaced, which removes it.
-                        let _ = reply.send(Ok(()));
+                        // Its session is being replaced: the registry
+                        // removes it when that session expires.
+                        let _ = reply.send(Err(ClientError::SessionClosed));
                         return Err(s);
                     }
                     Err(s) => {

@@ -71,15 +71,14 @@ mod client;
 pub mod disk;
 mod driver;
 pub mod raw;
+mod state;
 
 pub use acks::{ACK_DELAY, AckSent};
-pub use client::{
-    Change, Client, ClientBuilder, Registration, Selected, ServiceName, Status, Subscription,
-    Update,
-};
+pub use client::{Client, ClientBuilder, Registration, Selected, ServiceName, Subscription};
 pub use raw::{Connection, Session};
 pub use roster_core::{Address, Instance, ServiceKey, ValidationError};
 pub use roster_proto::v1 as proto;
+pub use state::{Change, Status, Update};
 
 use thiserror::Error;
 
@@ -130,9 +129,10 @@ pub enum ClientError {
         /// The innermost cause (transport errors repeat their sources).
         reason: String,
     },
-    /// The registry refused or failed the call.
-    #[error("{}", .0.message())]
-    Status(#[from] tonic::Status),
+    /// The registry refused or failed the call (its message is the whole
+    /// text: the status is not repeated as a source).
+    #[error("{}", status_text(.0))]
+    Status(tonic::Status),
     /// The session ended (server gone or session expired), or the client
     /// was shut down.
     #[error("the session has ended")]
@@ -140,4 +140,24 @@ pub enum ClientError {
     /// The server sent something that cannot be decoded.
     #[error("malformed message from the registry: {0}")]
     Protocol(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        Self::Status(s)
+    }
+}
+
+/// What a status says; an HTTP answer where gRPC was expected is named as
+/// such (a client pointed at the HTTP port).
+fn status_text(s: &tonic::Status) -> String {
+    let message = s.message();
+    match message.strip_prefix("grpc-status header missing, mapped from HTTP status code ") {
+        Some(code) => format!(
+            "the server answered plain HTTP ({code}), not gRPC: this looks like the HTTP port; \
+             give the gRPC port (by default the HTTP port + 1000, 9848)"
+        ),
+        None if message.is_empty() => format!("{:?}", s.code()),
+        None => message.to_owned(),
+    }
 }

@@ -10,7 +10,6 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use nacos_sdk::api::naming::{NamingService, NamingServiceBuilder, ServiceInstance};
 use nacos_sdk::api::props::ClientProps;
 use roster_server::{Config, RunningServer};
-use tokio::runtime::Runtime;
 
 async fn setup(quick_ack: bool, cache: &tempfile::TempDir) -> (RunningServer, NamingService) {
     let mut config = Config::default();
@@ -43,7 +42,8 @@ async fn setup(quick_ack: bool, cache: &tempfile::TempDir) -> (RunningServer, Na
 }
 
 fn query(c: &mut Criterion) {
-    let rt = Runtime::new().unwrap();
+    // The node's own runtime (the server under test runs on it).
+    let rt = roster_server::runtime().build().unwrap();
     let mut group = c.benchmark_group("nacos_sdk_query");
     group
         .sample_size(10)

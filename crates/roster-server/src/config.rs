@@ -16,12 +16,12 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {reason}")]
     Read {
         /// The file.
         path: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (said in the message, so not a source to repeat).
+        reason: std::io::Error,
     },
     /// The file or an override is not valid.
     #[error("invalid configuration: {0}")]
@@ -66,9 +66,12 @@ pub struct ServerSection {
     /// counter). Empty: nothing is kept, and each start draws a random
     /// incarnation instead of the next one.
     pub data_dir: String,
-    /// HTTP/JSON listener (API, health, metrics).
+    /// HTTP/JSON listener (API, health, metrics); `host:port`, a host
+    /// name resolved once at start.
+    #[serde(with = "listen")]
     pub http: SocketAddr,
     /// gRPC listener (sessions and the native API).
+    #[serde(with = "listen")]
     pub grpc: SocketAddr,
     /// Acknowledge gRPC reads at once (`TCP_QUICKACK`, Linux): clients that
     /// keep Nagle's algorithm on otherwise wait ~40 ms per call.
@@ -226,24 +229,59 @@ impl Config {
         let mut value = toml::Value::try_from(Config::default())
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(path).map_err(|reason| ConfigError::Read {
                 path: path.display().to_string(),
-                source,
+                reason,
             })?;
-            let from_file: toml::Value = toml::from_str(&text)
-                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", path.display())))?;
+            let from_file: toml::Value = toml::from_str(&text).map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|s| text[..s.start].matches('\n').count() + 1)
+                    .unwrap_or(1);
+                ConfigError::Invalid(format!(
+                    "{} line {line}: {}",
+                    path.display(),
+                    one_line(e.message())
+                ))
+            })?;
             merge(&mut value, from_file);
         }
         let env: Vec<(String, String)> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with("ROSTER_"))
             .collect();
-        apply_env(&mut value, "ROSTER", &env);
-        let config: Config = value
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        let mut with_env = value.clone();
+        let applied = apply_env(&mut with_env, "ROSTER", "", &env);
+        let config: Config = match with_env.try_into() {
+            Ok(c) => c,
+            Err(e) => return Err(Self::blame(value, &applied, &env, &e)),
+        };
         config.check()?;
         Ok(config)
+    }
+
+    /// The error for a configuration that does not read: the variable
+    /// that breaks it, if one does, else the key the error names.
+    fn blame(
+        base: toml::Value,
+        applied: &[(String, String)],
+        env: &[(String, String)],
+        e: &toml::de::Error,
+    ) -> ConfigError {
+        for (var, key) in applied {
+            let mut one = base.clone();
+            let alone: Vec<(String, String)> =
+                env.iter().filter(|(k, _)| k == var).cloned().collect();
+            apply_env(&mut one, "ROSTER", "", &alone);
+            if let Err(e) = one.try_into::<Config>() {
+                let value = alone.first().map_or("", |(_, v)| v.as_str());
+                return ConfigError::Invalid(format!(
+                    "{var}={value:?} ({key}): {}",
+                    one_line(e.message())
+                ));
+            }
+        }
+        ConfigError::Invalid(one_line(&e.to_string()))
     }
 
     fn check(&self) -> Result<(), ConfigError> {
@@ -300,30 +338,92 @@ fn merge(base: &mut toml::Value, over: toml::Value) {
     }
 }
 
+/// An error message on one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// Overrides every leaf whose derived variable name is set. The value is
-/// read as the leaf's type (a number for numbers, else a string).
-fn apply_env(value: &mut toml::Value, prefix: &str, env: &[(String, String)]) {
+/// read as the leaf's type (a number for numbers, else a string). Returns
+/// the variables applied, each with its key (`section.key`).
+fn apply_env(
+    value: &mut toml::Value,
+    prefix: &str,
+    key: &str,
+    env: &[(String, String)],
+) -> Vec<(String, String)> {
     match value {
         toml::Value::Table(t) => {
+            let mut applied = Vec::new();
             for (k, v) in t.iter_mut() {
-                apply_env(v, &format!("{prefix}_{}", k.to_uppercase()), env);
+                let key = if key.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{key}.{k}")
+                };
+                applied.extend(apply_env(
+                    v,
+                    &format!("{prefix}_{}", k.to_uppercase()),
+                    &key,
+                    env,
+                ));
             }
+            applied
         }
         leaf => {
-            if let Some((_, text)) = env.iter().find(|(k, _)| k == prefix) {
-                *leaf = match leaf {
-                    toml::Value::Integer(_) => text
-                        .parse()
-                        .map(toml::Value::Integer)
-                        .unwrap_or_else(|_| toml::Value::String(text.clone())),
-                    toml::Value::Boolean(_) => text
-                        .parse()
-                        .map(toml::Value::Boolean)
-                        .unwrap_or_else(|_| toml::Value::String(text.clone())),
-                    _ => toml::Value::String(text.clone()),
-                };
-            }
+            let Some((_, text)) = env.iter().find(|(k, _)| k == prefix) else {
+                return Vec::new();
+            };
+            *leaf = match leaf {
+                toml::Value::Integer(_) => text
+                    .parse()
+                    .map(toml::Value::Integer)
+                    .unwrap_or_else(|_| toml::Value::String(text.clone())),
+                toml::Value::Boolean(_) => text
+                    .parse()
+                    .map(toml::Value::Boolean)
+                    .unwrap_or_else(|_| toml::Value::String(text.clone())),
+                _ => toml::Value::String(text.clone()),
+            };
+            vec![(prefix.to_owned(), key.to_owned())]
         }
+    }
+}
+
+/// A listen address from `ip:port` or `host:port` (the host resolved now;
+/// its first address is used).
+pub fn listen_address(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(a) = text.parse() {
+        return Ok(a);
+    }
+    if text
+        .rsplit_once(':')
+        .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    {
+        return Err(format!("{text:?} is not host:port (e.g. 127.0.0.1:8848)"));
+    }
+    match text.to_socket_addrs() {
+        Ok(mut found) => found
+            .next()
+            .ok_or_else(|| format!("{text:?} resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {text:?}: {e}")),
+    }
+}
+
+/// Listen addresses as text (see [`listen_address`]).
+mod listen {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &SocketAddr, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+        let text = String::deserialize(d)?;
+        super::listen_address(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -389,5 +489,80 @@ mod tests {
         assert!(e.to_string().contains("queue_capacity"), "{e}");
         let e = Config::load(Some(Path::new("/nonexistent/roster.toml")), env(&[])).unwrap_err();
         assert!(e.to_string().contains("cannot read"), "{e}");
+        // Said once: the cause is in the message, not repeated as a source.
+        assert!(std::error::Error::source(&e).is_none());
+    }
+
+    #[test]
+    fn a_bad_variable_is_named_with_its_key() {
+        let e = Config::load(
+            None,
+            env(&[
+                ("ROSTER_PUSH_QUEUE_CAPACITY", "12"),
+                ("ROSTER_SESSION_KEEPALIVE", "soon"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ROSTER_SESSION_KEEPALIVE=\"soon\" (session.keepalive)"),
+            "{e}"
+        );
+        let e = Config::load(None, env(&[("ROSTER_SERVER_HTTP", "nowhere")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ROSTER_SERVER_HTTP") && e.contains("host:port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_error_names_its_line_on_one_line() {
+        let dir = std::env::temp_dir().join(format!("roster-config-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("roster.toml");
+        std::fs::write(
+            &file,
+            "[session]\nkeepalive = \"7s\"\nprobe_timeout = = 3\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&file), env(&[])).unwrap_err().to_string();
+        assert!(e.contains("line 3") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn listen_addresses_may_name_a_host() {
+        let a = listen_address("localhost:8848").unwrap();
+        assert_eq!(a.port(), 8848);
+        assert!(a.ip().is_loopback());
+        assert!(listen_address("localhost").is_err());
+        assert!(listen_address("127.0.0.1:99999").is_err());
+    }
+
+    /// The README shows the sample configuration as it is.
+    #[test]
+    fn the_readme_shows_the_sample_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let sample = std::fs::read_to_string(root.join("examples/roster.toml")).unwrap();
+        let block = readme
+            .split("```toml\n")
+            .find(|b| b.starts_with("[server]"))
+            .and_then(|b| b.split("```").next())
+            .expect("a toml block starting with [server] in README.md");
+        assert!(
+            sample.ends_with(block),
+            "README.md and examples/roster.toml differ"
+        );
+    }
+
+    /// The sample configuration in `examples/` loads, and holds exactly
+    /// the defaults (so it documents them truthfully).
+    #[test]
+    fn the_sample_config_loads_and_holds_the_defaults() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/roster.toml");
+        let c = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(c, Config::default());
     }
 }

@@ -529,6 +529,10 @@ async fn http_api_registers_lists_beats_and_rejects_bad_input() {
     let (server, client) = start(|_| {}).await;
     let base = format!("http://{}", server.http_addr);
     let http = reqwest::Client::new();
+    // A node nobody has opened a session on holds none.
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert!(metrics.contains("\nroster_sessions 0\n"), "{metrics}");
     let reply: serde_json::Value = http
         .post(format!("{base}/v1/instances"))
         .json(&serde_json::json!({

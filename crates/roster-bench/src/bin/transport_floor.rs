@@ -4,7 +4,7 @@
 //! call on their own. docs/performance.md compares this floor with Roster
 //! and rnacos. Not a registry: every query gets the same ten hosts.
 //!
-//!   cargo run --release --example transport_floor -- h2|tonic|http ADDR
+//!   cargo run --release -p roster-bench --bin transport_floor -- h2|tonic|http ADDR
 //!
 //! `h2` serves `Request/request` on the h2 crate directly, each call
 //! handled inside its connection's task; `tonic` serves the same through
@@ -235,12 +235,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: transport_floor h2|tonic|http ADDR".into());
     };
     let addr: std::net::SocketAddr = addr.parse()?;
-    // The runtime `roster server` runs on (crates/roster-cli/src/main.rs).
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    #[cfg(tokio_unstable)]
-    runtime.disable_lifo_slot();
-    let runtime = runtime.build()?;
+    // The runtime `roster server` runs on.
+    let runtime = roster_server::runtime().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let canned = canned();

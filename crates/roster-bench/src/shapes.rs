@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::client::{Client, Endpoints, MAX_SEQ, Protocol, Pushed, Spec, Subscriber};
-use super::{BenchArgs, Latency, Measured, Shape, histogram, progress, record};
+use super::{BenchArgs, Latency, Measured, Shape, histogram, progress, record, timed_progress};
 
 /// Runs the shape `args` names against the server at `at`.
 pub async fn run(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
@@ -182,7 +182,7 @@ async fn query(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
         owner.register(name, &Spec::numbered(n)).await?;
     }
     let conns = Client::many(a.protocol, at, a.readers, a.connections, "bench-reader").await?;
-    let bar = progress(duration.as_millis() as u64, "query (ms)");
+    let bar = timed_progress(duration, "query");
     let start = Instant::now();
     let deadline = start + duration;
     let mut set = JoinSet::new();
@@ -392,7 +392,7 @@ async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     // Registrations numbered 1.., with when each was made.
     let numbered = Arc::new(std::sync::atomic::AtomicU64::new(1));
     let made: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
-    let bar = progress(duration.as_millis() as u64, "churn (ms)");
+    let bar = timed_progress(duration, "churn");
     let start = Instant::now();
     let deadline = start + duration;
     let mut set = JoinSet::new();

@@ -1,7 +1,9 @@
-//! `roster bench`: load shapes against a registry node, bounded in count and
-//! time, with latency histograms, throughput and (for a local server) the
-//! server's CPU time per operation and resident memory. Without `--server`
-//! it starts its own node from this binary on free loopback ports.
+//! The load generator behind `roster bench`: load shapes against a
+//! registry node (Roster, or any Nacos-compatible server), bounded in count
+//! and time, with latency histograms, throughput and (for a local server)
+//! the server's CPU time per operation and resident memory. Without a
+//! server given it starts a Roster node on free loopback ports. The
+//! transport floor (`src/bin/transport_floor.rs`) lives here too.
 
 mod client;
 mod nacos;
@@ -9,6 +11,7 @@ mod procfs;
 mod shapes;
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -69,6 +72,10 @@ pub struct BenchArgs {
     /// by default one each. Over gRPC their calls are multiplexed.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     connections: Option<u32>,
+    /// The node to measure (its gRPC address); by default a node this
+    /// binary starts for the run.
+    #[arg(long)]
+    pub server: Option<String>,
     /// Instances per registration call (register, nacos-grpc only): each
     /// client registers its instances `batch` at a time, one
     /// `BatchInstanceRequest` per service. 1: one instance per call.
@@ -189,11 +196,10 @@ impl Drop for Target {
     }
 }
 
-/// Starts `roster server` from this binary on free loopback ports (it
-/// prints the addresses it bound) and waits until it answers.
-async fn spawn_server() -> Result<Target> {
-    let exe = std::env::current_exe().context("cannot find this binary to start a server")?;
-    let mut child = Command::new(exe)
+/// Starts `<roster> server` on free loopback ports (it prints the
+/// addresses it bound) and waits until it answers.
+async fn spawn_server(roster: &Path) -> Result<Target> {
+    let mut child = Command::new(roster)
         .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
         .env("ROSTER_LOG", "warn")
         .stdin(Stdio::null())
@@ -241,11 +247,28 @@ async fn spawn_server() -> Result<Target> {
 /// A progress bar for `total` operations, drawn only on a terminal and
 /// only once a run lasts over a second.
 pub fn progress(total: u64, what: &str) -> ProgressBar {
+    progress_bar(
+        total,
+        what,
+        "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len}",
+    )
+}
+
+/// A progress bar over a run of `length` (shapes that run for a time):
+/// it shows the share of the time gone, not a count.
+pub fn timed_progress(length: Duration, what: &str) -> ProgressBar {
+    progress_bar(
+        length.as_millis() as u64,
+        what,
+        "{msg} [{elapsed_precise}] {wide_bar} {percent}% of the run",
+    )
+}
+
+fn progress_bar(total: u64, what: &str, template: &str) -> ProgressBar {
     // Hidden at first: short runs print nothing but their report.
     let bar = ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::hidden());
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{elapsed_precise}] {wide_bar} {pos}/{len}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message(what.to_owned());
     let shown = bar.clone();
@@ -259,8 +282,15 @@ pub fn progress(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// Runs one shape and prints its report.
-pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Result<()> {
+/// Runs one shape against the node at `server` (its gRPC address), or
+/// against a node started by running the `roster` binary at `roster`, and
+/// prints its report.
+pub async fn run(
+    server: Option<&str>,
+    json_output: bool,
+    args: BenchArgs,
+    roster: &Path,
+) -> Result<()> {
     if args.batch > 1 && (args.shape != Shape::Register || args.protocol != Protocol::NacosGrpc) {
         bail!("--batch needs the register shape and --protocol nacos-grpc");
     }
@@ -278,7 +308,7 @@ pub async fn run(server: Option<&str>, json_output: bool, args: BenchArgs) -> Re
             pid: args.pid,
             child: None,
         },
-        None => spawn_server().await?,
+        None => spawn_server(roster).await?,
     };
     let pid = target.pid;
     let rss_idle = pid.and_then(procfs::resident_bytes);
@@ -369,7 +399,7 @@ fn parameters(a: &BenchArgs) -> Value {
 fn print_table(r: &Report) {
     let rows: Vec<(String, String)> = [
         ("shape", r.shape.clone()),
-        ("parameters", r.parameters.to_string()),
+        ("parameters", plain(&r.parameters)),
         ("operations", r.operations.to_string()),
         ("errors", r.errors.to_string()),
         ("elapsed", format!("{:.3} s", r.elapsed_s)),
@@ -400,15 +430,35 @@ fn print_table(r: &Report) {
         r.bytes_per_instance
             .map(|b| ("bytes per instance".to_owned(), format!("{b:.0}"))),
     )
-    .chain(
-        r.extra
-            .iter()
-            .map(|(k, v)| (k.replace('_', " "), v.to_string())),
-    )
+    .chain(r.extra.iter().map(|(k, v)| (k.replace('_', " "), plain(v))))
     .collect();
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("{k:<width$}  {v}");
+    }
+}
+
+/// A report value for people: latencies as `p50 / p90 / p99 / max µs`,
+/// other objects as `key=value` pairs, text unquoted.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::Object(m) if m.contains_key("p99_us") => {
+            let at = |k: &str| m.get(k).map_or_else(String::new, Value::to_string);
+            format!(
+                "{} / {} / {} / {} µs",
+                at("p50_us"),
+                at("p90_us"),
+                at("p99_us"),
+                at("max_us")
+            )
+        }
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", plain(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
