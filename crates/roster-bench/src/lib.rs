@@ -11,7 +11,7 @@ mod procfs;
 mod shapes;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,8 @@ struct Target {
     at: Endpoints,
     pid: Option<u32>,
     child: Option<Child>,
+    /// The data directory of a node started for the run, removed after.
+    data_dir: Option<PathBuf>,
 }
 
 impl Drop for Target {
@@ -193,14 +195,21 @@ impl Drop for Target {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(dir) = self.data_dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
 /// Starts `<roster> server` on free loopback ports (it prints the
 /// addresses it bound) and waits until it answers.
 async fn spawn_server(roster: &Path) -> Result<Target> {
+    // A data directory of its own, so a run leaves nothing behind.
+    let data_dir = std::env::temp_dir().join(format!("roster-bench-{}", std::process::id()));
     let mut child = Command::new(roster)
         .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&data_dir)
         .env("ROSTER_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -215,6 +224,7 @@ async fn spawn_server(roster: &Path) -> Result<Target> {
         },
         pid: Some(child.id()),
         child: Some(child),
+        data_dir: Some(data_dir),
     };
     let line = tokio::time::timeout(
         Duration::from_secs(15),
@@ -307,6 +317,7 @@ pub async fn run(
             },
             pid: args.pid,
             child: None,
+            data_dir: None,
         },
         None => spawn_server(roster).await?,
     };

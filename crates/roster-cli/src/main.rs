@@ -225,14 +225,26 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ROSTER_LOG").unwrap_or_else(|_| {
-        let default = if matches!(cli.command, Command::Server { .. }) {
-            "info"
-        } else {
-            "warn"
-        };
-        tracing_subscriber::EnvFilter::new(default)
-    });
+    let filter = match std::env::var("ROSTER_LOG") {
+        Ok(text) => match tracing_subscriber::EnvFilter::try_new(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: ROSTER_LOG={text:?} is not a log filter (e.g. info, debug): {e}");
+                std::process::exit(2);
+            }
+        },
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("error: ROSTER_LOG is not valid Unicode");
+            std::process::exit(2);
+        }
+        Err(std::env::VarError::NotPresent) => {
+            tracing_subscriber::EnvFilter::new(if matches!(cli.command, Command::Server { .. }) {
+                "info"
+            } else {
+                "warn"
+            })
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -392,7 +404,11 @@ async fn server(
     node_name: Option<String>,
     data_dir: Option<PathBuf>,
 ) -> Result<()> {
-    let mut config = roster_server::Config::load(config.as_deref(), std::env::vars())?;
+    // Variables that are not Unicode cannot be Roster's (or are refused
+    // as such by the config, which names them).
+    let env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+    let mut config = roster_server::Config::load(config.as_deref(), env)?;
     if let Some(a) = http {
         config.server.http = a;
     }

@@ -620,6 +620,14 @@ fn each_error_is_said_once_on_one_line() {
         .unwrap();
     let err = one_error_line(&out);
     assert!(err.contains("ROSTER_SESSION_PROBE_TIMEOUT"), "{err}");
+    let out = Command::new(BIN)
+        .args(["--server", &addr, "services"])
+        .env("ROSTER_LOG", "roster=loudest")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = one_error_line(&out);
+    assert!(err.contains("ROSTER_LOG"), "{err}");
     // An unreachable registry.
     let out = roster("127.0.0.1:1", &["list", "orders"]);
     let err = one_error_line(&out);
