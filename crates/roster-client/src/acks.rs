@@ -66,6 +66,7 @@ impl HeldAcks {
             })
             .collect();
         Some(v1::ClientMessage {
+            channel: 0,
             kind: Some(v1::client_message::Kind::Acks(v1::Acks { acks })),
         })
     }

@@ -72,6 +72,7 @@ pub mod disk;
 mod driver;
 pub mod raw;
 mod state;
+mod stream;
 
 pub use acks::{ACK_DELAY, AckSent};
 pub use client::{Client, ClientBuilder, Registration, Selected, ServiceName, Subscription};

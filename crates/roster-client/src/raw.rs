@@ -1,12 +1,13 @@
 //! The raw protocol client: one-shot calls ([`Connection`]) and a bare
 //! session ([`Session`]) that keeps itself alive, makes calls on its stream
-//! and hands over pushes as they arrive. No retries, no caching: the
+//! and hands over pushes as they arrive (sessions opened on one connection
+//! share one stream, see [`crate::stream`]). No retries, no caching: the
 //! [`crate::Client`] builds those on top. Tests and operator tools use it to
 //! speak the protocol directly.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use prost::Message;
@@ -14,10 +15,10 @@ use roster_core::{Instance, ServiceKey};
 use roster_proto::v1::{self, registry_client::RegistryClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::acks::{AckQueue, AckSent};
+use crate::stream::{Carrier, Inbound, Opened, Outgoing};
 use crate::{ClientError, MAX_MESSAGE_BYTES};
 
 pub use roster_proto::{ADMIN_TOKEN_HEADER, SESSION_TOKEN_HEADER};
@@ -29,6 +30,8 @@ pub struct Connection {
     /// The node's admin token, sent with operator calls that change an
     /// instance some other session owns.
     admin: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// The stream the connection's sessions share, while one holds it.
+    carrier: Arc<tokio::sync::Mutex<Weak<Carrier>>>,
 }
 
 impl Connection {
@@ -75,6 +78,7 @@ impl Connection {
         Ok(Self {
             grpc: RegistryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES),
             admin: None,
+            carrier: Arc::default(),
         })
     }
 
@@ -106,9 +110,18 @@ impl Connection {
         self.grpc.clone()
     }
 
-    /// Opens a session named `client_name`.
+    /// Opens a session named `client_name`, on the stream the
+    /// connection's sessions share (opened with the first of them).
     pub async fn open_session(&self, client_name: &str) -> Result<Session, ClientError> {
-        Session::open(self.grpc.clone(), client_name).await
+        let mut shared = self.carrier.lock().await;
+        if let Some(carrier) = shared.upgrade().filter(|c| c.alive()) {
+            drop(shared);
+            let opened = carrier.open_more(client_name).await?;
+            return Ok(Session::start(self.grpc.clone(), opened));
+        }
+        let opened = Carrier::open(self.grpc.clone(), client_name).await?;
+        *shared = Arc::downgrade(&opened.carrier);
+        Ok(Session::start(self.grpc.clone(), opened))
     }
 
     /// The instances of a service.
@@ -211,44 +224,6 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// An opened session stream: the registry has welcomed it.
-pub(crate) struct OpenStream {
-    pub welcome: v1::Welcome,
-    pub outgoing: mpsc::Sender<v1::ClientMessage>,
-    pub inbound: tonic::Streaming<v1::ServerMessage>,
-    /// How often to send keep-alives (a third of the registry's window).
-    pub keepalive: Duration,
-}
-
-/// Opens the session stream: hello, then the registry's welcome.
-pub(crate) async fn open_stream(
-    mut grpc: RegistryClient<Channel>,
-    client_name: &str,
-) -> Result<OpenStream, ClientError> {
-    let (outgoing, rx) = mpsc::channel(256);
-    outgoing
-        .send(v1::ClientMessage {
-            kind: Some(v1::client_message::Kind::Hello(v1::Hello {
-                client_name: client_name.to_owned(),
-            })),
-        })
-        .await
-        .map_err(|_| ClientError::SessionClosed)?;
-    let mut inbound = grpc.session(ReceiverStream::new(rx)).await?.into_inner();
-    let welcome = match inbound.message().await? {
-        Some(v1::ServerMessage {
-            kind: Some(v1::server_message::Kind::Welcome(w)),
-        }) => w,
-        _ => return Err(ClientError::Protocol("expected welcome".into())),
-    };
-    Ok(OpenStream {
-        keepalive: Duration::from_millis(welcome.keepalive_ms.max(300) / 3),
-        welcome,
-        outgoing,
-        inbound,
-    })
-}
-
 /// Calls in flight on a session stream, by id; `None` once the stream
 /// has ended (a call then fails at once instead of waiting for ever).
 pub(crate) struct Calls {
@@ -264,10 +239,11 @@ impl Calls {
         })
     }
 
-    /// Makes `request` on the stream `outgoing` feeds; waits for its reply.
+    /// Makes `request` on the session `outgoing` sends for; waits for its
+    /// reply.
     pub(crate) async fn call(
         &self,
-        outgoing: &mpsc::Sender<v1::ClientMessage>,
+        outgoing: &Outgoing,
         request: v1::call::Request,
     ) -> Result<v1::reply::Result, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -277,6 +253,7 @@ impl Calls {
             None => return Err(ClientError::SessionClosed),
         };
         let message = v1::ClientMessage {
+            channel: 0,
             kind: Some(v1::client_message::Kind::Call(v1::Call {
                 id,
                 request: Some(request),
@@ -342,7 +319,9 @@ const UPDATES_BUFFERED: usize = 4096;
 pub struct Session {
     grpc: RegistryClient<Channel>,
     welcome: v1::Welcome,
-    outgoing: mpsc::Sender<v1::ClientMessage>,
+    outgoing: Outgoing,
+    /// The stream it is on (held, so the stream lasts as long as it).
+    carrier: Arc<Carrier>,
     updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
     acks: Arc<AckQueue>,
@@ -358,15 +337,24 @@ impl Drop for Session {
             task.abort();
         }
         self.calls.close();
+        // The session ends; the stream goes on for the others on it.
+        self.outgoing.close();
+        self.carrier.forget(self.outgoing_channel());
     }
 }
 
 impl Session {
+    /// Opens a session on a stream of its own.
     pub(crate) async fn open(
         grpc: RegistryClient<Channel>,
         client_name: &str,
     ) -> Result<Self, ClientError> {
-        let stream = open_stream(grpc.clone(), client_name).await?;
+        let opened = Carrier::open(grpc.clone(), client_name).await?;
+        Ok(Self::start(grpc, opened))
+    }
+
+    /// Starts serving a session the registry welcomed.
+    fn start(grpc: RegistryClient<Channel>, stream: Opened) -> Self {
         let (updates_tx, updates) = mpsc::channel(UPDATES_BUFFERED);
         let calls = Calls::open();
         let acks = AckQueue::new();
@@ -382,16 +370,21 @@ impl Session {
             },
             stream.keepalive,
         ));
-        Ok(Self {
+        Self {
             grpc,
             welcome: stream.welcome,
             outgoing: stream.outgoing,
+            carrier: stream.carrier,
             updates,
             calls,
             acks,
             missed,
             task: Some(task),
-        })
+        }
+    }
+
+    fn outgoing_channel(&self) -> u32 {
+        self.outgoing.channel()
     }
 
     /// The session id the registry gave.
@@ -594,8 +587,8 @@ impl Session {
 
 /// What a raw session's task works with.
 struct Stream {
-    inbound: tonic::Streaming<v1::ServerMessage>,
-    outgoing: mpsc::Sender<v1::ClientMessage>,
+    inbound: mpsc::Receiver<Inbound>,
+    outgoing: Outgoing,
     updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
     acks: Arc<AckQueue>,
@@ -616,9 +609,9 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
     let mut acks_due = None;
     loop {
         let msg = tokio::select! {
-            m = s.inbound.message() => m,
+            m = s.inbound.recv() => m,
             _ = tick.tick() => {
-                let ka = v1::ClientMessage { kind: Some(v1::client_message::Kind::KeepAlive(v1::KeepAlive {})) };
+                let ka = v1::ClientMessage { channel: 0, kind: Some(v1::client_message::Kind::KeepAlive(v1::KeepAlive {})) };
                 if outgoing.send(ka).await.is_err() { return; }
                 continue;
             }
@@ -636,9 +629,9 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
             }
         };
         let msg = match msg {
-            Ok(Some(m)) => m,
-            Ok(None) => return,
-            Err(status) => {
+            Some(Ok(m)) => m,
+            None => return,
+            Some(Err(status)) => {
                 let _ = updates.try_send(Err(status.into()));
                 return;
             }
@@ -646,6 +639,7 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
         match msg.kind {
             Some(Kind::Probe(p)) => {
                 let reply = v1::ClientMessage {
+                    channel: 0,
                     kind: Some(v1::client_message::Kind::ProbeReply(v1::ProbeReply {
                         nonce: p.nonce,
                     })),
@@ -668,6 +662,8 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
                 }
             }
             Some(Kind::Reply(reply)) => calls.settle(reply),
+            // The registry ended the session.
+            Some(Kind::Closed(_)) => return,
             Some(Kind::Welcome(_)) | None => {}
         }
     }

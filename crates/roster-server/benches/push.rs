@@ -31,21 +31,21 @@ fn setup(
     let (node, _changes) = Node::new(Config::default(), "bench", 1);
     node.set_ready();
     let key = ServiceKey::simple("hot").unwrap();
-    let provider = node.open_stream("provider", None).unwrap();
+    let provider = node.open_stream("provider", None, None).unwrap();
     for n in 0..instances {
         node.register(&provider.id, key.clone(), instance(n, 1.0))
             .unwrap();
     }
     let links: Vec<_> = (0..subscribers)
         .map(|i| {
-            let l = node.open_stream(&format!("s{i}"), None).unwrap();
+            let l = node.open_stream(&format!("s{i}"), None, None).unwrap();
             node.subscribe(&l.id, key.clone()).unwrap();
             l
         })
         .collect();
     for l in links.iter().chain([&provider]) {
         while let Some(item) = l.try_next() {
-            node.native_message(item);
+            node.native_message(item, 0);
         }
     }
     (node, links, key, provider.id.clone())
@@ -65,6 +65,7 @@ fn encode(c: &mut Criterion) {
             b.iter(|| {
                 for _ in 0..1_000 {
                     let msg = roster_proto::v1::ServerMessage {
+                        channel: 0,
                         kind: Some(roster_proto::v1::server_message::Kind::Update(
                             encoded.clone(),
                         )),
@@ -90,7 +91,7 @@ fn push(c: &mut Criterion) {
             );
             for l in &links {
                 while let Some(item) = l.try_next() {
-                    black_box(node.native_message(item).encode_to_vec());
+                    black_box(node.native_message(item, 0).encode_to_vec());
                 }
             }
         })

@@ -1,21 +1,24 @@
 //! The native gRPC API: the `roster.v1.Registry` service over [`calls`],
-//! and the session stream's two halves (inbound: activity, acks and calls;
-//! outbound: pushes and replies merged). Holds no registry state.
+//! and the session stream's two halves (inbound: opening and closing the
+//! sessions it carries, activity, acks and calls; outbound: one writer for
+//! all its sessions' pushes and the replies). Holds no registry state.
 
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
+use parking_lot::Mutex;
 use roster_core::ServiceKey;
 use roster_proto::convert::required_key;
 use roster_proto::v1::{self, registry_server};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::calls::{self, Caller, invalid, status};
-use crate::node::{Node, SessionLink};
+use crate::node::{Node, SessionLink, StreamWaker};
 use roster_core::push::Outbound;
 
 /// The gRPC service over a node.
@@ -37,76 +40,199 @@ impl GrpcApi {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
 
-/// Replies a session may have waiting to be sent; the stream's calls are
-/// not read further until the client takes them.
+/// Messages a stream may have waiting to be sent besides its sessions'
+/// queues (replies, refusals); the stream's calls are not read further
+/// until the client takes them.
 const REPLIES_IN_FLIGHT: usize = 64;
 
-/// The outbound half of a session: the link's queue (pushes, probes) and
-/// the replies to its calls, interleaved fairly.
-fn outbound(
+/// One session stream: the sessions it carries, by channel, and the waker
+/// its one writer task waits on.
+struct Carrier {
     node: Arc<Node>,
-    link: Arc<SessionLink>,
-    replies: mpsc::Receiver<v1::Reply>,
-) -> SessionStream {
-    let pushes = futures_util::stream::unfold((node, link), |(node, link)| async move {
-        let item = link.next().await?;
-        if let Outbound::Update(update) = &item
-            && let Some(at) = update.changed_at
-        {
-            node.metrics.pushes_sent.inc();
-            node.metrics
-                .push_latency
-                .observe(at.elapsed().as_secs_f64());
-        }
-        let message = node.native_message(item);
-        Some((Ok(message), (node, link)))
-    });
-    let replies = ReceiverStream::new(replies).map(|reply| {
-        Ok(v1::ServerMessage {
-            kind: Some(v1::server_message::Kind::Reply(reply)),
-        })
-    });
-    Box::pin(futures_util::stream::select(pushes, replies))
+    peer: Option<std::net::SocketAddr>,
+    links: Mutex<HashMap<u32, Arc<SessionLink>>>,
+    waker: Arc<StreamWaker>,
+    /// Cancelled when either side of the stream ends.
+    done: CancellationToken,
 }
 
-/// The inbound half: every message is activity; acks feed drain tracking;
-/// calls are answered in order.
+impl Carrier {
+    /// Opens a session on `channel` (its welcome is queued on its link).
+    fn open(&self, channel: u32, client_name: &str) -> Result<(), Status> {
+        if !client_name.is_empty() {
+            roster_core::model::validate_name("hello.client_name", client_name).map_err(invalid)?;
+        }
+        // Held until the session is listed, so its writer finds it when
+        // its welcome wakes it.
+        let mut links = self.links.lock();
+        if links.contains_key(&channel) {
+            return Err(Status::already_exists(format!(
+                "channel {channel} already carries a session on this stream"
+            )));
+        }
+        let link = self
+            .node
+            .open_stream(client_name, self.peer, Some((self.waker.clone(), channel)))
+            .map_err(status)?;
+        tracing::debug!(session = %link.id, client = %client_name, channel, "session opened");
+        links.insert(channel, link);
+        Ok(())
+    }
+
+    fn link(&self, channel: u32) -> Option<Arc<SessionLink>> {
+        self.links.lock().get(&channel).cloned()
+    }
+}
+
+/// A message saying the session on `channel` has ended.
+fn closed(channel: u32, reason: impl Into<String>) -> v1::ServerMessage {
+    v1::ServerMessage {
+        channel,
+        kind: Some(v1::server_message::Kind::Closed(v1::Closed {
+            reason: reason.into(),
+        })),
+    }
+}
+
+/// The writer of a stream: every session's queued items, taken when its
+/// channel is woken, and the replies, interleaved. A session the node
+/// ended is said to be closed after what it had queued; the stream ends
+/// when the client's side does, or when the node has ended every session
+/// it carried.
+fn outbound(carrier: Arc<Carrier>, replies: mpsc::Receiver<v1::ServerMessage>) -> SessionStream {
+    let state = (carrier, replies, VecDeque::new(), false);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(carrier, mut replies, mut out, mut finished)| async move {
+            loop {
+                if let Some(m) = out.pop_front() {
+                    return Some((Ok(m), (carrier, replies, out, finished)));
+                }
+                if finished {
+                    // Nothing is left to write to: stop reading too.
+                    carrier.done.cancel();
+                    return None;
+                }
+                tokio::select! {
+                    r = replies.recv() => {
+                        let m = r?;
+                        return Some((Ok(m), (carrier, replies, out, finished)));
+                    }
+                    channels = carrier.waker.ready() => {
+                        finished = carrier.write(channels, &mut out);
+                    }
+                    _ = carrier.done.cancelled() => return None,
+                }
+            }
+        },
+    ))
+}
+
+impl Carrier {
+    /// What the sessions on `channels` have queued, as messages into
+    /// `out`. Returns whether the node has now ended every session the
+    /// stream carried.
+    fn write(&self, channels: Vec<u32>, out: &mut VecDeque<v1::ServerMessage>) -> bool {
+        let mut items = Vec::new();
+        let mut ended = false;
+        for channel in channels {
+            let Some(link) = self.link(channel) else {
+                continue;
+            };
+            link.take_queued(&mut items);
+            for item in items.drain(..) {
+                if let Outbound::Update(update) = &item
+                    && let Some(at) = update.changed_at
+                {
+                    self.node.metrics.pushes_sent.inc();
+                    self.node
+                        .metrics
+                        .push_latency
+                        .observe(at.elapsed().as_secs_f64());
+                }
+                out.push_back(self.node.native_message(item, channel));
+            }
+            if link.closed.is_cancelled() {
+                let mut links = self.links.lock();
+                links.remove(&channel);
+                ended = links.is_empty();
+                out.push_back(closed(channel, "the session has ended"));
+            }
+        }
+        ended
+    }
+}
+
+/// The reading side of a stream: every message is activity for its
+/// session; a hello opens a session, a close ends one; acks feed drain
+/// tracking; calls are answered in order. When it ends, every session the
+/// stream carried ends.
 async fn inbound(
-    node: Arc<Node>,
-    link: Arc<SessionLink>,
+    carrier: Arc<Carrier>,
     mut rx: Streaming<v1::ClientMessage>,
-    replies: mpsc::Sender<v1::Reply>,
+    replies: mpsc::Sender<v1::ServerMessage>,
 ) {
     use v1::client_message::Kind;
+    let node = carrier.node.clone();
     loop {
         let msg = tokio::select! {
             m = rx.message() => m,
-            _ = link.closed.cancelled() => break,
+            _ = carrier.done.cancelled() => break,
+            _ = node.shutdown.cancelled() => break,
         };
         let msg = match msg {
             Ok(Some(m)) => m,
             Ok(None) => break,
             Err(e) => {
-                tracing::debug!(session = %link.id, "session stream error: {e}");
+                tracing::debug!("session stream error: {e}");
                 break;
             }
+        };
+        let channel = msg.channel;
+        if let Some(Kind::Hello(hello)) = &msg.kind {
+            if let Err(e) = carrier.open(channel, &hello.client_name) {
+                tokio::select! {
+                    sent = replies.send(closed(channel, e.message())) => if sent.is_err() { break },
+                    _ = node.shutdown.cancelled() => break,
+                }
+            }
+            continue;
+        }
+        let Some(link) = carrier.link(channel) else {
+            // A session that ended meanwhile (its close is on its way).
+            continue;
         };
         // Any message is activity; a probe's answer is always recorded.
         link.active(&node, matches!(msg.kind, Some(Kind::ProbeReply(_))));
         match msg.kind {
             Some(Kind::Call(call)) => {
-                let reply = calls::answer(&node, &link.id, call);
+                let reply = v1::ServerMessage {
+                    channel,
+                    kind: Some(v1::server_message::Kind::Reply(calls::answer(
+                        &node, &link.id, call,
+                    ))),
+                };
                 tokio::select! {
                     sent = replies.send(reply) => if sent.is_err() { break },
-                    _ = link.closed.cancelled() => break,
+                    _ = node.shutdown.cancelled() => break,
                 }
             }
             Some(Kind::Ack(ack)) => node.ack(&link.id, acked(&ack)),
             Some(Kind::Acks(acks)) => node.ack(&link.id, acks.acks.iter().filter_map(acked)),
+            Some(Kind::Close(_)) => {
+                // The client asked: no need to tell it.
+                carrier.links.lock().remove(&channel);
+                node.close_session(&link.id);
+            }
             _ => {}
         }
     }
-    node.close_session(&link.id);
+    carrier.done.cancel();
+    node.metrics.session_streams.dec();
+    let links: Vec<Arc<SessionLink>> = carrier.links.lock().drain().map(|(_, l)| l).collect();
+    for link in links {
+        node.close_session(&link.id);
+    }
 }
 
 /// What an `Ack` acknowledges; one naming no valid service is ignored.
@@ -131,25 +257,29 @@ impl registry_server::Registry for GrpcApi {
         let first = tokio::time::timeout(window, rx.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no hello within the keep-alive window"))??;
-        let client_name = match first.and_then(|m| m.kind) {
-            Some(v1::client_message::Kind::Hello(h)) => h.client_name,
+        let (channel, client_name) = match first {
+            Some(v1::ClientMessage {
+                channel,
+                kind: Some(v1::client_message::Kind::Hello(h)),
+            }) => (channel, h.client_name),
             _ => {
                 return Err(Status::invalid_argument(
-                    "the first message on a session must be hello",
+                    "the first message on a session stream must be hello",
                 ));
             }
         };
-        if !client_name.is_empty() {
-            roster_core::model::validate_name("hello.client_name", &client_name)
-                .map_err(invalid)?;
-        }
-        let link = self.node.open_stream(&client_name, peer).map_err(status)?;
-        tracing::debug!(session = %link.id, client = %client_name, "session opened");
+        let carrier = Arc::new(Carrier {
+            node: self.node.clone(),
+            peer,
+            links: Mutex::new(HashMap::new()),
+            waker: Arc::new(StreamWaker::default()),
+            done: CancellationToken::new(),
+        });
+        carrier.open(channel, &client_name)?;
+        self.node.metrics.session_streams.inc();
         let (replies, replies_rx) = mpsc::channel(REPLIES_IN_FLIGHT);
-        self.node
-            .tasks
-            .spawn(inbound(self.node.clone(), link.clone(), rx, replies));
-        Ok(Response::new(outbound(self.node.clone(), link, replies_rx)))
+        self.node.tasks.spawn(inbound(carrier.clone(), rx, replies));
+        Ok(Response::new(outbound(carrier, replies_rx)))
     }
 
     async fn register(

@@ -12,6 +12,9 @@ pub struct Metrics {
     registry: Registry,
     /// Open sessions (stream and lease).
     pub sessions: Gauge,
+    /// Native session streams open (each carries one or more sessions and
+    /// is written by one task).
+    pub session_streams: Gauge,
     /// Services known (including empty ones).
     pub services: Gauge,
     /// Instances over all services.
@@ -32,6 +35,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("roster");
         let sessions = Gauge::default();
+        let session_streams = Gauge::default();
         let services = Gauge::default();
         let instances = Gauge::default();
         let pushes_sent = Counter::default();
@@ -40,6 +44,11 @@ impl Metrics {
         // 50 us .. ~26 s
         let push_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
         registry.register("sessions", "Open sessions", sessions.clone());
+        registry.register(
+            "session_streams",
+            "Native session streams open (one writer each, however many sessions they carry)",
+            session_streams.clone(),
+        );
         registry.register("services", "Services known", services.clone());
         registry.register("instances", "Instances registered", instances.clone());
         registry.register(
@@ -61,6 +70,7 @@ impl Metrics {
         Self {
             registry,
             sessions,
+            session_streams,
             services,
             instances,
             pushes_sent,

@@ -134,6 +134,7 @@ async fn a_subscriber_that_never_reads_overflows_then_gets_one_full_view() {
     // A raw session whose stream we do not read.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(proto::ClientMessage {
+        channel: 0,
         kind: Some(proto::client_message::Kind::Hello(proto::Hello {
             client_name: "stuck".into(),
         })),
@@ -445,7 +446,10 @@ async fn calls_on_the_session_stream_do_what_unary_calls_do() {
     // A call may not act for another session, and must name a request.
     let other = client.open_session("other").await.unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let send = |kind| proto::ClientMessage { kind: Some(kind) };
+    let send = |kind| proto::ClientMessage {
+        channel: 0,
+        kind: Some(kind),
+    };
     tx.send(send(proto::client_message::Kind::Hello(proto::Hello {
         client_name: "raw".into(),
     })))
@@ -730,5 +734,153 @@ async fn http_lease_expires_without_beats() {
     })
     .await
     .expect("the lease expired and its instance was removed");
+    server.shutdown().await;
+}
+
+/// The value of the metric `name` at the node's `/metrics`.
+async fn metric(server: &RunningServer, name: &str) -> Option<i64> {
+    let text = reqwest::get(format!("http://{}/metrics", server.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits (bounded) until the metric reads `wanted`.
+async fn metric_becomes(server: &RunningServer, name: &str, wanted: i64) {
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = metric(server, name).await;
+        if now == Some(wanted) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{name} stayed {now:?}, not {wanted}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Applies `session`'s pushes to `cache` until it shows exactly `ips`.
+async fn follow_until(session: &mut Session, cache: &mut ServiceCache, ips: &[&str]) {
+    loop {
+        let u = timeout(WAIT, session.next_update())
+            .await
+            .expect("a push within the wait")
+            .expect("the session is open")
+            .unwrap();
+        cache.apply(&u).unwrap();
+        let mut seen: Vec<String> = cache
+            .instances()
+            .map(|i| i.addresses[0].ip.to_string())
+            .collect();
+        seen.sort();
+        if seen == ips {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_opened_on_one_connection_share_one_stream_and_own_their_data() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("shared");
+    let a = client.open_session("a").await.unwrap();
+    let mut b = client.open_session("b").await.unwrap();
+    let c = client.open_session("c").await.unwrap();
+    assert!(a.id() != b.id() && b.id() != c.id() && a.id() != c.id());
+    metric_becomes(&server, "roster_session_streams", 1).await;
+    metric_becomes(&server, "roster_sessions", 3).await;
+
+    // Each session's calls, pushes and data are its own.
+    b.subscribe(&k).await.unwrap();
+    let mut cache = ServiceCache::default();
+    follow_until(&mut b, &mut cache, &[]).await;
+    a.register(&k, &instance(1, 80)).await.unwrap();
+    c.register(&k, &instance(2, 80)).await.unwrap();
+    follow_until(&mut b, &mut cache, &["10.1.0.1", "10.1.0.2"]).await;
+    // Dropping one session ends it alone: its instance goes, pushed to
+    // the session beside it on the same stream; the stream stays.
+    drop(a);
+    follow_until(&mut b, &mut cache, &["10.1.0.2"]).await;
+    metric_becomes(&server, "roster_sessions", 2).await;
+    assert_eq!(metric(&server, "roster_session_streams").await, Some(1));
+    let view = c.query(&k, false).await.unwrap();
+    assert_eq!(full_instances(&view).len(), 1);
+    // A session opened later joins the same stream.
+    let d = client.open_session("d").await.unwrap();
+    assert_eq!(metric(&server, "roster_session_streams").await, Some(1));
+    metric_becomes(&server, "roster_sessions", 3).await;
+    // The stream goes with its last session.
+    drop((b, c, d));
+    metric_becomes(&server, "roster_session_streams", 0).await;
+    metric_becomes(&server, "roster_sessions", 0).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_opens_and_closes_sessions_by_channel() {
+    use proto::client_message::Kind as C;
+    use proto::server_message::Kind as S;
+    let (server, client) = start(|_| {}).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let on = |channel, kind| proto::ClientMessage {
+        channel,
+        kind: Some(kind),
+    };
+    let hello = |name: &str| {
+        C::Hello(proto::Hello {
+            client_name: name.into(),
+        })
+    };
+    tx.send(on(5, hello("first"))).await.unwrap();
+    let mut inbound = client
+        .grpc()
+        .session(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next = async || {
+        timeout(WAIT, inbound.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream open")
+    };
+    let m = next().await;
+    assert!(matches!((m.channel, m.kind), (5, Some(S::Welcome(_)))));
+    tx.send(on(9, hello("second"))).await.unwrap();
+    let m = next().await;
+    assert!(matches!((m.channel, m.kind), (9, Some(S::Welcome(_)))));
+    // A channel in use is refused, saying why; the session on it stays.
+    tx.send(on(9, hello("again"))).await.unwrap();
+    let m = next().await;
+    match (m.channel, m.kind) {
+        (9, Some(S::Closed(c))) => assert!(c.reason.contains("already"), "{}", c.reason),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    metric_becomes(&server, "roster_sessions", 2).await;
+    // Closing one session leaves the other answering on the same stream.
+    tx.send(on(5, C::Close(proto::Close {}))).await.unwrap();
+    metric_becomes(&server, "roster_sessions", 1).await;
+    let query = C::Call(proto::Call {
+        id: 1,
+        request: Some(proto::call::Request::Query(proto::QueryRequest {
+            service: Some((&key("x")).into()),
+            healthy_only: false,
+            clusters: Vec::new(),
+        })),
+    });
+    tx.send(on(9, query)).await.unwrap();
+    let m = next().await;
+    assert!(matches!((m.channel, m.kind), (9, Some(S::Reply(r))) if r.id == 1));
+    // The stream's end ends its sessions.
+    drop(tx);
+    metric_becomes(&server, "roster_sessions", 0).await;
+    metric_becomes(&server, "roster_session_streams", 0).await;
     server.shutdown().await;
 }

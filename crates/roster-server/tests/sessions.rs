@@ -32,7 +32,9 @@ async fn next(node: &Node, link: &SessionLink) -> Kind {
         .await
         .expect("a message is queued")
         .expect("session open");
-    node.native_message(item).kind.expect("message has a kind")
+    node.native_message(item, 0)
+        .kind
+        .expect("message has a kind")
 }
 
 fn update(kind: Kind) -> v1::ServiceUpdate {
@@ -51,8 +53,8 @@ async fn idle_session_is_probed_then_expired_and_subscribers_are_told() {
     let node = started();
     let key = ServiceKey::simple("orders").unwrap();
 
-    let provider = node.open_stream("provider", None).unwrap();
-    let watcher = node.open_stream("watcher", None).unwrap();
+    let provider = node.open_stream("provider", None, None).unwrap();
+    let watcher = node.open_stream("watcher", None, None).unwrap();
     assert!(matches!(next(&node, &provider).await, Kind::Welcome(_)));
     assert!(matches!(next(&node, &watcher).await, Kind::Welcome(_)));
     node.register(
@@ -104,7 +106,7 @@ async fn idle_session_is_probed_then_expired_and_subscribers_are_told() {
 async fn a_probed_session_that_answers_is_kept() {
     let node = started();
     let key = ServiceKey::simple("kept").unwrap();
-    let provider: Arc<SessionLink> = node.open_stream("provider", None).unwrap();
+    let provider: Arc<SessionLink> = node.open_stream("provider", None, None).unwrap();
     node.register(
         &provider.id,
         key.clone(),

@@ -632,7 +632,7 @@ impl BiRequestStream for NacosGrpc {
                 let link = self
                     .nacos
                     .node
-                    .open_stream(&format!("nacos {peer}"), Some(peer))
+                    .open_stream(&format!("nacos {peer}"), Some(peer), None)
                     .map_err(crate::calls::status)?;
                 let conn = Arc::new(Conn {
                     id: self.connection_id(peer),

@@ -83,7 +83,10 @@ impl Nacos {
             match all.get(&addr) {
                 Some(s) => (s.clone(), false),
                 None => {
-                    let Ok(link) = self.node.open_stream(&format!("nacos-udp {addr}"), None) else {
+                    let Ok(link) = self
+                        .node
+                        .open_stream(&format!("nacos-udp {addr}"), None, None)
+                    else {
                         return;
                     };
                     let s = Arc::new(Subscriber {

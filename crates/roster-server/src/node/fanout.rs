@@ -112,15 +112,18 @@ impl Node {
         }
     }
 
-    /// The native message of a dequeued item.
-    pub fn native_message(&self, item: Item) -> v1::ServerMessage {
+    /// The native message of a dequeued item, for the session on `channel`.
+    pub fn native_message(&self, item: Item, channel: u32) -> v1::ServerMessage {
         use v1::server_message::Kind;
         let kind = match item {
             Outbound::Control(Control::Welcome(w)) => Kind::Welcome(w),
             Outbound::Control(Control::Probe(nonce)) => Kind::Probe(v1::Probe { nonce }),
             Outbound::Update(update) => Kind::Update(self.native_update(&update)),
         };
-        v1::ServerMessage { kind: Some(kind) }
+        v1::ServerMessage {
+            channel,
+            kind: Some(kind),
+        }
     }
 
     /// Subscribes a stream session to a service: the full view now is

@@ -1,12 +1,14 @@
 //! Sessions as the node runs them: opening (unguessable ids and tokens,
 //! refused unless the node is ready), proving a call may act for a session,
-//! the outbound link each stream session is pushed through, liveness
+//! the outbound link each stream session is pushed through (and the waker
+//! of the one task writing a stream that carries several), liveness
 //! (touch, sweep, beats) and closing. Closing removes a session's records
 //! and subscriptions in one step under the core lock, so nothing can
 //! subscribe on a session that is going away.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
@@ -20,6 +22,45 @@ use tokio_util::sync::CancellationToken;
 use super::Node;
 use super::fanout::{Control, Item, PushUpdate};
 
+/// What wakes the one task that writes a stream carrying several sessions:
+/// the channels that have something queued (each listed once until the
+/// writer takes it), so a change fanned out to a stream's sessions wakes
+/// one task, not one per session.
+#[derive(Default)]
+pub struct StreamWaker {
+    notify: Notify,
+    ready: Mutex<Vec<u32>>,
+}
+
+impl StreamWaker {
+    fn wake(&self, channel: u32, listed: &AtomicBool) {
+        if !listed.swap(true, Ordering::AcqRel) {
+            self.ready.lock().push(channel);
+            self.notify.notify_one();
+        }
+    }
+
+    /// The channels woken since the last call; waits while there are none.
+    pub async fn ready(&self) -> Vec<u32> {
+        loop {
+            let notified = self.notify.notified();
+            let ready = std::mem::take(&mut *self.ready.lock());
+            if !ready.is_empty() {
+                return ready;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Where a session sits on a stream carrying several.
+struct OnStream {
+    waker: Arc<StreamWaker>,
+    channel: u32,
+    /// Listed in the waker's ready channels, not yet taken.
+    listed: AtomicBool,
+}
+
 /// The outbound side of one stream session: its bounded queue of control
 /// messages and planned updates, and a way to end it.
 pub struct SessionLink {
@@ -32,6 +73,9 @@ pub struct SessionLink {
     pub peer: Option<SocketAddr>,
     queue: Mutex<OutboundQueue<Control, Arc<PushUpdate>>>,
     ready: Notify,
+    /// The stream it shares with other sessions, if it is written by a
+    /// stream's writer rather than read with [`Self::next`].
+    stream: Option<OnStream>,
     /// When activity was last recorded (see [`Self::active`]).
     touched: Mutex<Option<Instant>>,
     /// Cancelled when the session ends (expired, closed, node shutting down).
@@ -45,6 +89,7 @@ impl SessionLink {
         peer: Option<SocketAddr>,
         capacity: usize,
         parent: &CancellationToken,
+        stream: Option<(Arc<StreamWaker>, u32)>,
     ) -> Self {
         Self {
             id,
@@ -52,6 +97,11 @@ impl SessionLink {
             peer,
             queue: Mutex::new(OutboundQueue::new(capacity)),
             ready: Notify::new(),
+            stream: stream.map(|(waker, channel)| OnStream {
+                waker,
+                channel,
+                listed: AtomicBool::new(false),
+            }),
             touched: Mutex::new(None),
             closed: parent.child_token(),
         }
@@ -72,9 +122,41 @@ impl SessionLink {
         }
     }
 
+    /// Tells whoever writes the session that it has something to send.
+    fn wake(&self) {
+        self.ready.notify_one();
+        if let Some(s) = &self.stream {
+            s.waker.wake(s.channel, &s.listed);
+        }
+    }
+
+    /// The session's channel on its stream (0 when it is alone on it).
+    pub fn channel(&self) -> u32 {
+        self.stream.as_ref().map_or(0, |s| s.channel)
+    }
+
+    /// Ends the session's link: its writer sends what is queued, then says
+    /// it ended.
+    pub(crate) fn end(&self) {
+        self.closed.cancel();
+        self.wake();
+    }
+
+    /// Everything queued now, for a stream's writer (which is woken again
+    /// by anything queued after this).
+    pub fn take_queued(&self, out: &mut Vec<Item>) {
+        if let Some(s) = &self.stream {
+            s.listed.store(false, Ordering::Release);
+        }
+        let mut queue = self.queue.lock();
+        while let Some(item) = queue.pop() {
+            out.push(item);
+        }
+    }
+
     pub(crate) fn push_control(&self, control: Control) {
         self.queue.lock().push_control(control);
-        self.ready.notify_one();
+        self.wake();
     }
 
     /// Queues a planned update (see [`OutboundQueue::push_update`]).
@@ -85,14 +167,14 @@ impl SessionLink {
     ) -> roster_core::push::Enqueued {
         let key = update.key.clone();
         let outcome = self.queue.lock().push_update(key, update, full);
-        self.ready.notify_one();
+        self.wake();
         outcome
     }
 
     /// Queues a full view (a new subscription).
     pub(crate) fn push_full(&self, update: Arc<PushUpdate>) {
         self.queue.lock().push_full(update.key.clone(), update);
-        self.ready.notify_one();
+        self.wake();
     }
 
     /// Waits for the next item; `None` once the session has ended.
@@ -160,10 +242,13 @@ impl Node {
 
     /// Opens a stream session on the connection `peer` and its outbound
     /// link, queueing the welcome. Refused unless the node is ready.
+    /// `stream`: the waker of the stream the session shares, and its
+    /// channel there (else its link is read with [`SessionLink::next`]).
     pub fn open_stream(
         &self,
         client_name: &str,
         peer: Option<SocketAddr>,
+        stream: Option<(Arc<StreamWaker>, u32)>,
     ) -> Result<Arc<SessionLink>, RegistryError> {
         let (id, token) = self.new_session(SessionKind::Stream, client_name)?;
         let link = Arc::new(SessionLink::new(
@@ -172,6 +257,7 @@ impl Node {
             peer,
             self.config.push.queue_capacity,
             &self.shutdown,
+            stream,
         ));
         link.push_control(Control::Welcome(v1::Welcome {
             session_id: id.to_string(),
@@ -272,7 +358,7 @@ impl Node {
             Clone::clone,
         );
         if let Some(link) = self.links.write().remove(session) {
-            link.closed.cancel();
+            link.end();
         }
         self.acks.notify_waiters();
     }
@@ -300,7 +386,7 @@ impl Node {
         for id in &out.expired {
             tracing::info!(session = %id, "session expired");
             if let Some(link) = self.links.write().remove(id) {
-                link.closed.cancel();
+                link.end();
             }
         }
         if !out.expired.is_empty() {

@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 
 pub use drain::DrainOutcome;
 pub use fanout::{Control, Item, PullAnswer, PushUpdate};
-pub use links::SessionLink;
+pub use links::{SessionLink, StreamWaker};
 
 /// One service's view as published to readers, with the encodings the
 /// front-ends made of it (each at most once per revision).

@@ -1,0 +1,228 @@
+//! A session stream and the sessions it carries, told apart by channel:
+//! opening the stream with its first session, opening more sessions on it,
+//! and handing each session the messages of its channel (one reader task
+//! per stream). Sessions opened on one [`crate::Connection`] share its
+//! stream, so the registry writes them all from one task. Knows nothing of
+//! what the messages mean beyond welcome and close.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use roster_proto::v1::{self, registry_client::RegistryClient};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::ClientError;
+
+/// What the reader hands a session: a message of its channel, or the
+/// stream's failure.
+pub(crate) type Inbound = Result<v1::ServerMessage, tonic::Status>;
+
+/// Messages of one channel not yet taken by its session; the stream is
+/// not read further until it takes them.
+const INBOUND_PER_SESSION: usize = 64;
+
+/// Messages waiting to go out on a stream, all its sessions together.
+const OUTGOING: usize = 256;
+
+type Sessions = Arc<Mutex<HashMap<u32, mpsc::Sender<Inbound>>>>;
+
+fn lock(sessions: &Sessions) -> MutexGuard<'_, HashMap<u32, mpsc::Sender<Inbound>>> {
+    sessions.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One session stream. It lasts while a session on it holds it (and the
+/// registry keeps it open).
+pub(crate) struct Carrier {
+    outgoing: mpsc::Sender<v1::ClientMessage>,
+    sessions: Sessions,
+    next_channel: AtomicU32,
+    alive: Arc<AtomicBool>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Carrier {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A session's end of a stream, once the registry welcomed it.
+pub(crate) struct Opened {
+    pub carrier: Arc<Carrier>,
+    pub outgoing: Outgoing,
+    pub inbound: mpsc::Receiver<Inbound>,
+    pub welcome: v1::Welcome,
+    /// How often to send keep-alives (a third of the registry's window).
+    pub keepalive: Duration,
+}
+
+/// Sends a session's messages on its stream, marked with its channel.
+#[derive(Clone)]
+pub(crate) struct Outgoing {
+    tx: mpsc::Sender<v1::ClientMessage>,
+    channel: u32,
+}
+
+impl Outgoing {
+    /// The session's channel.
+    pub fn channel(&self) -> u32 {
+        self.channel
+    }
+
+    pub async fn send(&self, mut message: v1::ClientMessage) -> Result<(), ClientError> {
+        message.channel = self.channel;
+        self.tx
+            .send(message)
+            .await
+            .map_err(|_| ClientError::SessionClosed)
+    }
+
+    /// Ends the session, without waiting (for `Drop`): if the stream's
+    /// queue is full, the registry ends it when the stream goes, or when
+    /// it expires.
+    pub fn close(&self) {
+        let _ = self.tx.try_send(v1::ClientMessage {
+            channel: self.channel,
+            kind: Some(v1::client_message::Kind::Close(v1::Close {})),
+        });
+    }
+}
+
+fn hello(channel: u32, client_name: &str) -> v1::ClientMessage {
+    v1::ClientMessage {
+        channel,
+        kind: Some(v1::client_message::Kind::Hello(v1::Hello {
+            client_name: client_name.to_owned(),
+        })),
+    }
+}
+
+impl Carrier {
+    /// Opens a stream with its first session.
+    pub async fn open(
+        mut grpc: RegistryClient<Channel>,
+        client_name: &str,
+    ) -> Result<Opened, ClientError> {
+        let (outgoing, rx) = mpsc::channel(OUTGOING);
+        let sessions: Sessions = Arc::default();
+        let (first, first_rx) = mpsc::channel(INBOUND_PER_SESSION);
+        lock(&sessions).insert(0, first);
+        // The registry answers the stream once it has read a hello.
+        outgoing
+            .send(hello(0, client_name))
+            .await
+            .map_err(|_| ClientError::SessionClosed)?;
+        let inbound = grpc.session(ReceiverStream::new(rx)).await?.into_inner();
+        let alive = Arc::new(AtomicBool::new(true));
+        let reader = tokio::spawn(read(inbound, sessions.clone(), alive.clone()));
+        let carrier = Arc::new(Carrier {
+            outgoing,
+            sessions,
+            next_channel: AtomicU32::new(1),
+            alive,
+            reader,
+        });
+        carrier.welcomed(0, first_rx).await
+    }
+
+    /// Opens another session on the stream.
+    pub async fn open_more(self: &Arc<Self>, client_name: &str) -> Result<Opened, ClientError> {
+        let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(INBOUND_PER_SESSION);
+        lock(&self.sessions).insert(channel, tx);
+        if self
+            .outgoing
+            .send(hello(channel, client_name))
+            .await
+            .is_err()
+        {
+            self.forget(channel);
+            return Err(ClientError::SessionClosed);
+        }
+        self.welcomed(channel, rx).await
+    }
+
+    /// Whether the stream is still up.
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+
+    /// Stops handing the session on `channel` its messages.
+    pub fn forget(&self, channel: u32) {
+        lock(&self.sessions).remove(&channel);
+    }
+
+    async fn welcomed(
+        self: &Arc<Self>,
+        channel: u32,
+        mut inbound: mpsc::Receiver<Inbound>,
+    ) -> Result<Opened, ClientError> {
+        use v1::server_message::Kind;
+        let refused = |e: ClientError| {
+            self.forget(channel);
+            e
+        };
+        match inbound.recv().await {
+            Some(Ok(v1::ServerMessage {
+                kind: Some(Kind::Welcome(welcome)),
+                ..
+            })) => Ok(Opened {
+                carrier: self.clone(),
+                outgoing: Outgoing {
+                    tx: self.outgoing.clone(),
+                    channel,
+                },
+                inbound,
+                keepalive: Duration::from_millis(welcome.keepalive_ms.max(300) / 3),
+                welcome,
+            }),
+            Some(Ok(v1::ServerMessage {
+                kind: Some(Kind::Closed(c)),
+                ..
+            })) => Err(refused(ClientError::Status(tonic::Status::unavailable(
+                c.reason,
+            )))),
+            Some(Err(status)) => Err(refused(status.into())),
+            _ => Err(refused(ClientError::Protocol("expected welcome".into()))),
+        }
+    }
+}
+
+/// Reads the stream, handing each message to its channel's session; when
+/// the stream ends, every session's inbound ends (after the failure, if
+/// it failed).
+async fn read(
+    mut inbound: tonic::Streaming<v1::ServerMessage>,
+    sessions: Sessions,
+    alive: Arc<AtomicBool>,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(m)) => {
+                let channel = m.channel;
+                let session = lock(&sessions).get(&channel).cloned();
+                // A session that went meanwhile: what was on its way is
+                // dropped.
+                if let Some(session) = session
+                    && session.send(Ok(m)).await.is_err()
+                {
+                    lock(&sessions).remove(&channel);
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                for session in lock(&sessions).values() {
+                    let _ = session.try_send(Err(status.clone()));
+                }
+                break;
+            }
+        }
+    }
+    alive.store(false, Ordering::Release);
+    lock(&sessions).clear();
+}
