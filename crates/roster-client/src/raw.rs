@@ -5,20 +5,19 @@
 //! [`crate::Client`] builds those on top. Tests and operator tools use it to
 //! speak the protocol directly.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use prost::Message;
 use roster_core::{Instance, ServiceKey};
 use roster_proto::v1::{self, registry_client::RegistryClient};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::acks::{AckQueue, AckSent};
-use crate::stream::{Carrier, Inbound, Opened, Outgoing};
+use crate::stream::{Calls, Carrier, Ends, Inbound, Opened, Outgoing};
 use crate::{ClientError, MAX_MESSAGE_BYTES};
 
 pub use roster_proto::{ADMIN_TOKEN_HEADER, SESSION_TOKEN_HEADER};
@@ -113,15 +112,16 @@ impl Connection {
     /// Opens a session named `client_name`, on the stream the
     /// connection's sessions share (opened with the first of them).
     pub async fn open_session(&self, client_name: &str) -> Result<Session, ClientError> {
+        let (ends, updates) = Ends::new();
         let mut shared = self.carrier.lock().await;
         if let Some(carrier) = shared.upgrade().filter(|c| c.alive()) {
             drop(shared);
-            let opened = carrier.open_more(client_name).await?;
-            return Ok(Session::start(self.grpc.clone(), opened));
+            let opened = carrier.open_more(client_name, ends.clone()).await?;
+            return Ok(Session::start(self.grpc.clone(), opened, ends, updates));
         }
-        let opened = Carrier::open(self.grpc.clone(), client_name).await?;
+        let opened = Carrier::open(self.grpc.clone(), client_name, ends.clone()).await?;
         *shared = Arc::downgrade(&opened.carrier);
-        Ok(Session::start(self.grpc.clone(), opened))
+        Ok(Session::start(self.grpc.clone(), opened, ends, updates))
     }
 
     /// The instances of a service.
@@ -224,75 +224,6 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
-/// Calls in flight on a session stream, by id; `None` once the stream
-/// has ended (a call then fails at once instead of waiting for ever).
-pub(crate) struct Calls {
-    next_id: AtomicU64,
-    pending: Mutex<Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>>,
-}
-
-impl Calls {
-    fn open() -> Arc<Self> {
-        Arc::new(Self {
-            next_id: AtomicU64::new(1),
-            pending: Mutex::new(Some(HashMap::new())),
-        })
-    }
-
-    /// Makes `request` on the session `outgoing` sends for; waits for its
-    /// reply.
-    pub(crate) async fn call(
-        &self,
-        outgoing: &Outgoing,
-        request: v1::call::Request,
-    ) -> Result<v1::reply::Result, ClientError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        match self.lock().as_mut() {
-            Some(pending) => pending.insert(id, tx),
-            None => return Err(ClientError::SessionClosed),
-        };
-        let message = v1::ClientMessage {
-            channel: 0,
-            kind: Some(v1::client_message::Kind::Call(v1::Call {
-                id,
-                request: Some(request),
-            })),
-        };
-        if outgoing.send(message).await.is_err() {
-            self.lock().as_mut().map(|p| p.remove(&id));
-            return Err(ClientError::SessionClosed);
-        }
-        match rx.await {
-            Ok(v1::reply::Result::Error(e)) => Err(ClientError::Status(tonic::Status::new(
-                tonic::Code::from_i32(e.code),
-                e.message,
-            ))),
-            Ok(result) => Ok(result),
-            Err(_) => Err(ClientError::SessionClosed),
-        }
-    }
-
-    /// Hands a reply to the call waiting for it.
-    pub(crate) fn settle(&self, reply: v1::Reply) {
-        let waiting = self.lock().as_mut().and_then(|p| p.remove(&reply.id));
-        if let (Some(tx), Some(result)) = (waiting, reply.result) {
-            let _ = tx.send(result);
-        }
-    }
-
-    /// The stream ended: every call in flight fails, and so will new ones.
-    pub(crate) fn close(&self) {
-        self.lock().take();
-    }
-
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 /// The answer of a reply that should be `$kind`, or a protocol error.
 macro_rules! expect_reply {
     ($result:expr, $kind:ident) => {
@@ -306,11 +237,6 @@ macro_rules! expect_reply {
         }
     };
 }
-
-/// Pushed updates not yet read that a session buffers; a reader further
-/// behind than this misses updates (and [`Session::missed_updates`] says
-/// so) rather than stalling the session's replies and keep-alives.
-const UPDATES_BUFFERED: usize = 4096;
 
 /// A live session: keeps itself alive in the background (keep-alives and
 /// probe answers go out whatever its user is doing), owns the instances
@@ -349,24 +275,26 @@ impl Session {
         grpc: RegistryClient<Channel>,
         client_name: &str,
     ) -> Result<Self, ClientError> {
-        let opened = Carrier::open(grpc.clone(), client_name).await?;
-        Ok(Self::start(grpc, opened))
+        let (ends, updates) = Ends::new();
+        let opened = Carrier::open(grpc.clone(), client_name, ends.clone()).await?;
+        Ok(Self::start(grpc, opened, ends, updates))
     }
 
     /// Starts serving a session the registry welcomed.
-    fn start(grpc: RegistryClient<Channel>, stream: Opened) -> Self {
-        let (updates_tx, updates) = mpsc::channel(UPDATES_BUFFERED);
-        let calls = Calls::open();
+    fn start(
+        grpc: RegistryClient<Channel>,
+        stream: Opened,
+        ends: Arc<Ends>,
+        updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
+    ) -> Self {
         let acks = AckQueue::new();
-        let missed = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(run_session(
             Stream {
                 inbound: stream.inbound,
                 outgoing: stream.outgoing.clone(),
-                updates: updates_tx,
-                calls: calls.clone(),
+                updates: ends.updates.clone(),
+                calls: ends.calls.clone(),
                 acks: acks.clone(),
-                missed: missed.clone(),
             },
             stream.keepalive,
         ));
@@ -376,9 +304,9 @@ impl Session {
             outgoing: stream.outgoing,
             carrier: stream.carrier,
             updates,
-            calls,
+            calls: ends.calls.clone(),
             acks,
-            missed,
+            missed: ends.missed.clone(),
             task: Some(task),
         }
     }
@@ -592,7 +520,6 @@ struct Stream {
     updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
     calls: Arc<Calls>,
     acks: Arc<AckQueue>,
-    missed: Arc<AtomicBool>,
 }
 
 async fn run_session(mut stream: Stream, keepalive: Duration) {
@@ -603,7 +530,7 @@ async fn run_session(mut stream: Stream, keepalive: Duration) {
 
 async fn serve_session(s: &mut Stream, keepalive: Duration) {
     use v1::server_message::Kind;
-    let (outgoing, updates, calls, acks) = (&s.outgoing, &s.updates, &s.calls, &s.acks);
+    let (outgoing, updates, acks) = (&s.outgoing, &s.updates, &s.acks);
     let mut tick = tokio::time::interval(keepalive);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acks_due = None;
@@ -648,23 +575,11 @@ async fn serve_session(s: &mut Stream, keepalive: Duration) {
                     return;
                 }
             }
-            Some(Kind::Update(bytes)) => {
-                let update = v1::ServiceUpdate::decode(bytes)
-                    .map_err(|e| ClientError::Protocol(e.to_string()));
-                // Never wait for the reader: replies and keep-alives must go
-                // on. A reader this far behind is told it missed some.
-                match updates.try_send(update) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        s.missed.store(true, Ordering::Release);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
-                }
-            }
-            Some(Kind::Reply(reply)) => calls.settle(reply),
             // The registry ended the session.
             Some(Kind::Closed(_)) => return,
-            Some(Kind::Welcome(_)) | None => {}
+            // Pushes and replies go straight to their ends (see
+            // `stream`); a welcome only opens a session.
+            Some(Kind::Update(_) | Kind::Reply(_) | Kind::Welcome(_)) | None => {}
         }
     }
 }

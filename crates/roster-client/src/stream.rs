@@ -1,17 +1,18 @@
 //! A session stream and the sessions it carries, told apart by channel:
 //! opening the stream with its first session, opening more sessions on it,
-//! and handing each session the messages of its channel (one reader task
-//! per stream). Sessions opened on one [`crate::Connection`] share its
-//! stream, so the registry writes them all from one task. Knows nothing of
-//! what the messages mean beyond welcome and close.
+//! and one reader task per stream that hands each session its pushes and
+//! replies directly (the rest goes to the session's own task). Sessions
+//! opened on one [`crate::Connection`] share its stream, so the registry
+//! writes them all from one task.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prost::Message;
 use roster_proto::v1::{self, registry_client::RegistryClient};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -29,9 +30,53 @@ const INBOUND_PER_SESSION: usize = 64;
 /// Messages waiting to go out on a stream, all its sessions together.
 const OUTGOING: usize = 256;
 
-type Sessions = Arc<Mutex<HashMap<u32, mpsc::Sender<Inbound>>>>;
+/// Pushed updates not yet read that a session buffers; a reader further
+/// behind than this misses updates (and [`Session::missed_updates`] says
+/// so) rather than stalling the session's replies and keep-alives.
+const UPDATES_BUFFERED: usize = 4096;
 
-fn lock(sessions: &Sessions) -> MutexGuard<'_, HashMap<u32, mpsc::Sender<Inbound>>> {
+/// Where the reader hands a session's messages: pushes and replies
+/// directly, the rest to the session's task.
+pub(crate) struct Ends {
+    pub updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
+    /// Set when an update was dropped because the reader was too far behind.
+    pub missed: Arc<AtomicBool>,
+    pub calls: Arc<Calls>,
+}
+
+impl Ends {
+    /// A session's ends, and the receiver of its updates.
+    pub fn new() -> (
+        Arc<Self>,
+        mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
+    ) {
+        let (updates, rx) = mpsc::channel(UPDATES_BUFFERED);
+        let ends = Arc::new(Self {
+            updates,
+            missed: Arc::new(AtomicBool::new(false)),
+            calls: Calls::open(),
+        });
+        (ends, rx)
+    }
+
+    /// Hands an update over without waiting for its reader: replies and
+    /// keep-alives must go on, so a reader this far behind is told it
+    /// missed some instead.
+    fn deliver(&self, update: Result<v1::ServiceUpdate, ClientError>) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.updates.try_send(update) {
+            self.missed.store(true, Ordering::Release);
+        }
+    }
+}
+
+struct Entry {
+    ends: Arc<Ends>,
+    control: mpsc::Sender<Inbound>,
+}
+
+type Sessions = Arc<Mutex<HashMap<u32, Arc<Entry>>>>;
+
+fn lock(sessions: &Sessions) -> MutexGuard<'_, HashMap<u32, Arc<Entry>>> {
     sessions.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -107,11 +152,12 @@ impl Carrier {
     pub async fn open(
         mut grpc: RegistryClient<Channel>,
         client_name: &str,
+        ends: Arc<Ends>,
     ) -> Result<Opened, ClientError> {
         let (outgoing, rx) = mpsc::channel(OUTGOING);
         let sessions: Sessions = Arc::default();
-        let (first, first_rx) = mpsc::channel(INBOUND_PER_SESSION);
-        lock(&sessions).insert(0, first);
+        let (control, first_rx) = mpsc::channel(INBOUND_PER_SESSION);
+        lock(&sessions).insert(0, Arc::new(Entry { ends, control }));
         // The registry answers the stream once it has read a hello.
         outgoing
             .send(hello(0, client_name))
@@ -131,10 +177,14 @@ impl Carrier {
     }
 
     /// Opens another session on the stream.
-    pub async fn open_more(self: &Arc<Self>, client_name: &str) -> Result<Opened, ClientError> {
+    pub async fn open_more(
+        self: &Arc<Self>,
+        client_name: &str,
+        ends: Arc<Ends>,
+    ) -> Result<Opened, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(INBOUND_PER_SESSION);
-        lock(&self.sessions).insert(channel, tx);
+        let (control, rx) = mpsc::channel(INBOUND_PER_SESSION);
+        lock(&self.sessions).insert(channel, Arc::new(Entry { ends, control }));
         if self
             .outgoing
             .send(hello(channel, client_name))
@@ -201,23 +251,34 @@ async fn read(
     sessions: Sessions,
     alive: Arc<AtomicBool>,
 ) {
+    use v1::server_message::Kind;
     loop {
         match inbound.message().await {
             Ok(Some(m)) => {
                 let channel = m.channel;
-                let session = lock(&sessions).get(&channel).cloned();
                 // A session that went meanwhile: what was on its way is
                 // dropped.
-                if let Some(session) = session
-                    && session.send(Ok(m)).await.is_err()
-                {
-                    lock(&sessions).remove(&channel);
+                let Some(session) = lock(&sessions).get(&channel).cloned() else {
+                    continue;
+                };
+                match m.kind {
+                    Some(Kind::Update(bytes)) => session.ends.deliver(
+                        v1::ServiceUpdate::decode(bytes)
+                            .map_err(|e| ClientError::Protocol(e.to_string())),
+                    ),
+                    Some(Kind::Reply(reply)) => session.ends.calls.settle(reply),
+                    kind => {
+                        let m = v1::ServerMessage { channel, kind };
+                        if session.control.send(Ok(m)).await.is_err() {
+                            lock(&sessions).remove(&channel);
+                        }
+                    }
                 }
             }
             Ok(None) => break,
             Err(status) => {
                 for session in lock(&sessions).values() {
-                    let _ = session.try_send(Err(status.clone()));
+                    let _ = session.control.try_send(Err(status.clone()));
                 }
                 break;
             }
@@ -225,4 +286,73 @@ async fn read(
     }
     alive.store(false, Ordering::Release);
     lock(&sessions).clear();
+}
+
+/// Calls in flight on a session stream, by id; `None` once the stream
+/// has ended (a call then fails at once instead of waiting for ever).
+pub(crate) struct Calls {
+    next_id: AtomicU64,
+    pending: Mutex<Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>>,
+}
+
+impl Calls {
+    fn open() -> Arc<Self> {
+        Arc::new(Self {
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(Some(HashMap::new())),
+        })
+    }
+
+    /// Makes `request` on the session `outgoing` sends for; waits for its
+    /// reply.
+    pub(crate) async fn call(
+        &self,
+        outgoing: &Outgoing,
+        request: v1::call::Request,
+    ) -> Result<v1::reply::Result, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        match self.lock().as_mut() {
+            Some(pending) => pending.insert(id, tx),
+            None => return Err(ClientError::SessionClosed),
+        };
+        let message = v1::ClientMessage {
+            channel: 0,
+            kind: Some(v1::client_message::Kind::Call(v1::Call {
+                id,
+                request: Some(request),
+            })),
+        };
+        if outgoing.send(message).await.is_err() {
+            self.lock().as_mut().map(|p| p.remove(&id));
+            return Err(ClientError::SessionClosed);
+        }
+        match rx.await {
+            Ok(v1::reply::Result::Error(e)) => Err(ClientError::Status(tonic::Status::new(
+                tonic::Code::from_i32(e.code),
+                e.message,
+            ))),
+            Ok(result) => Ok(result),
+            Err(_) => Err(ClientError::SessionClosed),
+        }
+    }
+
+    /// Hands a reply to the call waiting for it.
+    pub(crate) fn settle(&self, reply: v1::Reply) {
+        let waiting = self.lock().as_mut().and_then(|p| p.remove(&reply.id));
+        if let (Some(tx), Some(result)) = (waiting, reply.result) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// The stream ended: every call in flight fails, and so will new ones.
+    pub(crate) fn close(&self) {
+        self.lock().take();
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
