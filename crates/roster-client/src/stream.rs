@@ -27,6 +27,9 @@ pub(crate) type Inbound = Result<v1::ServerMessage, tonic::Status>;
 /// not read further until it takes them.
 const INBOUND_PER_SESSION: usize = 64;
 
+/// How long a new session waits for the registry's welcome.
+const WELCOME_WITHIN: Duration = Duration::from_secs(10);
+
 /// Messages waiting to go out on a stream, all its sessions together.
 const OUTGOING: usize = 256;
 
@@ -217,7 +220,16 @@ impl Carrier {
             self.forget(channel);
             e
         };
-        match inbound.recv().await {
+        let first = match tokio::time::timeout(WELCOME_WITHIN, inbound.recv()).await {
+            Ok(first) => first,
+            Err(_) => {
+                return Err(refused(ClientError::Protocol(format!(
+                    "no welcome for a session on channel {channel} within {WELCOME_WITHIN:?} \
+                     (a registry that carries one session per stream?)"
+                ))));
+            }
+        };
+        match first {
             Some(Ok(v1::ServerMessage {
                 kind: Some(Kind::Welcome(welcome)),
                 ..

@@ -52,7 +52,8 @@ struct Carrier {
     peer: Option<std::net::SocketAddr>,
     links: Mutex<HashMap<u32, Arc<SessionLink>>>,
     waker: Arc<StreamWaker>,
-    /// Cancelled when either side of the stream ends.
+    /// Cancelled when either side of the stream ends, or the node shuts
+    /// down.
     done: CancellationToken,
 }
 
@@ -100,13 +101,15 @@ fn closed(channel: u32, reason: impl Into<String>) -> v1::ServerMessage {
 /// when the client's side does, or when the node has ended every session
 /// it carried.
 fn outbound(carrier: Arc<Carrier>, replies: mpsc::Receiver<v1::ServerMessage>) -> SessionStream {
-    let state = (carrier, replies, VecDeque::new(), false);
+    // Waited for across every message (not made anew for each).
+    let stop = Box::pin(carrier.done.clone().cancelled_owned());
+    let state = (carrier, replies, VecDeque::new(), false, stop);
     Box::pin(futures_util::stream::unfold(
         state,
-        |(carrier, mut replies, mut out, mut finished)| async move {
+        |(carrier, mut replies, mut out, mut finished, mut stop)| async move {
             loop {
                 if let Some(m) = out.pop_front() {
-                    return Some((Ok(m), (carrier, replies, out, finished)));
+                    return Some((Ok(m), (carrier, replies, out, finished, stop)));
                 }
                 if finished {
                     // Nothing is left to write to: stop reading too.
@@ -116,12 +119,12 @@ fn outbound(carrier: Arc<Carrier>, replies: mpsc::Receiver<v1::ServerMessage>) -
                 tokio::select! {
                     r = replies.recv() => {
                         let m = r?;
-                        return Some((Ok(m), (carrier, replies, out, finished)));
+                        return Some((Ok(m), (carrier, replies, out, finished, stop)));
                     }
                     channels = carrier.waker.ready() => {
                         finished = carrier.write(channels, &mut out);
                     }
-                    _ = carrier.done.cancelled() => return None,
+                    _ = &mut stop => return None,
                 }
             }
         },
@@ -174,11 +177,13 @@ async fn inbound(
 ) {
     use v1::client_message::Kind;
     let node = carrier.node.clone();
+    // Waited for across every message (not made anew for each).
+    let stop = carrier.done.clone().cancelled_owned();
+    tokio::pin!(stop);
     loop {
         let msg = tokio::select! {
             m = rx.message() => m,
-            _ = carrier.done.cancelled() => break,
-            _ = node.shutdown.cancelled() => break,
+            _ = &mut stop => break,
         };
         let msg = match msg {
             Ok(Some(m)) => m,
@@ -193,7 +198,7 @@ async fn inbound(
             if let Err(e) = carrier.open(channel, &hello.client_name) {
                 tokio::select! {
                     sent = replies.send(closed(channel, e.message())) => if sent.is_err() { break },
-                    _ = node.shutdown.cancelled() => break,
+                    _ = &mut stop => break,
                 }
             }
             continue;
@@ -214,7 +219,7 @@ async fn inbound(
                 };
                 tokio::select! {
                     sent = replies.send(reply) => if sent.is_err() { break },
-                    _ = node.shutdown.cancelled() => break,
+                    _ = &mut stop => break,
                 }
             }
             Some(Kind::Ack(ack)) => node.ack(&link.id, acked(&ack)),
@@ -273,7 +278,7 @@ impl registry_server::Registry for GrpcApi {
             peer,
             links: Mutex::new(HashMap::new()),
             waker: Arc::new(StreamWaker::default()),
-            done: CancellationToken::new(),
+            done: self.node.shutdown.child_token(),
         });
         carrier.open(channel, &client_name)?;
         self.node.metrics.session_streams.inc();
