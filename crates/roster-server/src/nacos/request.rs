@@ -404,3 +404,63 @@ mod tests {
         assert!(Body::parse(b"").is_ok());
     }
 }
+
+#[cfg(test)]
+mod untrusted {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// JSON values of any shape, a few levels deep, with the field names
+    /// the reader looks for among others.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[a-zA-Z0-9.@:# -]{0,12}".prop_map(Value::from),
+        ];
+        let names = prop_oneof![
+            Just("ip".to_owned()),
+            Just("port".to_owned()),
+            Just("instance".to_owned()),
+            Just("instances".to_owned()),
+            Just("metadata".to_owned()),
+            Just("serviceName".to_owned()),
+            Just("weight".to_owned()),
+            "[a-z]{1,6}",
+        ];
+        leaf.prop_recursive(4, 48, 6, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                prop::collection::btree_map(names.clone(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever a client sends, reading it answers a value or a
+        /// reason, never a panic; so does making instances of it.
+        #[test]
+        fn any_body_reads_or_is_refused(v in json()) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            if let Ok(body) = Body::parse(&bytes) {
+                let _ = body.key();
+                let _ = instance(&body.instance);
+                if let Loose::Is(list) = &body.instances {
+                    for i in list {
+                        let _ = instance(i);
+                    }
+                }
+            }
+        }
+
+        /// Bytes that are not JSON at all are refused with a reason.
+        #[test]
+        fn any_bytes_read_or_are_refused(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Body::parse(&bytes);
+        }
+    }
+}
