@@ -113,15 +113,28 @@ impl Connection {
     /// connection's sessions share (opened with the first of them).
     pub async fn open_session(&self, client_name: &str) -> Result<Session, ClientError> {
         let (ends, updates) = Ends::new();
-        let mut shared = self.carrier.lock().await;
-        if let Some(carrier) = shared.upgrade().filter(|c| c.alive()) {
-            drop(shared);
-            let opened = carrier.open_more(client_name, ends.clone()).await?;
+        // Twice at most: a stream that ends while a session is opened on
+        // it is replaced by a new one.
+        for _ in 0..2 {
+            let current = self.carrier.lock().await.upgrade().filter(|c| c.alive());
+            if let Some(carrier) = current {
+                match carrier.open_more(client_name, ends.clone()).await {
+                    Err(ClientError::SessionClosed) if !carrier.alive() => continue,
+                    opened => {
+                        return Ok(Session::start(self.grpc.clone(), opened?, ends, updates));
+                    }
+                }
+            }
+            // Held while the stream opens, so one stream serves them all.
+            let mut shared = self.carrier.lock().await;
+            if shared.upgrade().is_some_and(|c| c.alive()) {
+                continue;
+            }
+            let opened = Carrier::open(self.grpc.clone(), client_name, ends.clone()).await?;
+            *shared = Arc::downgrade(&opened.carrier);
             return Ok(Session::start(self.grpc.clone(), opened, ends, updates));
         }
-        let opened = Carrier::open(self.grpc.clone(), client_name, ends.clone()).await?;
-        *shared = Arc::downgrade(&opened.carrier);
-        Ok(Session::start(self.grpc.clone(), opened, ends, updates))
+        Err(ClientError::SessionClosed)
     }
 
     /// The instances of a service.

@@ -130,13 +130,26 @@ impl Outgoing {
             .map_err(|_| ClientError::SessionClosed)
     }
 
-    /// Ends the session, without waiting (for `Drop`): if the stream's
-    /// queue is full, the registry ends it when the stream goes, or when
-    /// it expires.
+    /// Ends the session, without waiting (for `Drop`): when the stream's
+    /// queue is full, a task sends the close as soon as there is room.
     pub fn close(&self) {
-        let _ = self.tx.try_send(v1::ClientMessage {
-            channel: self.channel,
-            kind: Some(v1::client_message::Kind::Close(v1::Close {})),
+        close_channel(&self.tx, self.channel);
+    }
+}
+
+/// Tells the registry the session on `channel` ended (see
+/// [`Outgoing::close`]).
+fn close_channel(tx: &mpsc::Sender<v1::ClientMessage>, channel: u32) {
+    let close = v1::ClientMessage {
+        channel,
+        kind: Some(v1::client_message::Kind::Close(v1::Close {})),
+    };
+    if let Err(mpsc::error::TrySendError::Full(close)) = tx.try_send(close)
+        && let Ok(runtime) = tokio::runtime::Handle::try_current()
+    {
+        let tx = tx.clone();
+        runtime.spawn(async move {
+            let _ = tx.send(close).await;
         });
     }
 }
@@ -187,7 +200,15 @@ impl Carrier {
     ) -> Result<Opened, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (control, rx) = mpsc::channel(INBOUND_PER_SESSION);
-        lock(&self.sessions).insert(channel, Arc::new(Entry { ends, control }));
+        {
+            // Checked under the lock the reader clears the sessions
+            // with when the stream ends.
+            let mut sessions = lock(&self.sessions);
+            if !self.alive() {
+                return Err(ClientError::SessionClosed);
+            }
+            sessions.insert(channel, Arc::new(Entry { ends, control }));
+        }
         if self
             .outgoing
             .send(hello(channel, client_name))
@@ -223,6 +244,8 @@ impl Carrier {
         let first = match tokio::time::timeout(WELCOME_WITHIN, inbound.recv()).await {
             Ok(first) => first,
             Err(_) => {
+                // Should the welcome come after all, the session ends.
+                close_channel(&self.outgoing, channel);
                 return Err(refused(ClientError::Protocol(format!(
                     "no welcome for a session on channel {channel} within {WELCOME_WITHIN:?} \
                      (a registry that carries one session per stream?)"
@@ -280,8 +303,11 @@ async fn read(
                     ),
                     Some(Kind::Reply(reply)) => session.ends.calls.settle(reply),
                     kind => {
+                        // Nothing more comes on a channel the registry
+                        // closed: its session's ends go once it is told.
+                        let ended = matches!(kind, Some(Kind::Closed(_)));
                         let m = v1::ServerMessage { channel, kind };
-                        if session.control.send(Ok(m)).await.is_err() {
+                        if session.control.send(Ok(m)).await.is_err() || ended {
                             lock(&sessions).remove(&channel);
                         }
                     }
@@ -296,8 +322,9 @@ async fn read(
             }
         }
     }
+    let mut sessions = lock(&sessions);
     alive.store(false, Ordering::Release);
-    lock(&sessions).clear();
+    sessions.clear();
 }
 
 /// Calls in flight on a session stream, by id; `None` once the stream

@@ -66,6 +66,9 @@ impl Carrier {
         // Held until the session is listed, so its writer finds it when
         // its welcome wakes it.
         let mut links = self.links.lock();
+        if self.done.is_cancelled() {
+            return Err(Status::unavailable("the stream is ending"));
+        }
         if links.contains_key(&channel) {
             return Err(Status::already_exists(format!(
                 "channel {channel} already carries a session on this stream"
@@ -103,13 +106,15 @@ fn closed(channel: u32, reason: impl Into<String>) -> v1::ServerMessage {
 fn outbound(carrier: Arc<Carrier>, replies: mpsc::Receiver<v1::ServerMessage>) -> SessionStream {
     // Waited for across every message (not made anew for each).
     let stop = Box::pin(carrier.done.clone().cancelled_owned());
-    let state = (carrier, replies, VecDeque::new(), false, stop);
+    // Dropped with the stream (however hyper ends it): the reader stops.
+    let guard = carrier.done.clone().drop_guard();
+    let state = (carrier, replies, VecDeque::new(), false, (stop, guard));
     Box::pin(futures_util::stream::unfold(
         state,
-        |(carrier, mut replies, mut out, mut finished, mut stop)| async move {
+        |(carrier, mut replies, mut out, mut finished, (mut stop, guard))| async move {
             loop {
                 if let Some(m) = out.pop_front() {
-                    return Some((Ok(m), (carrier, replies, out, finished, stop)));
+                    return Some((Ok(m), (carrier, replies, out, finished, (stop, guard))));
                 }
                 if finished {
                     // Nothing is left to write to: stop reading too.
@@ -119,7 +124,7 @@ fn outbound(carrier: Arc<Carrier>, replies: mpsc::Receiver<v1::ServerMessage>) -
                 tokio::select! {
                     r = replies.recv() => {
                         let m = r?;
-                        return Some((Ok(m), (carrier, replies, out, finished, stop)));
+                        return Some((Ok(m), (carrier, replies, out, finished, (stop, guard))));
                     }
                     channels = carrier.waker.ready() => {
                         finished = carrier.write(channels, &mut out);
@@ -142,6 +147,10 @@ impl Carrier {
             let Some(link) = self.link(channel) else {
                 continue;
             };
+            // Seen before taking the queue: what was queued before the
+            // end goes out first, and an end after this wakes the writer
+            // again.
+            let ended_now = link.closed.is_cancelled();
             link.take_queued(&mut items);
             for item in items.drain(..) {
                 if let Outbound::Update(update) = &item
@@ -155,11 +164,15 @@ impl Carrier {
                 }
                 out.push_back(self.node.native_message(item, channel));
             }
-            if link.closed.is_cancelled() {
+            if ended_now {
                 let mut links = self.links.lock();
                 links.remove(&channel);
-                ended = links.is_empty();
                 out.push_back(closed(channel, "the session has ended"));
+                if links.is_empty() {
+                    // No session opens on the stream from now on.
+                    self.done.cancel();
+                    ended = true;
+                }
             }
         }
         ended

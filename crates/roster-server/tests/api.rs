@@ -884,3 +884,31 @@ async fn a_stream_opens_and_closes_sessions_by_channel() {
     metric_becomes(&server, "roster_session_streams", 0).await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_node_ends_ends_alone_on_a_shared_stream() {
+    let (server, client) = start(|_| {}).await;
+    let k = key("ended");
+    let mut a = client.open_session("a").await.unwrap();
+    let mut b = client.open_session("b").await.unwrap();
+    a.subscribe(&k).await.unwrap();
+    b.subscribe(&k).await.unwrap();
+    // The node ends a (as expiry would): its updates end, b's go on.
+    server.node.close_session(a.id());
+    let ended = timeout(WAIT, async {
+        while let Some(u) = a.next_update().await {
+            u.unwrap();
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "a's updates ended with its session");
+    let mut cache = ServiceCache::default();
+    follow_until(&mut b, &mut cache, &[]).await;
+    b.register(&k, &instance(3, 80)).await.unwrap();
+    follow_until(&mut b, &mut cache, &["10.1.0.3"]).await;
+    assert_eq!(metric(&server, "roster_session_streams").await, Some(1));
+    // A session opened now joins the same stream.
+    let _c = client.open_session("c").await.unwrap();
+    assert_eq!(metric(&server, "roster_session_streams").await, Some(1));
+    server.shutdown().await;
+}
