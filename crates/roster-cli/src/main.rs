@@ -404,8 +404,8 @@ async fn server(
     node_name: Option<String>,
     data_dir: Option<PathBuf>,
 ) -> Result<()> {
-    // Variables that are not Unicode cannot be Roster's (or are refused
-    // as such by the config, which names them).
+    // Variables that are not Unicode are skipped (reading them all as
+    // Unicode would panic).
     let env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
     let mut config = roster_server::Config::load(config.as_deref(), env)?;

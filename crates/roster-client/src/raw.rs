@@ -5,7 +5,7 @@
 //! [`crate::Client`] builds those on top. Tests and operator tools use it to
 //! speak the protocol directly.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::acks::{AckQueue, AckSent};
-use crate::stream::{Calls, Carrier, Ends, Inbound, Opened, Outgoing};
+use crate::stream::{Carrier, Ends, Inbound, Opened, Outgoing, UpdatesTx};
 use crate::{ClientError, MAX_MESSAGE_BYTES};
 
 pub use roster_proto::{ADMIN_TOKEN_HEADER, SESSION_TOKEN_HEADER};
@@ -112,16 +112,20 @@ impl Connection {
     /// Opens a session named `client_name`, on the stream the
     /// connection's sessions share (opened with the first of them).
     pub async fn open_session(&self, client_name: &str) -> Result<Session, ClientError> {
-        let (ends, updates) = Ends::new();
+        let (ends, tx, updates) = Ends::new();
         // Twice at most: a stream that ends while a session is opened on
         // it is replaced by a new one.
         for _ in 0..2 {
             let current = self.carrier.lock().await.upgrade().filter(|c| c.alive());
             if let Some(carrier) = current {
-                match carrier.open_more(client_name, ends.clone()).await {
+                match carrier
+                    .open_more(client_name, ends.clone(), tx.clone())
+                    .await
+                {
                     Err(ClientError::SessionClosed) if !carrier.alive() => continue,
                     opened => {
-                        return Ok(Session::start(self.grpc.clone(), opened?, ends, updates));
+                        let opened = opened?;
+                        return Ok(Session::start(self.grpc.clone(), opened, ends, tx, updates));
                     }
                 }
             }
@@ -130,9 +134,10 @@ impl Connection {
             if shared.upgrade().is_some_and(|c| c.alive()) {
                 continue;
             }
-            let opened = Carrier::open(self.grpc.clone(), client_name, ends.clone()).await?;
+            let opened =
+                Carrier::open(self.grpc.clone(), client_name, ends.clone(), tx.clone()).await?;
             *shared = Arc::downgrade(&opened.carrier);
-            return Ok(Session::start(self.grpc.clone(), opened, ends, updates));
+            return Ok(Session::start(self.grpc.clone(), opened, ends, tx, updates));
         }
         Err(ClientError::SessionClosed)
     }
@@ -262,9 +267,10 @@ pub struct Session {
     /// The stream it is on (held, so the stream lasts as long as it).
     carrier: Arc<Carrier>,
     updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
-    calls: Arc<Calls>,
+    /// What it shares with its stream's reader: calls awaiting replies,
+    /// and whether updates were dropped.
+    ends: Arc<Ends>,
     acks: Arc<AckQueue>,
-    missed: Arc<AtomicBool>,
     /// Keeps the session alive; aborted (ending the session) when the
     /// session is closed or dropped.
     task: Option<JoinHandle<()>>,
@@ -275,10 +281,10 @@ impl Drop for Session {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        self.calls.close();
+        self.ends.calls.close();
         // The session ends; the stream goes on for the others on it.
         self.outgoing.close();
-        self.carrier.forget(self.outgoing_channel());
+        self.carrier.forget(self.outgoing.channel());
     }
 }
 
@@ -288,9 +294,9 @@ impl Session {
         grpc: RegistryClient<Channel>,
         client_name: &str,
     ) -> Result<Self, ClientError> {
-        let (ends, updates) = Ends::new();
-        let opened = Carrier::open(grpc.clone(), client_name, ends.clone()).await?;
-        Ok(Self::start(grpc, opened, ends, updates))
+        let (ends, tx, updates) = Ends::new();
+        let opened = Carrier::open(grpc.clone(), client_name, ends.clone(), tx.clone()).await?;
+        Ok(Self::start(grpc, opened, ends, tx, updates))
     }
 
     /// Starts serving a session the registry welcomed.
@@ -298,6 +304,7 @@ impl Session {
         grpc: RegistryClient<Channel>,
         stream: Opened,
         ends: Arc<Ends>,
+        tx: UpdatesTx,
         updates: mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
     ) -> Self {
         let acks = AckQueue::new();
@@ -305,8 +312,8 @@ impl Session {
             Stream {
                 inbound: stream.inbound,
                 outgoing: stream.outgoing.clone(),
-                updates: ends.updates.clone(),
-                calls: ends.calls.clone(),
+                updates: tx,
+                ends: ends.clone(),
                 acks: acks.clone(),
             },
             stream.keepalive,
@@ -317,15 +324,10 @@ impl Session {
             outgoing: stream.outgoing,
             carrier: stream.carrier,
             updates,
-            calls: ends.calls.clone(),
+            ends,
             acks,
-            missed: ends.missed.clone(),
             task: Some(task),
         }
-    }
-
-    fn outgoing_channel(&self) -> u32 {
-        self.outgoing.channel()
     }
 
     /// The session id the registry gave.
@@ -348,7 +350,7 @@ impl Session {
         &self,
         request: v1::call::Request,
     ) -> Result<v1::reply::Result, ClientError> {
-        self.calls.call(&self.outgoing, request).await
+        self.ends.calls.call(&self.outgoing, request).await
     }
 
     /// Registers an instance owned by this session. Returns its id.
@@ -505,7 +507,7 @@ impl Session {
     /// Whether updates were dropped since the last call because they were
     /// not read in time (more than 4096 behind): pull what matters.
     pub fn missed_updates(&self) -> bool {
-        self.missed.swap(false, Ordering::AcqRel)
+        self.ends.missed.swap(false, Ordering::AcqRel)
     }
 
     /// Tells the registry this session applied `revision` of `key`. The
@@ -522,7 +524,7 @@ impl Session {
             task.abort();
             let _ = task.await;
         }
-        self.calls.close();
+        self.ends.calls.close();
     }
 }
 
@@ -530,14 +532,15 @@ impl Session {
 struct Stream {
     inbound: mpsc::Receiver<Inbound>,
     outgoing: Outgoing,
-    updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
-    calls: Arc<Calls>,
+    /// For the stream's failure (pushes come through the stream's reader).
+    updates: UpdatesTx,
+    ends: Arc<Ends>,
     acks: Arc<AckQueue>,
 }
 
 async fn run_session(mut stream: Stream, keepalive: Duration) {
     serve_session(&mut stream, keepalive).await;
-    stream.calls.close();
+    stream.ends.calls.close();
     stream.acks.end();
 }
 

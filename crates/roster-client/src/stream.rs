@@ -38,43 +38,50 @@ const OUTGOING: usize = 256;
 /// so) rather than stalling the session's replies and keep-alives.
 const UPDATES_BUFFERED: usize = 4096;
 
-/// Where the reader hands a session's messages: pushes and replies
-/// directly, the rest to the session's task.
+/// Where a session's updates go; the receiver ends once every sender
+/// has (the stream's entry for the session, and the session's task).
+pub(crate) type UpdatesTx = mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>;
+
+/// What a session and its stream's reader share: the calls waiting for
+/// replies, and whether updates were dropped.
 pub(crate) struct Ends {
-    pub updates: mpsc::Sender<Result<v1::ServiceUpdate, ClientError>>,
     /// Set when an update was dropped because the reader was too far behind.
-    pub missed: Arc<AtomicBool>,
-    pub calls: Arc<Calls>,
+    pub missed: AtomicBool,
+    pub calls: Calls,
 }
 
 impl Ends {
-    /// A session's ends, and the receiver of its updates.
+    /// A session's ends, and the two sides of its updates' channel.
     pub fn new() -> (
         Arc<Self>,
+        UpdatesTx,
         mpsc::Receiver<Result<v1::ServiceUpdate, ClientError>>,
     ) {
         let (updates, rx) = mpsc::channel(UPDATES_BUFFERED);
         let ends = Arc::new(Self {
-            updates,
-            missed: Arc::new(AtomicBool::new(false)),
-            calls: Calls::open(),
+            missed: AtomicBool::new(false),
+            calls: Calls::default(),
         });
-        (ends, rx)
+        (ends, updates, rx)
     }
+}
 
+/// A session as its stream's reader sees it.
+struct Entry {
+    ends: Arc<Ends>,
+    updates: UpdatesTx,
+    control: mpsc::Sender<Inbound>,
+}
+
+impl Entry {
     /// Hands an update over without waiting for its reader: replies and
     /// keep-alives must go on, so a reader this far behind is told it
     /// missed some instead.
     fn deliver(&self, update: Result<v1::ServiceUpdate, ClientError>) {
         if let Err(mpsc::error::TrySendError::Full(_)) = self.updates.try_send(update) {
-            self.missed.store(true, Ordering::Release);
+            self.ends.missed.store(true, Ordering::Release);
         }
     }
-}
-
-struct Entry {
-    ends: Arc<Ends>,
-    control: mpsc::Sender<Inbound>,
 }
 
 type Sessions = Arc<Mutex<HashMap<u32, Arc<Entry>>>>;
@@ -169,11 +176,17 @@ impl Carrier {
         mut grpc: RegistryClient<Channel>,
         client_name: &str,
         ends: Arc<Ends>,
+        updates: UpdatesTx,
     ) -> Result<Opened, ClientError> {
         let (outgoing, rx) = mpsc::channel(OUTGOING);
         let sessions: Sessions = Arc::default();
         let (control, first_rx) = mpsc::channel(INBOUND_PER_SESSION);
-        lock(&sessions).insert(0, Arc::new(Entry { ends, control }));
+        let entry = Entry {
+            ends,
+            updates,
+            control,
+        };
+        lock(&sessions).insert(0, Arc::new(entry));
         // The registry answers the stream once it has read a hello.
         outgoing
             .send(hello(0, client_name))
@@ -197,6 +210,7 @@ impl Carrier {
         self: &Arc<Self>,
         client_name: &str,
         ends: Arc<Ends>,
+        updates: UpdatesTx,
     ) -> Result<Opened, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (control, rx) = mpsc::channel(INBOUND_PER_SESSION);
@@ -207,7 +221,12 @@ impl Carrier {
             if !self.alive() {
                 return Err(ClientError::SessionClosed);
             }
-            sessions.insert(channel, Arc::new(Entry { ends, control }));
+            let entry = Entry {
+                ends,
+                updates,
+                control,
+            };
+            sessions.insert(channel, Arc::new(entry));
         }
         if self
             .outgoing
@@ -297,7 +316,7 @@ async fn read(
                     continue;
                 };
                 match m.kind {
-                    Some(Kind::Update(bytes)) => session.ends.deliver(
+                    Some(Kind::Update(bytes)) => session.deliver(
                         v1::ServiceUpdate::decode(bytes)
                             .map_err(|e| ClientError::Protocol(e.to_string())),
                     ),
@@ -334,14 +353,16 @@ pub(crate) struct Calls {
     pending: Mutex<Option<HashMap<u64, oneshot::Sender<v1::reply::Result>>>>,
 }
 
-impl Calls {
-    fn open() -> Arc<Self> {
-        Arc::new(Self {
+impl Default for Calls {
+    fn default() -> Self {
+        Self {
             next_id: AtomicU64::new(1),
             pending: Mutex::new(Some(HashMap::new())),
-        })
+        }
     }
+}
 
+impl Calls {
     /// Makes `request` on the session `outgoing` sends for; waits for its
     /// reply.
     pub(crate) async fn call(

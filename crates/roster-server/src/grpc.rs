@@ -117,8 +117,7 @@ fn outbound(carrier: Arc<Carrier>, replies: mpsc::Receiver<v1::ServerMessage>) -
                     return Some((Ok(m), (carrier, replies, out, finished, (stop, guard))));
                 }
                 if finished {
-                    // Nothing is left to write to: stop reading too.
-                    carrier.done.cancel();
+                    // `write` ended the stream (the reader stops too).
                     return None;
                 }
                 tokio::select! {

@@ -122,17 +122,13 @@ impl SessionLink {
         }
     }
 
-    /// Tells whoever writes the session that it has something to send.
+    /// Tells whoever writes the session that it has something to send:
+    /// its stream's writer, or the reader of [`Self::next`].
     fn wake(&self) {
-        self.ready.notify_one();
-        if let Some(s) = &self.stream {
-            s.waker.wake(s.channel, &s.listed);
+        match &self.stream {
+            Some(s) => s.waker.wake(s.channel, &s.listed),
+            None => self.ready.notify_one(),
         }
-    }
-
-    /// The session's channel on its stream (0 when it is alone on it).
-    pub fn channel(&self) -> u32 {
-        self.stream.as_ref().map_or(0, |s| s.channel)
     }
 
     /// Ends the session's link: its writer sends what is queued, then says
