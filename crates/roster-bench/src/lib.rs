@@ -201,6 +201,18 @@ impl Drop for Target {
     }
 }
 
+/// The limits of a node the bench starts, as `ROSTER_LIMITS_*` values.
+const BENCH_LIMITS: &[(&str, &str)] = &[
+    ("SESSIONS", "20000000"),
+    ("SERVICES", "10000000"),
+    ("INSTANCES", "20000000"),
+    ("INSTANCES_PER_SERVICE", "10000000"),
+    ("INSTANCES_PER_SESSION", "10000000"),
+    ("CONNECTIONS", "1000000"),
+    ("CONNECTIONS_PER_ADDRESS", "1000000"),
+    ("SESSIONS_PER_STREAM", "1000000"),
+];
+
 /// Starts `<roster> server` on free loopback ports (it prints the
 /// addresses it bound) and waits until it answers.
 async fn spawn_server(roster: &Path) -> Result<Target> {
@@ -211,6 +223,15 @@ async fn spawn_server(roster: &Path) -> Result<Target> {
         .arg("--data-dir")
         .arg(&data_dir)
         .env("ROSTER_LOG", "warn")
+        // The bench is its own node's only client: the limits that keep one
+        // client from taking a shared node over would only cut the shapes
+        // short (a million instances from eight sessions, ten thousand
+        // subscriber connections from one address).
+        .envs(
+            BENCH_LIMITS
+                .iter()
+                .map(|(k, v)| (format!("ROSTER_LIMITS_{k}"), *v)),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

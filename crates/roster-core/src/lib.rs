@@ -8,6 +8,7 @@
 
 pub mod checksum;
 pub mod held;
+pub mod limits;
 pub mod metadata;
 pub mod model;
 pub mod push;
@@ -15,6 +16,7 @@ pub mod registry;
 pub mod service;
 pub mod session;
 
+pub use limits::{LimitHit, Limits};
 pub use model::{
     Address, DEFAULT_CLUSTER, DEFAULT_GROUP, DEFAULT_NAMESPACE, DEFAULT_NETWORK, Instance,
     InstanceRecord, Metadata, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,

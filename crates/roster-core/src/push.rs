@@ -226,6 +226,18 @@ impl Subscriptions {
         self.by_session.values().map(HashSet::len).sum()
     }
 
+    /// Services one session subscribes to.
+    pub fn of_session(&self, session: &str) -> usize {
+        self.by_session.get(session).map_or(0, HashSet::len)
+    }
+
+    /// Whether `session` subscribes to `key`.
+    pub fn is_subscribed(&self, session: &str, key: &ServiceKey) -> bool {
+        self.by_session
+            .get(session)
+            .is_some_and(|keys| keys.contains(key))
+    }
+
     /// Subscribers of one service.
     pub fn count(&self, key: &ServiceKey) -> usize {
         self.by_service.get(key).map_or(0, HashMap::len)

@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::checksum::instance_hash;
 pub use crate::held::{Held, Records, SessionData};
+pub use crate::limits::{LimitHit, Limits};
 use crate::model::{
     Instance, InstanceRecord, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
     Version,
@@ -69,6 +70,15 @@ pub enum RegistryError {
     /// A feature this node does not offer yet.
     #[error("{0}")]
     Unsupported(String),
+    /// The write would pass one of the node's limits.
+    #[error("{0}")]
+    Limit(LimitHit),
+}
+
+impl From<LimitHit> for RegistryError {
+    fn from(hit: LimitHit) -> Self {
+        Self::Limit(hit)
+    }
 }
 
 /// A service's view after a write: its revision (unchanged when the write
@@ -113,6 +123,11 @@ pub struct RegistryConfig {
     /// How long a dropped session's tombstone is kept, so a late copy of
     /// its data cannot bring it back.
     pub tombstone_grace: Duration,
+    /// What this node's own sessions may make it hold.
+    pub limits: Limits,
+    /// How long a service with no instance keeps its state (revision,
+    /// deltas) before it is forgotten.
+    pub empty_service_grace: Duration,
 }
 
 impl Default for RegistryConfig {
@@ -121,6 +136,8 @@ impl Default for RegistryConfig {
             delta_window: 128,
             timeouts: SessionTimeouts::default(),
             tombstone_grace: Duration::from_secs(60),
+            limits: Limits::default(),
+            empty_service_grace: Duration::from_secs(60),
         }
     }
 }
@@ -146,6 +163,8 @@ pub struct Registry {
     /// Services written since the last [`Self::take_unpublished`].
     unpublished: Vec<Arc<ServiceKey>>,
     instance_count: usize,
+    /// Services seen empty by [`Self::forget_empty_services`], and since when.
+    empty_since: HashMap<Arc<ServiceKey>, Instant>,
 }
 
 impl Registry {
@@ -162,6 +181,7 @@ impl Registry {
             data: HashMap::default(),
             unpublished: Vec::new(),
             instance_count: 0,
+            empty_since: HashMap::default(),
         }
     }
 
@@ -198,6 +218,8 @@ impl Registry {
         if self.sessions.get(&id).is_some() {
             return Err(RegistryError::SessionExists(id.to_string()));
         }
+        let max = self.config.limits.sessions;
+        Limits::at_most("sessions", self.sessions.len() + 1, max)?;
         let owner = Arc::new(Owner {
             origin: self.node.clone(),
             session: id,
@@ -289,7 +311,13 @@ impl Registry {
         now: Instant,
     ) -> Result<(Change, Arc<str>), RegistryError> {
         let instance = checked(instance)?;
+        self.config.limits.check_instance(&instance)?;
         let owner = self.touch_owner(session, now)?;
+        let added = match self.own_record(&owner, key, &instance.id) {
+            Some(_) => 0,
+            None => 1,
+        };
+        self.check_growth(&owner, key, added, [instance.id.as_str()])?;
         let version = self.next_version();
         let key = self.intern(key);
         let id: Arc<str> = instance.id.as_str().into();
@@ -311,7 +339,17 @@ impl Registry {
             .into_iter()
             .map(checked)
             .collect::<Result<Vec<_>, _>>()?;
+        for i in &instances {
+            self.config.limits.check_instance(i)?;
+        }
         let owner = self.touch_owner(session, now)?;
+        let held_here = self
+            .data
+            .get(&owner)
+            .and_then(Held::records)
+            .map_or(0, |r| r.ids(key).len());
+        let distinct: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        let added = distinct.len() as isize - held_here as isize;
         if instances.is_empty() && !self.services.contains_key(key) {
             // Nothing held there, nothing to hold: no service is made.
             return Ok(Change {
@@ -319,6 +357,7 @@ impl Registry {
                 revision: 0,
             });
         }
+        self.check_growth(&owner, key, added, distinct.iter().copied())?;
         let version = self.next_version();
         let key = self.intern(key);
         let mut changes: BTreeMap<Arc<str>, Option<Arc<InstanceRecord>>> = BTreeMap::new();
@@ -370,6 +409,7 @@ impl Registry {
         let mut instance = old.instance.clone();
         edit(&mut instance);
         let instance = instance.normalize()?;
+        self.config.limits.check_instance(&instance)?;
         if instance.id != id || instance.addresses != old.instance.addresses {
             return Err(RegistryError::Invalid(ValidationError::new(
                 "instance",
@@ -665,6 +705,43 @@ impl Registry {
         Some(self.services.get(key)?.oldest_delta_base())
     }
 
+    /// Forgets the services that have shown no instance since a call at
+    /// least `empty_service_grace` ago, and returns their keys. Services
+    /// written but not yet taken by [`Self::take_unpublished`] are kept
+    /// (publish first). A service registered again later starts afresh at
+    /// a new revision, above any it had.
+    pub fn forget_empty_services(&mut self, now: Instant) -> Vec<Arc<ServiceKey>> {
+        let grace = self.config.empty_service_grace;
+        let services = &self.services;
+        self.empty_since
+            .retain(|k, _| services.get(k).is_some_and(|s| s.instances().is_empty()));
+        for (key, state) in &self.services {
+            if state.instances().is_empty() {
+                self.empty_since.entry(key.clone()).or_insert(now);
+            }
+        }
+        let unpublished: std::collections::HashSet<&Arc<ServiceKey>> =
+            self.unpublished.iter().collect();
+        let gone: Vec<Arc<ServiceKey>> = self
+            .empty_since
+            .iter()
+            .filter(|(k, since)| {
+                now.saturating_duration_since(**since) >= grace && !unpublished.contains(k)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &gone {
+            self.empty_since.remove(key);
+            self.services.remove(key);
+        }
+        gone
+    }
+
+    /// Whether the registry has state for `key`.
+    pub fn has_service(&self, key: &ServiceKey) -> bool {
+        self.services.contains_key(key)
+    }
+
     /// Number of services (including empty ones).
     pub fn service_count(&self) -> usize {
         self.services.len()
@@ -676,6 +753,44 @@ impl Registry {
     }
 
     // ---- internals -------------------------------------------------------
+
+    /// Refuses a write of `owner` that adds `added` records to its own (a
+    /// negative number: it holds fewer after) and holds `ids` in `key`,
+    /// if this node would then hold more than its limits allow.
+    fn check_growth<'a>(
+        &self,
+        owner: &OwnerRef,
+        key: &ServiceKey,
+        added: isize,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), LimitHit> {
+        let limits = &self.config.limits;
+        let state = self.services.get(key);
+        if state.is_none() {
+            Limits::at_most("services", self.services.len() + 1, limits.services)?;
+        }
+        if added > 0 {
+            let held = self
+                .data
+                .get(owner)
+                .and_then(Held::records)
+                .map_or(0, Records::len);
+            let after = held.saturating_add_signed(added);
+            Limits::at_most("instances_per_session", after, limits.instances_per_session)?;
+        }
+        // Ids not shown yet would be new entries of the view.
+        let shown = state.map_or(0, |s| s.instances().len());
+        let new = ids
+            .into_iter()
+            .filter(|id| state.is_none_or(|s| s.get(id).is_none()))
+            .count();
+        if new > 0 {
+            let max = limits.instances_per_service;
+            Limits::at_most("instances_per_service", shown + new, max)?;
+            Limits::at_most("instances", self.instance_count + new, limits.instances)?;
+        }
+        Ok(())
+    }
 
     /// The service's interned key, creating its state if new.
     fn intern(&mut self, key: &ServiceKey) -> Arc<ServiceKey> {

@@ -916,3 +916,108 @@ fn a_beat_makes_a_silenced_instance_healthy_even_after_an_update() {
     reg.register(&stream, &key(0), sick, t0).unwrap();
     assert!(reg.beat(&stream, t0 + s(1)).unwrap().is_empty());
 }
+
+/// What a refused write must leave as it was: each service's revision
+/// and view, and the counts.
+fn state(reg: &mut Registry) -> (Vec<(u64, usize)>, usize, usize) {
+    let views = (0..3u8)
+        .map(|s| {
+            reg.view(&key(s))
+                .map_or((0, 0), |v| (v.revision, v.instances.len()))
+        })
+        .collect();
+    (views, reg.instance_count(), reg.service_count())
+}
+
+/// Small limits, so random operations reach each of them.
+fn limited() -> Registry {
+    Registry::new(
+        "n1",
+        7,
+        RegistryConfig {
+            limits: roster_core::Limits {
+                sessions: 4,
+                services: 2,
+                instances: 7,
+                instances_per_service: 5,
+                instances_per_session: 4,
+                addresses_per_instance: 2,
+                metadata_bytes: 64,
+            },
+            ..RegistryConfig::default()
+        },
+    )
+}
+
+proptest! {
+    /// Whatever the sessions write, the registry never holds more than its
+    /// limits, and a write refused for a limit changes nothing.
+    #[test]
+    fn limits_are_never_passed_and_a_refused_write_changes_nothing(
+        ops in prop::collection::vec(op(), 1..80)
+    ) {
+        let now = Instant::now();
+        let mut reg = limited();
+        let mut sessions: Vec<SessionId> = (0..3).map(|_| open(&mut reg, "t", now)).collect();
+        for op in &ops {
+            let before = state(&mut reg);
+            let result = match op {
+                Op::Register { session, service, host, weight } => reg
+                    .register(&sessions[*session], &key(*service), instance(*host, *weight), now)
+                    .map(|_| ()),
+                Op::Replace { session, service, hosts } => {
+                    let instances = hosts.iter().map(|h| instance(*h, 1)).collect();
+                    reg.set_instances(&sessions[*session], &key(*service), instances, now)
+                        .map(|_| ())
+                }
+                Op::CloseSession { session } => {
+                    reg.close_session(&sessions[*session], now);
+                    sessions[*session] = open(&mut reg, "t", now);
+                    Ok(())
+                }
+                // Removals and edits never grow what is held.
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) => {}
+                Err(RegistryError::Limit(_)) => prop_assert_eq!(&state(&mut reg), &before),
+                Err(e) => panic!("{e}"),
+            }
+            prop_assert!(reg.instance_count() <= 7);
+            prop_assert!(reg.service_count() <= 2);
+            prop_assert!(reg.sessions().len() <= 4);
+            for s in 0..3u8 {
+                prop_assert!(reg.view(&key(s)).map_or(0, |v| v.instances.len()) <= 5);
+            }
+            for (_, held) in reg.held_sessions() {
+                prop_assert!(held.records().map_or(0, |r| r.len()) <= 4);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_instance_over_its_size_limits_is_refused_naming_the_limit() {
+    let now = Instant::now();
+    let mut reg = limited();
+    let s = open(&mut reg, "t", now);
+    let mut wide = instance(1, 1);
+    for n in 0..3 {
+        wide.addresses.push(roster_core::Address {
+            network: format!("net{n}"),
+            ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, n)),
+        });
+    }
+    let err = reg.register(&s, &key(0), wide, now).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("limits.addresses_per_instance is 2"),
+        "{err}"
+    );
+    let mut heavy = instance(1, 1);
+    heavy.metadata.insert("k", &"v".repeat(100));
+    let err = reg.register(&s, &key(0), heavy, now).unwrap_err();
+    assert!(matches!(err, RegistryError::Limit(h) if h.key == "metadata_bytes" && h.is_size()));
+    assert_eq!(reg.instance_count(), 0);
+    assert_eq!(reg.service_count(), 0);
+}

@@ -34,6 +34,7 @@ pub fn status(e: RegistryError) -> Status {
         e @ RegistryError::SessionExists(_) => Status::already_exists(e.to_string()),
         RegistryError::Unavailable(m) => Status::unavailable(m),
         RegistryError::Unsupported(m) => Status::unimplemented(m),
+        RegistryError::Limit(hit) => Status::resource_exhausted(hit.to_string()),
     }
 }
 

@@ -44,6 +44,117 @@ pub struct Config {
     pub nacos: NacosSection,
     /// Operator authority.
     pub admin: AdminSection,
+    /// What one node holds at most, whoever asks.
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: what clients can make one node hold. A request that would
+/// pass one is refused with an error naming it (HTTP 413 for sizes, 429
+/// for counts; gRPC `RESOURCE_EXHAUSTED`), counted in
+/// `roster_limit_hits_total` and logged the first time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Sessions open (streams, HTTP leases, Nacos connections and HTTP
+    /// instances' beat leases).
+    pub sessions: usize,
+    /// Services with instances or state.
+    pub services: usize,
+    /// Instances over all services.
+    pub instances: usize,
+    /// Instances in one service.
+    pub instances_per_service: usize,
+    /// Instances one session (connection) holds.
+    pub instances_per_session: usize,
+    /// Addresses (networks) of one instance.
+    pub addresses_per_instance: usize,
+    /// Metadata of one instance, keys plus values, in bytes (at most 65536).
+    pub metadata_bytes: usize,
+    /// Services one session subscribes to.
+    pub subscriptions_per_session: usize,
+    /// Sessions carried by one native session stream.
+    pub sessions_per_stream: usize,
+    /// Concurrent gRPC calls (HTTP/2 streams) on one connection.
+    pub streams_per_connection: u32,
+    /// Nacos UDP push targets (`ip:udpPort`) per client IP address.
+    pub udp_targets_per_address: usize,
+    /// Nacos UDP push targets in all.
+    pub udp_targets: usize,
+    /// Nacos gRPC pushes one connection leaves unacknowledged; past it the
+    /// connection is taken as stuck and closed.
+    pub pending_pushes_per_connection: usize,
+    /// Open connections over both ports.
+    pub connections: usize,
+    /// Open connections from one client IP address, over both ports.
+    pub connections_per_address: usize,
+    /// A connection must send a whole request header within this.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A connection that sends nothing for this long is closed (live gRPC
+    /// connections answer the node's pings every 30 s, so stay).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Largest HTTP request body, in bytes.
+    pub http_body_bytes: usize,
+    /// Largest gRPC message, in bytes.
+    pub grpc_message_bytes: usize,
+    /// Shortest beat or delete timeout a client may ask for (Nacos
+    /// instance metadata); shorter ones are raised to it.
+    #[serde(with = "duration")]
+    pub client_timeout_min: Duration,
+    /// Longest beat or delete timeout a client may ask for; longer ones
+    /// are lowered to it.
+    #[serde(with = "duration")]
+    pub client_timeout_max: Duration,
+    /// A subscriber whose pushes stay queued, or unacknowledged, this long
+    /// is closed (its client reconnects and gets a full view).
+    #[serde(with = "duration")]
+    pub stuck_timeout: Duration,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let core = roster_core::Limits::default();
+        Self {
+            sessions: core.sessions,
+            services: core.services,
+            instances: core.instances,
+            instances_per_service: core.instances_per_service,
+            instances_per_session: core.instances_per_session,
+            addresses_per_instance: core.addresses_per_instance,
+            metadata_bytes: core.metadata_bytes,
+            subscriptions_per_session: 10_000,
+            sessions_per_stream: 1_024,
+            streams_per_connection: 1_024,
+            udp_targets_per_address: 64,
+            udp_targets: 10_000,
+            pending_pushes_per_connection: 1_024,
+            connections: 10_000,
+            connections_per_address: 1_000,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            http_body_bytes: 1024 * 1024,
+            grpc_message_bytes: 16 * 1024 * 1024,
+            client_timeout_min: Duration::from_secs(1),
+            client_timeout_max: Duration::from_secs(600),
+            stuck_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The limits the core registry enforces.
+    pub fn core(&self) -> roster_core::Limits {
+        roster_core::Limits {
+            sessions: self.sessions,
+            services: self.services,
+            instances: self.instances,
+            instances_per_service: self.instances_per_service,
+            instances_per_session: self.instances_per_session,
+            addresses_per_instance: self.addresses_per_instance,
+            metadata_bytes: self.metadata_bytes,
+        }
+    }
 }
 
 /// `[admin]`
@@ -120,6 +231,10 @@ pub struct RegistrySection {
     /// its data cannot bring it back).
     #[serde(with = "duration")]
     pub tombstone_grace: Duration,
+    /// A service with no instances (and no subscriber) is forgotten after
+    /// this long.
+    #[serde(with = "duration")]
+    pub empty_service_grace: Duration,
 }
 
 /// `[nacos]`
@@ -148,6 +263,10 @@ pub struct NacosSection {
     pub push_ack_timeout: Duration,
     /// ... at most this many times.
     pub push_retries: u32,
+    /// Addresses of proxies trusted to name the client they forward for
+    /// (`clientIP` of a UDP subscription); anyone else's UDP pushes go to
+    /// the address the request came from.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for NacosSection {
@@ -160,6 +279,7 @@ impl Default for NacosSection {
             udp_subscriber_ttl: Duration::from_secs(180),
             push_ack_timeout: Duration::from_secs(5),
             push_retries: 3,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -202,6 +322,7 @@ impl Default for RegistrySection {
         Self {
             delta_window: 128,
             tombstone_grace: Duration::from_secs(60),
+            empty_service_grace: Duration::from_secs(60),
         }
     }
 }
@@ -216,6 +337,7 @@ impl Default for Config {
             registry: RegistrySection::default(),
             nacos: NacosSection::default(),
             admin: AdminSection::default(),
+            limits: LimitsSection::default(),
         }
     }
 }
@@ -313,9 +435,74 @@ impl Config {
                 "nacos.delete_timeout must be at least nacos.beat_timeout".into(),
             ));
         }
+        self.check_limits()?;
         if self.push.queue_capacity == 0 || self.registry.delta_window == 0 {
             return Err(ConfigError::Invalid(
                 "push.queue_capacity and registry.delta_window must be above 0".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        for (name, value) in [
+            ("sessions", l.sessions),
+            ("services", l.services),
+            ("instances", l.instances),
+            ("instances_per_service", l.instances_per_service),
+            ("instances_per_session", l.instances_per_session),
+            ("addresses_per_instance", l.addresses_per_instance),
+            ("subscriptions_per_session", l.subscriptions_per_session),
+            ("sessions_per_stream", l.sessions_per_stream),
+            ("streams_per_connection", l.streams_per_connection as usize),
+            ("udp_targets_per_address", l.udp_targets_per_address),
+            ("udp_targets", l.udp_targets),
+            (
+                "pending_pushes_per_connection",
+                l.pending_pushes_per_connection,
+            ),
+            ("connections", l.connections),
+            ("connections_per_address", l.connections_per_address),
+            ("http_body_bytes", l.http_body_bytes),
+            ("grpc_message_bytes", l.grpc_message_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be above 0"
+                )));
+            }
+        }
+        let max_metadata = roster_core::model::MAX_METADATA_BYTES;
+        if l.metadata_bytes > max_metadata {
+            return Err(ConfigError::Invalid(format!(
+                "limits.metadata_bytes must be at most {max_metadata}"
+            )));
+        }
+        for (name, d) in [
+            ("header_read_timeout", l.header_read_timeout),
+            ("client_timeout_min", l.client_timeout_min),
+            ("stuck_timeout", l.stuck_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be above 0"
+                )));
+            }
+        }
+        if l.client_timeout_max < l.client_timeout_min {
+            return Err(ConfigError::Invalid(
+                "limits.client_timeout_max must be at least limits.client_timeout_min".into(),
+            ));
+        }
+        // The node pings gRPC connections every 30 s; an idle timeout
+        // below that would close live ones.
+        if l.idle_timeout < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid(
+                "limits.idle_timeout must be at least 60s (gRPC connections are pinged every 30s)"
+                    .into(),
             ));
         }
         Ok(())
@@ -383,6 +570,14 @@ fn apply_env(
                     .parse()
                     .map(toml::Value::Boolean)
                     .unwrap_or_else(|_| toml::Value::String(text.clone())),
+                // A list: comma-separated.
+                toml::Value::Array(_) => toml::Value::Array(
+                    text.split(',')
+                        .map(str::trim)
+                        .filter(|t| !t.is_empty())
+                        .map(|t| toml::Value::String(t.to_owned()))
+                        .collect(),
+                ),
                 _ => toml::Value::String(text.clone()),
             };
             vec![(prefix.to_owned(), key.to_owned())]

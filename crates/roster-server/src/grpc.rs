@@ -74,6 +74,10 @@ impl Carrier {
                 "channel {channel} already carries a session on this stream"
             )));
         }
+        let max = self.node.config().limits.sessions_per_stream;
+        if links.len() >= max {
+            return Err(status(self.node.refuse("sessions_per_stream", max)));
+        }
         let link = self
             .node
             .open_stream(client_name, self.peer, Some((self.waker.clone(), channel)))

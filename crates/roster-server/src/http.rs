@@ -61,6 +61,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::SessionExists(_) => StatusCode::CONFLICT,
             RegistryError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RegistryError::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
+            RegistryError::Limit(hit) if hit.is_size() => StatusCode::PAYLOAD_TOO_LARGE,
+            RegistryError::Limit(_) => StatusCode::TOO_MANY_REQUESTS,
         };
         Self {
             status,
@@ -73,7 +75,11 @@ impl From<RegistryError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
         Self {
-            status: StatusCode::BAD_REQUEST,
+            // 413 for a body over `limits.http_body_bytes`, else 400.
+            status: match e.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            },
             message: format!("invalid JSON body: {}", e.body_text()),
             field: None,
         }
@@ -121,6 +127,12 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     node.metrics.sessions.set(sessions as i64);
     node.metrics.services.set(services as i64);
     node.metrics.instances.set(instances as i64);
+    if let Some(open) = crate::admission::open_descriptors() {
+        node.metrics.open_fds.set(open as i64);
+    }
+    if let Some(max) = crate::admission::max_descriptors() {
+        node.metrics.max_fds.set(i64::try_from(max).unwrap_or(i64::MAX));
+    }
     (
         [(
             header::CONTENT_TYPE,

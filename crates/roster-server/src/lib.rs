@@ -4,6 +4,7 @@
 //! handle; [`RunningServer::shutdown`] stops them all.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod calls;
 pub mod config;
 pub mod grpc;
@@ -134,9 +135,6 @@ impl RunningServer {
     }
 }
 
-/// Largest Nacos gRPC message accepted (Nacos' Java server allows 10 MiB).
-const NACOS_MAX_MESSAGE: usize = 16 * 1024 * 1024;
-
 /// Binds `addr` and returns the listener with the address it got.
 async fn bind(
     what: &'static str,
@@ -180,20 +178,35 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     tasks.spawn(nacos.clone().run_udp_acks());
     tasks.spawn(run_beat_checker(node.clone()));
     let nacos_grpc = nacos::grpc::NacosGrpc::new(nacos.clone());
-    let quick_ack = node.config().server.tcp_quickack;
-    let incoming = futures_util::StreamExt::map(
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-        move |conn| conn.map(|tcp| quickack::QuickAck::new(tcp, quick_ack)),
+    let limits = node.config().limits.clone();
+    let admission = admission::Admission::new(
+        admission::Rules {
+            total: limits.connections,
+            per_address: limits.connections_per_address,
+            header_timeout: limits.header_read_timeout,
+            idle_timeout: limits.idle_timeout,
+        },
+        node.metrics.clone(),
     );
+    let quick_ack = node.config().server.tcp_quickack;
+    let incoming = futures_util::stream::unfold(
+        (grpc_listener, admission.clone()),
+        move |(listener, admission)| async move {
+            let (conn, _) = admission.accept(&listener, "grpc").await;
+            let conn = conn.map(|tcp| quickack::QuickAck::new(tcp, quick_ack));
+            Some((Ok::<_, std::io::Error>(conn), (listener, admission)))
+        },
+    );
+    let max_message = limits.grpc_message_bytes;
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(RegistryServer::new(grpc::GrpcApi::new(node.clone())))
+        .max_concurrent_streams(Some(limits.streams_per_connection))
         .add_service(
-            RequestServer::new(nacos_grpc.clone()).max_decoding_message_size(NACOS_MAX_MESSAGE),
+            RegistryServer::new(grpc::GrpcApi::new(node.clone()))
+                .max_decoding_message_size(max_message),
         )
-        .add_service(
-            BiRequestStreamServer::new(nacos_grpc).max_decoding_message_size(NACOS_MAX_MESSAGE),
-        )
+        .add_service(RequestServer::new(nacos_grpc.clone()).max_decoding_message_size(max_message))
+        .add_service(BiRequestStreamServer::new(nacos_grpc).max_decoding_message_size(max_message))
         .serve_with_incoming_shutdown(incoming, node.shutdown.clone().cancelled_owned());
     tasks.spawn(async move {
         if let Err(e) = grpc.await {
@@ -201,18 +214,10 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         }
     });
 
-    let app = http::router(node.clone()).merge(nacos::http::router(nacos));
-    let stop = node.shutdown.clone();
-    tasks.spawn(async move {
-        let serve = axum::serve(
-            http_listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.cancelled_owned());
-        if let Err(e) = serve.await {
-            tracing::error!("HTTP listener failed: {e}");
-        }
-    });
+    let app = http::router(node.clone())
+        .merge(nacos::http::router(nacos))
+        .layer(axum::extract::DefaultBodyLimit::max(limits.http_body_bytes));
+    tasks.spawn(serve_http(node.clone(), admission, http_listener, app));
     node.set_ready();
     tracing::info!(%grpc_addr, %http_addr, node = %name, incarnation, "roster node started");
     Ok(RunningServer {
@@ -221,6 +226,49 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         node,
         tasks,
     })
+}
+
+/// Serves HTTP/1 on `listener` until the node stops: each admitted
+/// connection in a task of the node, ended gracefully at shutdown.
+async fn serve_http(
+    node: Arc<Node>,
+    admission: Arc<admission::Admission>,
+    listener: TcpListener,
+    app: axum::Router,
+) {
+    let header_timeout = admission.rules().header_timeout;
+    loop {
+        let (conn, peer) = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            accepted = admission.accept(&listener, "http") => accepted,
+        };
+        let app = app.clone();
+        let stop = node.shutdown.clone();
+        node.tasks.spawn(async move {
+            let service = hyper::service::service_fn(move |mut request| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), request)
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
+            tokio::pin!(conn);
+            let done = tokio::select! {
+                done = conn.as_mut() => done,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = done {
+                tracing::debug!(%peer, "HTTP connection ended: {e}");
+            }
+        });
+    }
 }
 
 /// Every `nacos.beat_check_interval`: HTTP-registered Nacos instances

@@ -1,5 +1,13 @@
 //! Prometheus metrics of a node. Counters and the latency histogram are
 //! updated where things happen; gauges of sizes are read at scrape time.
+//! A limit hit is also logged: the first time, then at most once a minute
+//! per limit, with how many were refused meanwhile.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus_client::metrics::family::Family;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -28,7 +36,23 @@ pub struct Metrics {
     pub pulls: Counter,
     /// Seconds from a change to its update leaving for a subscriber.
     pub push_latency: Histogram,
+    /// Requests refused (or connections closed) at a limit, by limit.
+    limit_hits: Family<Vec<(String, String)>, Counter>,
+    /// When each limit was last logged, and the hits since.
+    limit_log: Mutex<HashMap<&'static str, (Instant, u64)>>,
+    /// Open connections, by port (`http`, `grpc`).
+    pub connections: Family<Vec<(String, String)>, Gauge>,
+    /// File descriptors the process has open (read at scrape time).
+    pub open_fds: Gauge,
+    /// The process' descriptor limit (read at scrape time).
+    pub max_fds: Gauge,
+    /// Subscribers closed because their pushes stayed queued or
+    /// unacknowledged.
+    pub stuck_ejections: Counter,
 }
+
+/// How often one limit is logged at most.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
 
 impl Metrics {
     /// Registers every metric.
@@ -67,7 +91,43 @@ impl Metrics {
             "Time from a change to its update leaving for a subscriber",
             push_latency.clone(),
         );
+        let limit_hits = Family::<Vec<(String, String)>, Counter>::default();
+        registry.register(
+            "limit_hits",
+            "Requests refused or connections closed at a configured limit, by limit",
+            limit_hits.clone(),
+        );
+        let connections = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open connections, by port",
+            connections.clone(),
+        );
+        let open_fds = Gauge::default();
+        registry.register(
+            "open_fds",
+            "File descriptors open in the process",
+            open_fds.clone(),
+        );
+        let max_fds = Gauge::default();
+        registry.register(
+            "max_fds",
+            "The process' file descriptor limit",
+            max_fds.clone(),
+        );
+        let stuck_ejections = Counter::default();
+        registry.register(
+            "stuck_ejections",
+            "Subscribers closed because their pushes stayed queued or unacknowledged",
+            stuck_ejections.clone(),
+        );
         Self {
+            limit_hits,
+            limit_log: Mutex::new(HashMap::new()),
+            connections,
+            open_fds,
+            max_fds,
+            stuck_ejections,
             registry,
             sessions,
             session_streams,
@@ -78,6 +138,37 @@ impl Metrics {
             pulls,
             push_latency,
         }
+    }
+
+    /// Counts a hit of `limit` (its key under `[limits]`) and logs it if
+    /// it was not logged within the last minute; `detail` says who or what.
+    pub fn limit_hit(&self, limit: &'static str, detail: &dyn std::fmt::Display) {
+        self.limit_hits
+            .get_or_create(&vec![("limit".to_owned(), limit.to_owned())])
+            .inc();
+        let now = Instant::now();
+        let mut log = self.limit_log.lock();
+        match log.get_mut(limit) {
+            Some((at, since)) if now.duration_since(*at) < LIMIT_LOG_EVERY => *since += 1,
+            Some((at, since)) => {
+                let more = std::mem::take(since);
+                *at = now;
+                drop(log);
+                tracing::warn!(limit = %format!("limits.{limit}"), refused_since_last_log = more, "limit reached: {detail}");
+            }
+            None => {
+                log.insert(limit, (now, 0));
+                drop(log);
+                tracing::warn!(limit = %format!("limits.{limit}"), "limit reached (first time): {detail}");
+            }
+        }
+    }
+
+    /// The open connections gauge of `port` (`http` or `grpc`).
+    pub fn connections_on(&self, port: &str) -> Gauge {
+        self.connections
+            .get_or_create(&vec![("port".to_owned(), port.to_owned())])
+            .clone()
     }
 
     /// The text exposition format.

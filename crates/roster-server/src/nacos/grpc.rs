@@ -54,6 +54,9 @@ struct Unacked {
     due: Instant,
     /// Times sent so far.
     sent: u32,
+    /// Since when the service has had a push waiting for its ack (a newer
+    /// push of it keeps the older one's time).
+    waiting_since: Instant,
 }
 
 /// One Nacos gRPC connection.
@@ -70,8 +73,11 @@ struct Conn {
     /// Server→client request ids, unique per connection.
     next_request: AtomicU64,
     /// Pushes not yet acknowledged, by request id: at most one per service
-    /// (a newer push of a service supersedes the older).
+    /// (a newer push of a service supersedes the older), and at most
+    /// `limits.pending_pushes_per_connection` (then pushes wait).
     unacked: Mutex<HashMap<String, Unacked>>,
+    /// Told when an ack arrives (a writer waiting for room wakes).
+    acked: tokio::sync::Notify,
 }
 
 /// Which stream serves a connection.
@@ -131,7 +137,7 @@ impl From<RegistryError> for Failure {
             RegistryError::Invalid(_) => code::INVALID_PARAM,
             RegistryError::UnknownSession(_) => code::UN_REGISTER,
             RegistryError::Unsupported(_) => code::NOT_IMPLEMENTED,
-            RegistryError::Unavailable(_) => code::OVER_THRESHOLD,
+            RegistryError::Unavailable(_) | RegistryError::Limit(_) => code::OVER_THRESHOLD,
             RegistryError::UnknownService(_)
             | RegistryError::UnknownInstance { .. }
             | RegistryError::NotOwner { .. }
@@ -139,6 +145,15 @@ impl From<RegistryError> for Failure {
             | RegistryError::SessionExists(_) => code::INVALID_PARAM,
         };
         Self::new(code, e.to_string())
+    }
+}
+
+/// The request for a gRPC `ServiceInfo` (the service named bare).
+fn bare(clusters: &str, healthy_only: bool) -> InfoRequest<'_> {
+    InfoRequest {
+        clusters,
+        healthy_only,
+        grouped_name: false,
     }
 }
 
@@ -373,14 +388,13 @@ impl NacosGrpc {
             };
             // The reply shows the very view the subscription starts from.
             self.nacos
-                .info_text(&key, update.view.as_ref(), &clusters, false, true)
+                .info_text(&key, update.view.as_ref(), &bare(&clusters, false))
         } else {
             conn.subs.lock().remove(&key);
             self.nacos.node.unsubscribe(conn.session(), &key);
-            self.forget_unwatched([&key]);
             let view = self.nacos.node.view(&key);
             self.nacos
-                .info_text(&key, view.as_ref(), &clusters, false, false)
+                .info_text(&key, view.as_ref(), &bare(&clusters, false))
         };
         Ok(info_reply("SubscribeServiceResponse", rid, &info))
     }
@@ -397,25 +411,10 @@ impl NacosGrpc {
             .flag()
             .or_else(|| body.health_only.flag())
             .unwrap_or(false);
-        // The common query shares the text pushes use; a filtered one
-        // is built for the asker alone.
-        if !healthy_only && clusters.is_empty() {
-            let (_, info) = self.nacos.shared_info(&key, clusters);
-            return Ok(info_reply("QueryServiceResponse", rid, &info));
-        }
-        let (_, info) = self.nacos.service_info(
-            &key,
-            &InfoRequest {
-                clusters,
-                healthy_only,
-                grouped_name: false,
-            },
-        );
-        Ok(reply(
-            "QueryServiceResponse",
-            rid,
-            json!({ "serviceInfo": info }),
-        ))
+        // Every query shares the text of its revision (pushes use the
+        // unfiltered one).
+        let (_, info) = self.nacos.current_info(&key, &bare(clusters, healthy_only));
+        Ok(info_reply("QueryServiceResponse", rid, &info))
     }
 
     fn list(&self, body: &Body<'_>, rid: &str) -> Result<Payload, Failure> {
@@ -452,6 +451,7 @@ impl NacosGrpc {
                 if ok {
                     if let Some(done) = unacked.remove(rid) {
                         drop(unacked);
+                        conn.acked.notify_one();
                         self.nacos
                             .node
                             .ack(conn.session(), [(done.key, done.revision)]);
@@ -473,16 +473,6 @@ impl NacosGrpc {
         }
     }
 
-    /// Drops the shared push text of those services nobody subscribes to
-    /// any more.
-    fn forget_unwatched<'a>(&self, keys: impl IntoIterator<Item = &'a ServiceKey>) {
-        for key in keys {
-            if self.nacos.node.subscriber_count(key) == 0 {
-                self.nacos.forget_shared_info(key);
-            }
-        }
-    }
-
     /// The payload for a dequeued item, if any.
     fn outbound(&self, conn: &Conn, item: Item) -> Option<Payload> {
         let update: Arc<PushUpdate> = match item {
@@ -501,7 +491,7 @@ impl NacosGrpc {
         // subscriber's clusters show it.
         let info = self
             .nacos
-            .info_text(key, update.view.as_ref(), &clusters, false, true);
+            .info_text(key, update.view.as_ref(), &bare(&clusters, false));
         let rid = conn.next_id();
         let mut head = json!({
             "headers": {},
@@ -514,16 +504,24 @@ impl NacosGrpc {
         .to_string();
         head.pop(); // the closing brace
         let p = raw_payload("NotifySubscriberRequest", with_service_info(head, &info));
+        let now = Instant::now();
         let mut unacked = conn.unacked.lock();
-        unacked.retain(|_, u| u.key != **key);
+        let mut waiting_since = now;
+        unacked.retain(|_, u| {
+            if u.key == **key {
+                waiting_since = u.waiting_since;
+            }
+            u.key != **key
+        });
         unacked.insert(
             rid,
             Unacked {
                 key: (**key).clone(),
                 revision: update.revision(),
                 payload: p.clone(),
-                due: Instant::now() + self.nacos.node.config().nacos.push_ack_timeout,
+                due: now + self.nacos.node.config().nacos.push_ack_timeout,
                 sent: 1,
+                waiting_since,
             },
         );
         drop(unacked);
@@ -539,24 +537,30 @@ impl NacosGrpc {
     }
 
     /// Pushes due to be sent again (not acknowledged in time, or refused);
-    /// those sent as often as allowed are given up.
+    /// those sent as often as allowed are not sent again, but wait for
+    /// their ack: a connection with a push unacknowledged for
+    /// `limits.stuck_timeout` is closed.
     fn due_again(&self, conn: &Conn) -> Vec<Payload> {
         let config = &self.nacos.node.config().nacos;
+        let stuck_timeout = self.nacos.node.config().limits.stuck_timeout;
         let now = Instant::now();
         let mut again = Vec::new();
-        conn.unacked.lock().retain(|_, u| {
-            if u.due > now {
-                return true;
-            }
-            if u.sent > config.push_retries {
-                tracing::debug!(connection = %conn.id, service = %u.key, "push not acknowledged; giving up");
-                return false;
+        let mut stuck = false;
+        for u in conn.unacked.lock().values_mut() {
+            stuck |= now.duration_since(u.waiting_since) >= stuck_timeout;
+            if u.due > now || u.sent > config.push_retries {
+                continue;
             }
             u.sent += 1;
             u.due = now + config.push_ack_timeout;
             again.push(u.payload.clone());
-            true
-        });
+        }
+        if stuck {
+            self.nacos
+                .node
+                .eject(conn.session(), "a push went unacknowledged");
+            return Vec::new();
+        }
         again
     }
 
@@ -568,8 +572,7 @@ impl NacosGrpc {
         }
         drop(conns);
         self.nacos.node.close_session(conn.session());
-        let subs = std::mem::take(&mut *conn.subs.lock());
-        self.forget_unwatched(subs.keys());
+        conn.subs.lock().clear();
         tracing::debug!(connection = %conn.id, "nacos connection closed");
     }
 }
@@ -645,6 +648,7 @@ impl BiRequestStream for NacosGrpc {
                     subs: Mutex::new(HashMap::new()),
                     next_request: AtomicU64::new(1),
                     unacked: Mutex::new(HashMap::new()),
+                    acked: tokio::sync::Notify::new(),
                 });
                 self.conns.write().insert(peer, conn.clone());
                 tracing::debug!(connection = %conn.id, session = %conn.link.id, "nacos connection registered");
@@ -687,20 +691,36 @@ impl BiRequestStream for NacosGrpc {
 
         let this = self.clone();
         let tick = tokio::time::interval(retry_delay(&self.nacos));
+        let max_pending = self
+            .nacos
+            .node
+            .config()
+            .limits
+            .pending_pushes_per_connection;
         let state = (this, conn, stream, Vec::<Payload>::new(), tick);
         let out = futures_util::stream::unfold(
             state,
-            |(this, conn, stream, mut again, mut tick)| async move {
+            move |(this, conn, stream, mut again, mut tick)| async move {
                 loop {
                     if let Some(p) = again.pop() {
                         return Some((Ok(p), (this, conn, stream, again, tick)));
+                    }
+                    // With as many pushes in flight as allowed, the next
+                    // waits (in the queue, merged with later ones) for an
+                    // ack; a client that never acks is stuck and closed.
+                    let full = conn.unacked.lock().len() >= max_pending;
+                    if full {
+                        this.nacos
+                            .node
+                            .refuse("pending_pushes_per_connection", max_pending);
                     }
                     tokio::select! {
                         // A stream taken over stops before it takes
                         // anything more off the connection's queue.
                         biased;
                         _ = stream.cancelled() => return None,
-                        item = conn.link.next() => {
+                        _ = conn.acked.notified(), if full => {}
+                        item = conn.link.next(), if !full => {
                             let item = item?;
                             if let Some(p) = this.outbound(&conn, item) {
                                 return Some((Ok(p), (this, conn, stream, again, tick)));

@@ -19,9 +19,6 @@ use serde_json::{Map, Value, json};
 use super::wire::{self, InfoRequest, flag, integer, number, text};
 use super::{HttpInstance, Nacos, ServiceSettings};
 
-/// Largest form body accepted.
-const MAX_BODY: usize = 1024 * 1024;
-
 /// Which Open API a route belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Api {
@@ -56,6 +53,7 @@ mod code {
     pub const SERVICE_NOT_EXIST: i64 = 21008;
     pub const SERVER_ERROR: i64 = 30000;
     pub const NO_RIGHT: i64 = 403;
+    pub const OVER_THRESHOLD: i64 = 503;
 }
 
 impl Fail {
@@ -103,6 +101,10 @@ impl From<RegistryError> for Fail {
             }
             RegistryError::UnknownService(_) => (StatusCode::NOT_FOUND, code::SERVICE_NOT_EXIST),
             RegistryError::Unsupported(_) => (StatusCode::NOT_IMPLEMENTED, code::SERVER_ERROR),
+            RegistryError::Limit(hit) if hit.is_size() => {
+                (StatusCode::PAYLOAD_TOO_LARGE, code::OVER_THRESHOLD)
+            }
+            RegistryError::Limit(_) => (StatusCode::TOO_MANY_REQUESTS, code::OVER_THRESHOLD),
             RegistryError::NotOwner { .. } | RegistryError::Forbidden(_) => {
                 (StatusCode::FORBIDDEN, code::NO_RIGHT)
             }
@@ -142,6 +144,27 @@ impl Params {
             Some(_) => flag(&self.values, name)
                 .map(Some)
                 .ok_or_else(|| Fail::bad(format!("Parameter '{name}' must be true or false"))),
+        }
+    }
+
+    /// An integer parameter within `range`, if given.
+    fn integer(
+        &self,
+        name: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Result<Option<i64>, Fail> {
+        match self.text(name) {
+            None => Ok(None),
+            Some(_) => integer(&self.values, name)
+                .filter(|n| range.contains(n))
+                .map(Some)
+                .ok_or_else(|| {
+                    Fail::bad(format!(
+                        "Parameter '{name}' must be an integer in {}..={}",
+                        range.start(),
+                        range.end()
+                    ))
+                }),
         }
     }
 
@@ -245,13 +268,25 @@ async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Respons
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
-    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
+    let max = nacos.node.config().limits.http_body_bytes;
+    let body = match axum::body::to_bytes(request.into_body(), max).await {
         Ok(b) => b,
-        Err(e) => return render(api, Err(Fail::bad(format!("cannot read body: {e}")))),
+        Err(e)
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) =>
+        {
+            let hit = roster_core::LimitHit {
+                key: "http_body_bytes",
+                max,
+            };
+            nacos.node.metrics.limit_hit(hit.key, &hit);
+            return render(api, Err(RegistryError::Limit(hit).into()));
+        }
+        Err(_) => return render(api, Err(Fail::bad("cannot read the request body"))),
     };
     let mut values = Map::new();
-    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-        values.insert(k.into_owned(), Value::String(v.into_owned()));
+    if let Err(fail) = form(query.as_bytes(), &mut values) {
+        return render(api, Err(fail));
     }
     if json_body {
         match serde_json::from_slice::<Value>(&body) {
@@ -266,10 +301,8 @@ async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Respons
             }
             _ => return render(api, Err(Fail::bad("the JSON body is not an object"))),
         }
-    } else {
-        for (k, v) in form_urlencoded::parse(&body) {
-            values.insert(k.into_owned(), Value::String(v.into_owned()));
-        }
+    } else if let Err(fail) = form(&body, &mut values) {
+        return render(api, Err(fail));
     }
     let params = Params {
         values: Value::Object(values),
@@ -277,6 +310,34 @@ async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Respons
         api,
     };
     render(api, op(&nacos, &params))
+}
+
+/// Reads `application/x-www-form-urlencoded` pairs into `values` (later
+/// ones win). Text that is not UTF-8 once decoded is refused, never stored
+/// with replacement characters.
+fn form(raw: &[u8], values: &mut Map<String, Value>) -> Result<(), Fail> {
+    let decode = |part: &[u8]| -> Option<String> {
+        let plus_as_space: Vec<u8> = part
+            .iter()
+            .map(|b| if *b == b'+' { b' ' } else { *b })
+            .collect();
+        let bytes: Vec<u8> = percent_encoding::percent_decode(&plus_as_space).collect();
+        String::from_utf8(bytes).ok()
+    };
+    for pair in raw.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
+        let (k, v) = match pair.iter().position(|b| *b == b'=') {
+            Some(at) => (&pair[..at], &pair[at + 1..]),
+            None => (pair, &[][..]),
+        };
+        let Some(k) = decode(k) else {
+            return Err(Fail::bad("a parameter name is not valid UTF-8"));
+        };
+        let Some(v) = decode(v) else {
+            return Err(Fail::bad(format!("Parameter '{k}' is not valid UTF-8")));
+        };
+        values.insert(k, Value::String(v));
+    }
+    Ok(())
 }
 
 fn render(api: Api, result: Result<Reply, Fail>) -> Response {
@@ -289,9 +350,21 @@ fn render(api: Api, result: Result<Reply, Fail>) -> Response {
         (Api::V2, Ok(Reply::Json(v))) => envelope(v),
         // The shared text itself is the body: no copy per request.
         (Api::V1, Ok(Reply::JsonText(text))) => json_text(Bytes::from_owner(SharedText(text))),
-        (Api::V2, Ok(Reply::JsonText(text))) => json_text(Bytes::from(format!(
-            r#"{{"code":0,"message":"success","data":{text}}}"#
-        ))),
+        // The envelope around the shared text, sent in three pieces: no
+        // copy of the text per request either.
+        (Api::V2, Ok(Reply::JsonText(text))) => {
+            let pieces = [
+                Bytes::from_static(br#"{"code":0,"message":"success","data":"#),
+                Bytes::from_owner(SharedText(text)),
+                Bytes::from_static(b"}"),
+            ];
+            let stream = futures_util::stream::iter(pieces.map(Ok::<_, std::convert::Infallible>));
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                axum::body::Body::from_stream(stream),
+            )
+                .into_response()
+        }
         (Api::V2, Err(f)) => (
             f.status,
             Json(json!({ "code": f.code, "message": f.message, "data": f.message })),
@@ -525,18 +598,22 @@ fn list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     let key = p.key()?;
     let clusters = p.text("clusters").unwrap_or_default();
     let healthy_only = p.flag("healthyOnly")?.unwrap_or(false);
-    let udp_port = integer(&p.values, "udpPort").unwrap_or(0);
+    let udp_port = p.integer("udpPort", 0..=65_535)?.unwrap_or(0);
     if let Ok(port) = u16::try_from(udp_port)
         && port != 0
     {
+        let peer = p
+            .peer
+            .map(|a| a.ip())
+            .ok_or_else(|| Fail::missing("clientIP"))?;
+        // Pushes go to the address the request came from: only a trusted
+        // proxy may name another (else anyone could aim them anywhere).
+        let trusted = &n.node.config().nacos.trusted_proxies;
         let ip = match p.text("clientIP") {
-            Some(ip) => ip.parse::<IpAddr>().map_err(|_| {
+            Some(ip) if trusted.contains(&peer) => ip.parse::<IpAddr>().map_err(|_| {
                 Fail::bad(format!("Parameter 'clientIP' is not an IP address: {ip:?}"))
             })?,
-            None => p
-                .peer
-                .map(|a| a.ip())
-                .ok_or_else(|| Fail::missing("clientIP"))?,
+            _ => peer,
         };
         n.udp_poll(SocketAddr::new(ip, port), &key, clusters);
     } else if let Some(peer) = p.peer {
@@ -544,19 +621,14 @@ fn list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
         n.node
             .note_poller(&key, format!("nacos-http {}", peer.ip()));
     }
-    if clusters.is_empty() && !healthy_only {
-        // The common poll: every host, the text shared per revision.
-        return Ok(Reply::JsonText(n.shared_list(&key).1));
-    }
-    let (_, info) = n.service_info(
-        &key,
-        &InfoRequest {
-            clusters,
-            healthy_only,
-            grouped_name: true,
-        },
-    );
-    Ok(Reply::Json(info))
+    // The text of the revision, shared by every reader that asks for the
+    // same list: slow readers hold references, not copies.
+    let request = InfoRequest {
+        clusters,
+        healthy_only,
+        grouped_name: true,
+    };
+    Ok(Reply::JsonText(n.current_info(&key, &request).1))
 }
 
 /// `beat`: the JSON `beat` parameter (when sent) overrides the others and
@@ -636,7 +708,13 @@ fn settings(p: &Params, base: ServiceSettings) -> Result<ServiceSettings, Fail> 
         metadata: p
             .metadata()?
             .map_or(base.metadata, |m| m.into_iter().collect()),
-        selector: p.text("selector").map_or(base.selector, str::to_owned),
+        selector: match p.text("selector") {
+            None => base.selector,
+            Some(text) => match serde_json::from_str::<Value>(text) {
+                Ok(Value::Object(_)) => text.to_owned(),
+                _ => return Err(Fail::bad("Parameter 'selector' is not a JSON object")),
+            },
+        },
     })
 }
 
@@ -648,7 +726,7 @@ fn create_service(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
             wire::grouped(&key)
         )));
     }
-    n.set_service(key, settings(p, ServiceSettings::default())?);
+    n.set_service(key, settings(p, ServiceSettings::default())?)?;
     Ok(Reply::Ok)
 }
 
@@ -676,7 +754,7 @@ fn update_service(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
         return Err(Fail::no_service(&key));
     }
     let updated = settings(p, n.service_settings(&key))?;
-    n.set_service(key, updated);
+    n.set_service(key, updated)?;
     Ok(Reply::Ok)
 }
 
@@ -733,8 +811,8 @@ fn service_list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
     )?
     .namespace;
     let group = wire::group_or_default(p.text("groupName"));
-    let page_no = integer(&p.values, "pageNo").unwrap_or(1).max(1);
-    let page_size = integer(&p.values, "pageSize").unwrap_or(10).max(0);
+    let page_no = p.integer("pageNo", 1..=i64::from(i32::MAX))?.unwrap_or(1);
+    let page_size = p.integer("pageSize", 0..=10_000)?.unwrap_or(10);
     let (count, names) = n.page_of_services(&namespace, group, page_no, page_size);
     Ok(Reply::Json(match p.api {
         Api::V1 => json!({ "count": count, "doms": names }),

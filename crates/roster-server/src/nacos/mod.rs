@@ -16,7 +16,7 @@ pub mod request;
 pub mod udp;
 pub mod wire;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -44,16 +44,28 @@ pub struct ServiceSettings {
     pub selector: String,
 }
 
-/// The Nacos texts of one published view (all clusters), each made once:
-/// `grpc` names the service bare, `http` as `group@@service`.
+/// The Nacos texts of one published view, each made once: all clusters
+/// with the name bare (`grpc`) or as `group@@service` (`http`), and the
+/// filtered lists asked for.
 #[derive(Debug, Default)]
 pub struct ViewTexts {
     grpc: OnceLock<Arc<str>>,
     http: OnceLock<Arc<str>>,
+    variants: Mutex<Vec<Variant>>,
 }
 
-/// A serialized `ServiceInfo` and the revision it shows.
-type SharedInfo = (u64, Arc<str>);
+/// A filtered `ServiceInfo` text of one view.
+#[derive(Debug)]
+struct Variant {
+    clusters: String,
+    healthy_only: bool,
+    grouped_name: bool,
+    text: Arc<str>,
+}
+
+/// Filtered texts kept per view (clients ask for a handful; more are
+/// built for each request).
+const VARIANTS: usize = 16;
 
 /// State shared by the Nacos listeners of one node.
 pub struct Nacos {
@@ -62,16 +74,7 @@ pub struct Nacos {
     services: Mutex<BTreeMap<ServiceKey, ServiceSettings>>,
     /// UDP push to HTTP v1 subscribers.
     pub udp: udp::UdpPush,
-    /// The gRPC `ServiceInfo` text per service and cluster list, with its
-    /// revision, while someone subscribes to that list (for all clusters it
-    /// lives beside the view instead): at most [`SHARED_LISTS`] per service,
-    /// at the newest revision made.
-    shared: Mutex<HashMap<ServiceKey, HashMap<String, SharedInfo>>>,
 }
-
-/// How many cluster lists of one service [`Nacos::shared`] keeps texts of
-/// (more are built for each use: clients pick from a handful of lists).
-const SHARED_LISTS: usize = 64;
 
 /// How a request names an HTTP instance: its address in a service.
 pub struct HttpInstance<'a> {
@@ -108,7 +111,6 @@ impl Nacos {
         Arc::new(Self {
             services: Mutex::new(BTreeMap::new()),
             udp: udp::UdpPush::new(udp),
-            shared: Mutex::new(HashMap::new()),
             node,
         })
     }
@@ -136,102 +138,75 @@ impl Nacos {
         self.services.lock().get(key).map(|s| s.protect_threshold)
     }
 
-    /// The `ServiceInfo` (JSON text, all hosts) of `published` (the view
-    /// of `key`, or none) for `clusters`: the name bare (gRPC) or grouped
-    /// (HTTP, UDP). For all clusters it is built once per revision and kept
-    /// beside the view; for a cluster list (gRPC) it is kept per revision
-    /// while the list is subscribed to (`keep`).
+    /// The `ServiceInfo` (JSON text) of `published` (the view of `key`,
+    /// or none) for `request`. Each text is built at most once per
+    /// revision and kept beside the view (the unfiltered ones always,
+    /// filtered ones up to [`VARIANTS`] per revision), so readers of one
+    /// revision share one text however many ask or however slowly they read.
     pub fn info_text(
         &self,
         key: &ServiceKey,
         published: Option<&Arc<Published>>,
-        clusters: &str,
-        grouped_name: bool,
-        keep: bool,
+        request: &wire::InfoRequest<'_>,
     ) -> Arc<str> {
-        let request = wire::InfoRequest {
-            clusters,
-            healthy_only: false,
-            grouped_name,
-        };
         let build = || -> Arc<str> {
             let time = Self::stamp(published);
             let view = published.map(|p| &*p.view);
-            wire::service_info(key, view, time, &request, self.protection(key))
+            wire::service_info(key, view, time, request, self.protection(key))
                 .to_string()
                 .into()
         };
         let Some(p) = published else {
             return build();
         };
-        if clusters.is_empty() {
-            let slot = if grouped_name {
+        if request.clusters.is_empty() && !request.healthy_only {
+            let slot = if request.grouped_name {
                 &p.nacos.http
             } else {
                 &p.nacos.grpc
             };
             return slot.get_or_init(build).clone();
         }
-        if grouped_name {
-            // Only the gRPC texts (the name bare) are kept per list.
-            return build();
-        }
-        let revision = p.view.revision;
-        if let Some((r, text)) = self
-            .shared
-            .lock()
-            .get(key)
-            .and_then(|by_clusters| by_clusters.get(clusters))
-            && *r == revision
-        {
-            return text.clone();
+        let wanted = |v: &Variant| {
+            v.clusters == request.clusters
+                && v.healthy_only == request.healthy_only
+                && v.grouped_name == request.grouped_name
+        };
+        if let Some(v) = p.nacos.variants.lock().iter().find(|v| wanted(v)) {
+            return v.text.clone();
         }
         let text = build();
-        if keep {
-            let mut shared = self.shared.lock();
-            let by_clusters = shared.entry(key.clone()).or_default();
-            // Texts of older revisions are never used again.
-            by_clusters.retain(|_, (r, _)| *r >= revision);
-            if by_clusters.len() < SHARED_LISTS || by_clusters.contains_key(clusters) {
-                by_clusters.insert(clusters.to_owned(), (revision, text.clone()));
-            }
+        let mut variants = p.nacos.variants.lock();
+        if variants.len() < VARIANTS && !variants.iter().any(wanted) {
+            variants.push(Variant {
+                clusters: request.clusters.to_owned(),
+                healthy_only: request.healthy_only,
+                grouped_name: request.grouped_name,
+                text: text.clone(),
+            });
         }
         text
     }
 
-    /// The gRPC `ServiceInfo` text of `key` now for `clusters`.
-    pub fn shared_info(&self, key: &ServiceKey, clusters: &str) -> (u64, Arc<str>) {
+    /// The `ServiceInfo` text of `key` now for `request`, and the revision
+    /// it shows.
+    pub fn current_info(
+        &self,
+        key: &ServiceKey,
+        request: &wire::InfoRequest<'_>,
+    ) -> (u64, Arc<str>) {
         let view = self.node.view(key);
         let revision = view.as_ref().map_or(0, |p| p.view.revision);
-        (
-            revision,
-            self.info_text(key, view.as_ref(), clusters, false, true),
-        )
-    }
-
-    /// The HTTP `ServiceInfo` text (all clusters, the name as
-    /// `group@@service`) of `key` now.
-    pub fn shared_list(&self, key: &ServiceKey) -> (u64, Arc<str>) {
-        let view = self.node.view(key);
-        let revision = view.as_ref().map_or(0, |p| p.view.revision);
-        (
-            revision,
-            self.info_text(key, view.as_ref(), "", true, false),
-        )
-    }
-
-    /// Forgets the shared `ServiceInfo`s of a service nobody on this node
-    /// subscribes to any more.
-    pub fn forget_shared_info(&self, key: &ServiceKey) {
-        self.shared.lock().remove(key);
+        (revision, self.info_text(key, view.as_ref(), request))
     }
 
     // ---- HTTP (heartbeat-driven) instances -------------------------------
 
     /// The deadlines of an HTTP instance: the configured ones, or those its
-    /// metadata asks for.
+    /// metadata asks for, kept within `limits.client_timeout_min..=max`.
     fn deadlines(&self, instance: &Instance) -> (Duration, Duration) {
         let config = &self.node.config().nacos;
+        let limits = &self.node.config().limits;
         let millis = |k: &str| {
             instance
                 .metadata
@@ -239,6 +214,7 @@ impl Nacos {
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis)
+                .map(|d| d.clamp(limits.client_timeout_min, limits.client_timeout_max))
         };
         let unhealthy = millis(BEAT_TIMEOUT_KEY).unwrap_or(config.beat_timeout);
         let delete = millis(DELETE_TIMEOUT_KEY)
@@ -356,9 +332,22 @@ impl Nacos {
 
     /// Creates or replaces a service's settings; subscribers are sent its
     /// list again (the protect threshold may change what it shows).
-    pub fn set_service(&self, key: ServiceKey, settings: ServiceSettings) {
-        self.services.lock().insert(key.clone(), settings);
+    /// Refused when `limits.services` services have settings already.
+    pub fn set_service(
+        &self,
+        key: ServiceKey,
+        settings: ServiceSettings,
+    ) -> Result<(), RegistryError> {
+        let mut services = self.services.lock();
+        let max = self.node.config().limits.services;
+        if !services.contains_key(&key) && services.len() >= max {
+            drop(services);
+            return Err(self.node.refuse("services", max));
+        }
+        services.insert(key.clone(), settings);
+        drop(services);
         self.node.bump_service(&key);
+        Ok(())
     }
 
     /// Forgets a service's settings; false if it had none.

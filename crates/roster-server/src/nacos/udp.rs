@@ -28,6 +28,10 @@ use crate::node::{Control, Item, SessionLink};
 /// by its magic bytes).
 const GZIP_FROM: usize = 1024;
 
+/// Cluster lists of one service pushed to one subscriber (clients poll a
+/// handful; further ones are answered by polls alone).
+const LISTS_PER_SERVICE: usize = 16;
+
 /// A push waiting for its `push-ack`.
 struct Pending {
     key: ServiceKey,
@@ -83,6 +87,18 @@ impl Nacos {
             match all.get(&addr) {
                 Some(s) => (s.clone(), false),
                 None => {
+                    let limits = &self.node.config().limits;
+                    if all.len() >= limits.udp_targets {
+                        drop(all);
+                        self.node.refuse("udp_targets", limits.udp_targets);
+                        return;
+                    }
+                    let max = limits.udp_targets_per_address;
+                    if all.keys().filter(|a| a.ip() == addr.ip()).count() >= max {
+                        drop(all);
+                        self.node.refuse("udp_targets_per_address", max);
+                        return;
+                    }
                     let Ok(link) = self
                         .node
                         .open_stream(&format!("nacos-udp {addr}"), None, None)
@@ -113,7 +129,9 @@ impl Nacos {
             let mut subs = sub.subs.lock();
             let lists = subs.entry(key.clone()).or_default();
             let new_service = lists.is_empty();
-            lists.insert(clusters.to_owned());
+            if lists.len() < LISTS_PER_SERVICE {
+                lists.insert(clusters.to_owned());
+            }
             new_service
         };
         if new_service {
@@ -169,7 +187,12 @@ impl Nacos {
             return true;
         };
         for clusters in lists {
-            let info = self.info_text(key, update.view.as_ref(), &clusters, true, false);
+            let request = super::wire::InfoRequest {
+                clusters: &clusters,
+                healthy_only: false,
+                grouped_name: true,
+            };
+            let info = self.info_text(key, update.view.as_ref(), &request);
             let stamp = nonce();
             let packet = encode_packet(&info, stamp);
             self.send(sub.addr, &packet).await;

@@ -149,9 +149,15 @@ impl Node {
                 .as_ref()
                 .map_or_else(|| Arc::new(key), |p| p.view.key.clone());
             let update = PushUpdate::full(key.clone(), view, None);
-            self.subs
-                .lock()
-                .subscribe(link.id.clone(), key, update.revision());
+            let mut subs = self.subs.lock();
+            let max = self.config.limits.subscriptions_per_session;
+            if !subs.is_subscribed(&link.id, &key) && subs.of_session(&link.id) >= max {
+                drop(subs);
+                drop(core);
+                return Err(self.refuse("subscriptions_per_session", max));
+            }
+            subs.subscribe(link.id.clone(), key, update.revision());
+            drop(subs);
             link.push_full(update.clone());
             update
         };

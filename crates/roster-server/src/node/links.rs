@@ -71,7 +71,7 @@ pub struct SessionLink {
     /// The connection the session lives on: unary calls from there may act
     /// for it without its token.
     pub peer: Option<SocketAddr>,
-    queue: Mutex<OutboundQueue<Control, Arc<PushUpdate>>>,
+    queue: Mutex<Queued>,
     ready: Notify,
     /// The stream it shares with other sessions, if it is written by a
     /// stream's writer rather than read with [`Self::next`].
@@ -80,6 +80,33 @@ pub struct SessionLink {
     touched: Mutex<Option<Instant>>,
     /// Cancelled when the session ends (expired, closed, node shutting down).
     pub closed: CancellationToken,
+}
+
+/// A session's queue, and since when it has waited for its writer.
+struct Queued {
+    items: OutboundQueue<Control, Arc<PushUpdate>>,
+    /// Since when something has been queued with nothing taken (`None`
+    /// while empty): a writer that takes nothing for long is stuck.
+    waiting_since: Option<Instant>,
+}
+
+impl Queued {
+    /// Notes that something was queued.
+    fn queued(&mut self) {
+        if self.waiting_since.is_none() {
+            self.waiting_since = Some(Instant::now());
+        }
+    }
+
+    fn pop(&mut self) -> Option<Item> {
+        let item = self.items.pop()?;
+        self.waiting_since = if self.items.is_empty() {
+            None
+        } else {
+            Some(Instant::now())
+        };
+        Some(item)
+    }
 }
 
 impl SessionLink {
@@ -95,7 +122,10 @@ impl SessionLink {
             id,
             client_name,
             peer,
-            queue: Mutex::new(OutboundQueue::new(capacity)),
+            queue: Mutex::new(Queued {
+                items: OutboundQueue::new(capacity),
+                waiting_since: None,
+            }),
             ready: Notify::new(),
             stream: stream.map(|(waker, channel)| OnStream {
                 waker,
@@ -145,13 +175,17 @@ impl SessionLink {
             s.listed.store(false, Ordering::Release);
         }
         let mut queue = self.queue.lock();
-        while let Some(item) = queue.pop() {
+        while let Some(item) = queue.items.pop() {
             out.push(item);
         }
+        queue.waiting_since = None;
     }
 
     pub(crate) fn push_control(&self, control: Control) {
-        self.queue.lock().push_control(control);
+        let mut queue = self.queue.lock();
+        queue.items.push_control(control);
+        queue.queued();
+        drop(queue);
         self.wake();
     }
 
@@ -162,15 +196,30 @@ impl SessionLink {
         full: impl FnOnce() -> Arc<PushUpdate>,
     ) -> roster_core::push::Enqueued {
         let key = update.key.clone();
-        let outcome = self.queue.lock().push_update(key, update, full);
+        let mut queue = self.queue.lock();
+        let outcome = queue.items.push_update(key, update, full);
+        queue.queued();
+        drop(queue);
         self.wake();
         outcome
     }
 
     /// Queues a full view (a new subscription).
     pub(crate) fn push_full(&self, update: Arc<PushUpdate>) {
-        self.queue.lock().push_full(update.key.clone(), update);
+        let mut queue = self.queue.lock();
+        queue.items.push_full(update.key.clone(), update);
+        queue.queued();
+        drop(queue);
         self.wake();
+    }
+
+    /// Whether something has waited in the queue, with nothing taken, for
+    /// `timeout` or longer: its writer (and so its client) is stuck.
+    pub fn stuck(&self, timeout: std::time::Duration) -> bool {
+        self.queue
+            .lock()
+            .waiting_since
+            .is_some_and(|since| since.elapsed() >= timeout)
     }
 
     /// Waits for the next item; `None` once the session has ended.
@@ -194,7 +243,7 @@ impl SessionLink {
 
     /// Items queued now.
     pub fn queued(&self) -> usize {
-        self.queue.lock().len()
+        self.queue.lock().items.len()
     }
 }
 
@@ -230,9 +279,11 @@ impl Node {
         self.require_ready()?;
         let id: SessionId = token_text(random_u128()).into();
         let token = random_u128();
-        self.core
-            .lock()
-            .open_session(id.clone(), kind, client_name, token, Self::now())?;
+        let opened =
+            self.core
+                .lock()
+                .open_session(id.clone(), kind, client_name, token, Self::now());
+        self.counted(opened)?;
         Ok((id, token))
     }
 
@@ -290,7 +341,9 @@ impl Node {
         };
         // Its token is never handed out: only the Nacos HTTP API, by the
         // instance's address, acts for a beat lease.
-        core.open_session(id.clone(), kind, "nacos-http", random_u128(), Self::now())?;
+        let opened = core.open_session(id.clone(), kind, "nacos-http", random_u128(), Self::now());
+        drop(core);
+        self.counted(opened)?;
         Ok(true)
     }
 
@@ -389,7 +442,33 @@ impl Node {
             self.acks.notify_waiters();
         }
         self.prune_pollers();
+        self.forget_empty_services();
+        self.eject_stuck();
         out.expired.len()
+    }
+
+    /// Closes the sessions whose queue has waited `limits.stuck_timeout`
+    /// with nothing taken (their client does not read): what they hold
+    /// goes, as at expiry, and their client reconnects afresh.
+    fn eject_stuck(&self) {
+        let timeout = self.config.limits.stuck_timeout;
+        let stuck: Vec<SessionId> = self
+            .links
+            .read()
+            .values()
+            .filter(|l| l.stuck(timeout))
+            .map(|l| l.id.clone())
+            .collect();
+        for id in stuck {
+            self.eject(&id, "its pushes stayed queued");
+        }
+    }
+
+    /// Closes a session whose client is stuck, counted and logged.
+    pub fn eject(&self, id: &SessionId, why: &str) {
+        self.metrics.stuck_ejections.inc();
+        tracing::warn!(session = %id, "closing a stuck subscriber: {why} for limits.stuck_timeout");
+        self.close_session(id);
     }
 
     /// Applies beat deadlines (Nacos v1 HTTP instances): decided and done

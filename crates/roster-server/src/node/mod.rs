@@ -120,8 +120,10 @@ pub struct Node {
     acks: Notify,
     /// Recent readers that cannot acknowledge, per service (for drain).
     pollers: Mutex<drain::Pollers>,
+    /// Empty views of forgotten services, kept while subscribed.
+    orphans: Mutex<Vec<Arc<ServiceKey>>>,
     /// The node's metrics.
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Cancelled when the node shuts down.
     pub shutdown: CancellationToken,
     /// Every task of the node; shutdown waits for them.
@@ -149,6 +151,8 @@ impl Node {
                     probe_timeout: config.session.probe_timeout,
                 },
                 tombstone_grace: config.registry.tombstone_grace,
+                limits: config.limits.core(),
+                empty_service_grace: config.registry.empty_service_grace,
             },
         );
         let (tx, rx) = mpsc::unbounded_channel();
@@ -165,7 +169,8 @@ impl Node {
             changes: tx,
             acks: Notify::new(),
             pollers: Mutex::new(drain::Pollers::default()),
-            metrics: Metrics::new(),
+            orphans: Mutex::new(Vec::new()),
+            metrics: Arc::new(Metrics::new()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             config,
@@ -240,7 +245,7 @@ impl Node {
         f: impl FnOnce(&mut Registry, std::time::Instant) -> Result<T, RegistryError>,
         changes: impl Fn(&T) -> Vec<Change>,
     ) -> Result<T, RegistryError> {
-        let out = f(&mut self.core.lock(), Self::now())?;
+        let out = self.counted(f(&mut self.core.lock(), Self::now()))?;
         let changed = changes(&out);
         if !changed.is_empty() {
             self.publish();
@@ -262,6 +267,21 @@ impl Node {
         Ok(out)
     }
 
+    /// Counts (and logs) a refusal at a limit; passes `result` on.
+    pub fn counted<T>(&self, result: Result<T, RegistryError>) -> Result<T, RegistryError> {
+        if let Err(RegistryError::Limit(hit)) = &result {
+            self.metrics.limit_hit(hit.key, hit);
+        }
+        result
+    }
+
+    /// The refusal at the limit `key` (of value `max`), counted and logged.
+    pub fn refuse(&self, key: &'static str, max: usize) -> RegistryError {
+        let hit = roster_core::LimitHit { key, max };
+        self.metrics.limit_hit(key, &hit);
+        hit.into()
+    }
+
     /// Brings the readers' snapshot up to date with every write made so
     /// far. A no-op when another writer already did it.
     fn publish(&self) {
@@ -281,6 +301,37 @@ impl Node {
             views.insert(published.view.key.clone(), Arc::new(published));
         }
         self.views.store(Arc::new(views));
+    }
+
+    /// Forgets services empty for `registry.empty_service_grace`: their
+    /// state in the core, and their view unless someone subscribes (then
+    /// the empty view stays until the last subscriber leaves).
+    pub fn forget_empty_services(&self) {
+        let mut core = self.core.lock();
+        self.publish_locked(&mut core);
+        let gone = core.forget_empty_services(Self::now());
+        let mut orphans = self.orphans.lock();
+        if gone.is_empty() && orphans.is_empty() {
+            return;
+        }
+        orphans.extend(gone);
+        let subs = self.subs.lock();
+        let (kept, dropped): (Vec<_>, Vec<_>) = orphans
+            .drain(..)
+            .filter(|k| !core.has_service(k))
+            .partition(|k| subs.count(k) > 0);
+        drop(subs);
+        *orphans = kept;
+        drop(orphans);
+        if dropped.is_empty() {
+            return;
+        }
+        let mut views = Views::clone(&self.views.load());
+        for key in &dropped {
+            views.remove(key);
+        }
+        self.views.store(Arc::new(views));
+        tracing::debug!(services = dropped.len(), "empty services forgotten");
     }
 
     // ---- reads (lock-free) ----------------------------------------------
