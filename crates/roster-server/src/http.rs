@@ -131,7 +131,9 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
         node.metrics.open_fds.set(open as i64);
     }
     if let Some(max) = crate::admission::max_descriptors() {
-        node.metrics.max_fds.set(i64::try_from(max).unwrap_or(i64::MAX));
+        node.metrics
+            .max_fds
+            .set(i64::try_from(max).unwrap_or(i64::MAX));
     }
     (
         [(

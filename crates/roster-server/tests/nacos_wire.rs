@@ -476,3 +476,54 @@ async fn a_udp_push_names_the_service_grouped_beside_a_grpc_subscriber_of_its_cl
     assert_eq!(ips(&pushed), ["10.35.0.1:80"]);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_acknowledges_is_bounded_then_closed_and_may_come_back() {
+    let server = start_with(|c| {
+        c.nacos.push_ack_timeout = Duration::from_millis(200);
+        c.nacos.push_retries = 1;
+        c.limits.pending_pushes_per_connection = 2;
+        c.limits.stuck_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let raw = Raw::connect(&server).await;
+    let mut stream = raw.stream().await;
+    for service in ["deaf-1", "deaf-2", "deaf-3"] {
+        raw.subscribe(service).await;
+    }
+    // Two pushes in flight at most: the third waits for an ack (what
+    // arrives meanwhile are the two sent again).
+    let mut pushed = std::collections::BTreeMap::new();
+    while let Some((kind, body)) = stream.next_within(Duration::from_millis(700)).await {
+        assert_eq!(kind, "NotifySubscriberRequest");
+        pushed.insert(
+            body["serviceName"].as_str().unwrap().to_owned(),
+            body["requestId"].clone(),
+        );
+    }
+    assert_eq!(pushed.len(), 2, "pushes in flight: {pushed:?}");
+    let first = pushed.values().next().unwrap().clone();
+    stream.answer(&first, 200);
+    let third = stream.push().await;
+    assert!(!pushed.contains_key(third["serviceName"].as_str().unwrap()));
+
+    // Nothing more is acknowledged: the connection is closed as stuck.
+    let closed = timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.inbound.message().await {
+                Ok(Some(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the stuck subscriber's stream ended");
+    assert_eq!(server.node.metrics.stuck_ejections.get(), 1);
+
+    // The client comes back on a new stream and is served afresh.
+    let mut again = raw.stream().await;
+    raw.subscribe("deaf-1").await;
+    let push = again.push().await;
+    assert_eq!(push["serviceName"], "deaf-1");
+    server.shutdown().await;
+}

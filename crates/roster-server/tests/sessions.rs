@@ -128,3 +128,29 @@ async fn a_probed_session_that_answers_is_kept() {
     assert_eq!(node.sweep(), 0);
     assert_eq!(node.view(&key).unwrap().instances.len(), 1);
 }
+
+#[tokio::test]
+async fn a_session_whose_queue_is_never_taken_is_closed_as_stuck() {
+    let mut c = config();
+    c.limits.stuck_timeout = Duration::from_millis(200);
+    let (node, changes) = Node::new(c, "test", 1);
+    node.set_ready();
+    tokio::spawn(run_pusher(node.clone(), changes));
+    let reader = node.open_stream("reader", None, None).unwrap();
+    let deaf = node.open_stream("deaf", None, None).unwrap();
+    assert!(matches!(next(&node, &reader).await, Kind::Welcome(_)));
+    let key = ServiceKey::simple("orders").unwrap();
+    node.subscribe(&reader.id, key.clone()).unwrap();
+    node.subscribe(&deaf.id, key.clone()).unwrap();
+    // The reader takes what it is sent; the deaf session's queue only grows.
+    let _ = next(&node, &reader).await;
+    node.sweep();
+    assert!(!deaf.closed.is_cancelled(), "not stuck yet");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = reader.try_next();
+    node.sweep();
+    assert!(deaf.closed.is_cancelled(), "closed as stuck");
+    assert!(!reader.closed.is_cancelled());
+    assert_eq!(node.metrics.stuck_ejections.get(), 1);
+    assert_eq!(node.counts().0, 1, "only the reader's session is left");
+}

@@ -39,6 +39,7 @@ enum Reply {
 }
 
 /// A failed operation: HTTP status, v2 code and message.
+#[derive(Debug)]
 struct Fail {
     status: StatusCode,
     code: i64,
@@ -855,4 +856,60 @@ fn login(_: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
         "globalAdmin": true,
         "username": p.text("username").unwrap_or("nacos"),
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Any bytes as a form body: parameters or a 400, never a panic,
+        /// and never text with replacement characters stored.
+        #[test]
+        fn any_form_body_is_read_or_refused(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut values = Map::new();
+            if form(&raw, &mut values).is_ok() {
+                let replaced = !raw.windows(3).any(|w| w == [0xEF, 0xBF, 0xBD])
+                    && !String::from_utf8_lossy(&raw).contains("%EF%BF%BD");
+                for (k, v) in &values {
+                    if replaced {
+                        prop_assert!(!k.contains(char::REPLACEMENT_CHARACTER));
+                        prop_assert!(!v.as_str().unwrap().contains(char::REPLACEMENT_CHARACTER));
+                    }
+                }
+            }
+        }
+
+        /// Encoded text comes back as it was.
+        #[test]
+        fn encoded_parameters_come_back_as_they_were(k in "[a-zA-Z]{1,8}", v in "\\PC{0,16}") {
+            let raw: String = form_encode(&k, &v);
+            let mut values = Map::new();
+            form(raw.as_bytes(), &mut values).unwrap();
+            prop_assert_eq!(values.get(&k).and_then(Value::as_str), Some(v.as_str()));
+        }
+    }
+
+    fn form_encode(k: &str, v: &str) -> String {
+        let enc = |s: &str| -> String {
+            percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+        };
+        format!("{}={}", enc(k), enc(v))
+    }
+
+    #[test]
+    fn a_form_with_invalid_utf8_is_refused_naming_the_parameter() {
+        let mut values = Map::new();
+        let Err(fail) = form(b"serviceName=a%FFb&ip=1", &mut values) else {
+            panic!("accepted");
+        };
+        assert_eq!(fail.status, StatusCode::BAD_REQUEST);
+        assert!(fail.message.contains("serviceName"), "{}", fail.message);
+        form(b"a=x+y&b=%41%42&c&=d", &mut values).unwrap();
+        assert_eq!(values["a"], "x y");
+        assert_eq!(values["b"], "AB");
+        assert_eq!(values["c"], "");
+    }
 }

@@ -261,14 +261,8 @@ impl Nacos {
                     continue;
                 }
             };
-            let Ok(reply) = serde_json::from_slice::<Value>(&buf[..n]) else {
-                tracing::debug!(%from, "unparseable UDP reply");
-                continue;
-            };
-            if text(&reply, "type") != Some("push-ack") {
-                continue;
-            }
-            let Some(stamp) = integer(&reply, "lastRefTime") else {
+            let Some(stamp) = ack_of(&buf[..n]) else {
+                tracing::debug!(%from, "a UDP datagram that is not a push-ack");
                 continue;
             };
             let sub = self.udp.subscribers.lock().get(&from).cloned();
@@ -281,6 +275,15 @@ impl Nacos {
             }
         }
     }
+}
+
+/// The nonce a `push-ack` datagram echoes; `None` for anything else.
+fn ack_of(datagram: &[u8]) -> Option<i64> {
+    let reply = serde_json::from_slice::<Value>(datagram).ok()?;
+    if text(&reply, "type") != Some("push-ack") {
+        return None;
+    }
+    integer(&reply, "lastRefTime")
 }
 
 /// The datagram of a push: the `ServiceInfo` text under `data`, the nonce
@@ -312,6 +315,23 @@ mod tests {
     use std::io::Read;
 
     use super::*;
+
+    proptest::proptest! {
+        /// Whatever arrives on the UDP socket, the ack reader finds a nonce
+        /// or nothing, and never panics.
+        #[test]
+        fn any_datagram_is_an_ack_or_nothing(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = ack_of(&bytes);
+        }
+
+        #[test]
+        fn an_ack_gives_back_the_nonce_it_echoes(stamp in 1i64..(1 << 52), extra in "[a-z]{0,8}") {
+            let ack = json!({"type": "push-ack", "lastRefTime": stamp, "data": extra});
+            proptest::prop_assert_eq!(ack_of(ack.to_string().as_bytes()), Some(stamp));
+            let other = json!({"type": extra, "lastRefTime": stamp});
+            proptest::prop_assert_eq!(ack_of(other.to_string().as_bytes()), None);
+        }
+    }
 
     #[test]
     fn long_packets_are_gzipped_short_ones_are_not() {
