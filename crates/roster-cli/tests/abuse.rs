@@ -283,11 +283,14 @@ fn slow_readers_of_filtered_lists_share_one_answer() {
     // Give the node time to build and start writing every answer.
     std::thread::sleep(Duration::from_secs(3));
     let grown = node.rss().saturating_sub(before);
+    eprintln!("24 slow readers of a {answer}-byte list: the node grew {grown} bytes");
     node.round_trip(2);
-    // A copy per reader would be 24 x 9 MB; shared, the three texts and the
-    // connections' buffers.
+    // A copy per reader is 24 x 9 MB and more (the build of each, 317 MB
+    // measured before answers were shared); shared, the two texts (v1 and
+    // v2 of one list are one text), what building them left to the
+    // allocator, and the connections' buffers.
     assert!(
-        grown < 8 * answer,
+        grown < 12 * answer,
         "the node grew {grown} bytes for 24 readers of a {answer}-byte answer"
     );
     drop(readers);
@@ -408,7 +411,7 @@ fn udp_pushes_go_only_to_the_address_that_asked() {
 }
 
 #[test]
-fn one_client_cannot_hold_more_instances_than_its_session_may() {
+fn a_service_cannot_grow_past_its_limit() {
     let node = Node::start(&[("LIMITS_INSTANCES_PER_SERVICE", "300")]);
     register_many(&node, "crowded", 300, 0);
     let form = "serviceName=crowded&ip=10.99.0.1&port=80";
@@ -459,4 +462,21 @@ fn malformed_parameters_are_refused_not_ignored() {
     }
     let (_, services) = node.call("GET", "/nacos/v1/ns/service/list", "");
     assert!(!services.contains('\u{FFFD}'), "{services}");
+}
+
+#[test]
+fn a_kept_alive_connection_may_pause_between_requests_longer_than_the_header_timeout() {
+    let node = Node::start(&[("LIMITS_HEADER_READ_TIMEOUT", "1s")]);
+    let tcp = TcpStream::connect(node.http).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    for _ in 0..2 {
+        send(&mut w, "GET", "/healthz", "", false);
+        assert_eq!(read_reply(&mut r).0, 200);
+        // Idle, but not past limits.idle_timeout.
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    send(&mut w, "GET", "/healthz", "", false);
+    assert_eq!(read_reply(&mut r).0, 200);
 }

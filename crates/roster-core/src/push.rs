@@ -293,6 +293,11 @@ pub struct OutboundQueue<C, U> {
     updates: VecDeque<Slot<U>>,
     /// The full view queued per service (its place is a `Slot::Full`).
     fulls: HashMap<Arc<ServiceKey>, U>,
+    /// Update slots queued per service (superseded ones included).
+    slots: HashMap<Arc<ServiceKey>, usize>,
+    /// Update slots superseded by a full view queued behind them (skipped
+    /// when they come up; not counted against the capacity).
+    superseded: usize,
     capacity: usize,
 }
 
@@ -314,6 +319,8 @@ impl<C, U: Planned> OutboundQueue<C, U> {
             control: VecDeque::new(),
             updates: VecDeque::new(),
             fulls: HashMap::new(),
+            slots: HashMap::new(),
+            superseded: 0,
             capacity: capacity.max(1),
         }
     }
@@ -338,7 +345,8 @@ impl<C, U: Planned> OutboundQueue<C, U> {
             }
             return Enqueued::Absorbed;
         }
-        if self.updates.len() < self.capacity {
+        if self.updates.len() - self.superseded < self.capacity {
+            *self.slots.entry(key.clone()).or_default() += 1;
             self.updates.push_back(Slot::Update(key, update));
             return Enqueued::Queued;
         }
@@ -356,9 +364,12 @@ impl<C, U: Planned> OutboundQueue<C, U> {
         }
     }
 
+    /// Queues `key`'s full view behind everything. Its updates still
+    /// queued stay where they are, but are passed over when they come up
+    /// (they all come before it), so this costs O(1) however long the
+    /// queue.
     fn queue_full(&mut self, key: Arc<ServiceKey>, full: U) {
-        self.updates
-            .retain(|s| !matches!(s, Slot::Update(k, _) if *k == key));
+        self.superseded += self.slots.get(&key).copied().unwrap_or(0);
         self.updates.push_back(Slot::Full(key.clone()));
         self.fulls.insert(key, full);
     }
@@ -370,7 +381,20 @@ impl<C, U: Planned> OutboundQueue<C, U> {
         }
         loop {
             match self.updates.pop_front()? {
-                Slot::Update(_, u) => return Some(Outbound::Update(u)),
+                Slot::Update(key, u) => {
+                    if let Some(n) = self.slots.get_mut(&key) {
+                        *n -= 1;
+                        if *n == 0 {
+                            self.slots.remove(&key);
+                        }
+                    }
+                    // Superseded by the full view queued behind it.
+                    if self.fulls.contains_key(&key) {
+                        self.superseded -= 1;
+                        continue;
+                    }
+                    return Some(Outbound::Update(u));
+                }
                 Slot::Full(key) => {
                     if let Some(u) = self.fulls.remove(&key) {
                         return Some(Outbound::Update(u));
@@ -382,7 +406,7 @@ impl<C, U: Planned> OutboundQueue<C, U> {
 
     /// Items queued (control and updates).
     pub fn len(&self) -> usize {
-        self.control.len() + self.updates.len()
+        self.control.len() + self.updates.len() - self.superseded
     }
 
     /// True when nothing is queued.

@@ -163,8 +163,9 @@ pub struct Registry {
     /// Services written since the last [`Self::take_unpublished`].
     unpublished: Vec<Arc<ServiceKey>>,
     instance_count: usize,
-    /// Services seen empty by [`Self::forget_empty_services`], and since when.
-    empty_since: HashMap<Arc<ServiceKey>, Instant>,
+    /// Services seen empty by [`Self::forget_empty_services`]: since when,
+    /// at which revision (a write since starts the wait again).
+    empty_since: HashMap<Arc<ServiceKey>, (Instant, u64)>,
 }
 
 impl Registry {
@@ -312,12 +313,13 @@ impl Registry {
     ) -> Result<(Change, Arc<str>), RegistryError> {
         let instance = checked(instance)?;
         self.config.limits.check_instance(&instance)?;
-        let owner = self.touch_owner(session, now)?;
+        let owner = self.owner(session)?;
         let added = match self.own_record(&owner, key, &instance.id) {
             Some(_) => 0,
             None => 1,
         };
-        self.check_growth(&owner, key, added, [instance.id.as_str()])?;
+        self.check_growth(&owner, key, added, [instance.id.as_str()], 0)?;
+        self.touch_owner(session, now)?;
         let version = self.next_version();
         let key = self.intern(key);
         let id: Arc<str> = instance.id.as_str().into();
@@ -342,22 +344,32 @@ impl Registry {
         for i in &instances {
             self.config.limits.check_instance(i)?;
         }
-        let owner = self.touch_owner(session, now)?;
+        let owner = self.owner(session)?;
         let held_here = self
             .data
             .get(&owner)
             .and_then(Held::records)
-            .map_or(0, |r| r.ids(key).len());
+            .map_or_else(Vec::new, |r| r.ids(key));
         let distinct: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
-        let added = distinct.len() as isize - held_here as isize;
-        if instances.is_empty() && !self.services.contains_key(key) {
+        let added = distinct.len() as isize - held_here.len() as isize;
+        // Entries this write removes: ids only this session holds, not
+        // held again.
+        let state = self.services.get(key);
+        let removed = held_here
+            .iter()
+            .filter(|id| !distinct.contains(&***id))
+            .filter(|id| state.is_some_and(|s| !s.is_contested(id)))
+            .count();
+        if instances.is_empty() && state.is_none() {
             // Nothing held there, nothing to hold: no service is made.
+            self.touch_owner(session, now)?;
             return Ok(Change {
                 key: Arc::new(key.clone()),
                 revision: 0,
             });
         }
-        self.check_growth(&owner, key, added, distinct.iter().copied())?;
+        self.check_growth(&owner, key, added, distinct.iter().copied(), removed)?;
+        self.touch_owner(session, now)?;
         let version = self.next_version();
         let key = self.intern(key);
         let mut changes: BTreeMap<Arc<str>, Option<Arc<InstanceRecord>>> = BTreeMap::new();
@@ -713,11 +725,18 @@ impl Registry {
     pub fn forget_empty_services(&mut self, now: Instant) -> Vec<Arc<ServiceKey>> {
         let grace = self.config.empty_service_grace;
         let services = &self.services;
-        self.empty_since
-            .retain(|k, _| services.get(k).is_some_and(|s| s.instances().is_empty()));
+        // Still empty, and not written since (it may have filled and
+        // emptied again in between).
+        self.empty_since.retain(|k, (_, revision)| {
+            services
+                .get(k)
+                .is_some_and(|s| s.instances().is_empty() && s.revision() == *revision)
+        });
         for (key, state) in &self.services {
             if state.instances().is_empty() {
-                self.empty_since.entry(key.clone()).or_insert(now);
+                self.empty_since
+                    .entry(key.clone())
+                    .or_insert((now, state.revision()));
             }
         }
         let unpublished: std::collections::HashSet<&Arc<ServiceKey>> =
@@ -725,8 +744,8 @@ impl Registry {
         let gone: Vec<Arc<ServiceKey>> = self
             .empty_since
             .iter()
-            .filter(|(k, since)| {
-                now.saturating_duration_since(**since) >= grace && !unpublished.contains(k)
+            .filter(|(k, (since, _))| {
+                now.saturating_duration_since(*since) >= grace && !unpublished.contains(k)
             })
             .map(|(k, _)| k.clone())
             .collect();
@@ -755,14 +774,16 @@ impl Registry {
     // ---- internals -------------------------------------------------------
 
     /// Refuses a write of `owner` that adds `added` records to its own (a
-    /// negative number: it holds fewer after) and holds `ids` in `key`,
-    /// if this node would then hold more than its limits allow.
+    /// negative number: it holds fewer after), holds `ids` in `key` and
+    /// removes `removed` entries of its view, if this node would then hold
+    /// more than its limits allow.
     fn check_growth<'a>(
         &self,
         owner: &OwnerRef,
         key: &ServiceKey,
         added: isize,
         ids: impl IntoIterator<Item = &'a str>,
+        removed: usize,
     ) -> Result<(), LimitHit> {
         let limits = &self.config.limits;
         let state = self.services.get(key);
@@ -784,10 +805,11 @@ impl Registry {
             .into_iter()
             .filter(|id| state.is_none_or(|s| s.get(id).is_none()))
             .count();
-        if new > 0 {
+        if new > removed {
+            let grown = new - removed;
             let max = limits.instances_per_service;
-            Limits::at_most("instances_per_service", shown + new, max)?;
-            Limits::at_most("instances", self.instance_count + new, limits.instances)?;
+            Limits::at_most("instances_per_service", shown + grown, max)?;
+            Limits::at_most("instances", self.instance_count + grown, limits.instances)?;
         }
         Ok(())
     }

@@ -165,6 +165,11 @@ impl ServiceState {
         self.instances.get(id)
     }
 
+    /// Whether more than one session holds `id`.
+    pub fn is_contested(&self, id: &str) -> bool {
+        self.contested.contains_key(id)
+    }
+
     /// Works out what `owner`'s holding of `id` (its record now, or none;
     /// `had`: whether it held the id before) does to the view entry.
     /// `lookup` gives another holder's record. Keeps the list of contested

@@ -1021,3 +1021,59 @@ fn an_instance_over_its_size_limits_is_refused_naming_the_limit() {
     assert_eq!(reg.instance_count(), 0);
     assert_eq!(reg.service_count(), 0);
 }
+
+#[test]
+fn after_one_service_overflows_the_others_still_queue_deltas() {
+    let (a, b) = (Arc::new(key(0)), Arc::new(key(1)));
+    let mut q: OutboundQueue<u32, Up> = OutboundQueue::new(3);
+    let d = |r| Up('d', r);
+    let f = |r| Up('f', r);
+    for r in 1..=3 {
+        assert_eq!(q.push_update(a.clone(), d(r), || f(r)), Enqueued::Queued);
+    }
+    assert_eq!(
+        q.push_update(a.clone(), d(4), || f(4)),
+        Enqueued::Overflowed
+    );
+    assert_eq!(
+        q.len(),
+        1,
+        "a's three deltas are superseded by its full view"
+    );
+    // Room for b's deltas again: the superseded slots do not count.
+    assert_eq!(q.push_update(b.clone(), d(5), || f(5)), Enqueued::Queued);
+    assert_eq!(q.push_update(b.clone(), d(6), || f(6)), Enqueued::Queued);
+    assert_eq!(q.pop(), Some(Outbound::Update(f(4))));
+    assert_eq!(q.pop(), Some(Outbound::Update(d(5))));
+    assert_eq!(q.pop(), Some(Outbound::Update(d(6))));
+    assert!(q.pop().is_none());
+    assert!(q.is_empty());
+    // And a's updates after its full view was sent are deltas again.
+    assert_eq!(q.push_update(a.clone(), d(7), || f(7)), Enqueued::Queued);
+    assert_eq!(q.pop(), Some(Outbound::Update(d(7))));
+}
+
+#[test]
+fn an_emptied_service_is_forgotten_after_its_grace_and_comes_back_at_a_higher_revision() {
+    let now = Instant::now();
+    let grace = RegistryConfig::default().empty_service_grace;
+    let mut reg = registry(8);
+    let s = open(&mut reg, "t", now);
+    reg.register(&s, &key(0), instance(1, 1), now).unwrap();
+    reg.take_unpublished();
+    assert!(reg.forget_empty_services(now).is_empty(), "not empty");
+    reg.deregister(&s, &key(0), &id(1), now).unwrap();
+    let emptied_at = reg.view(&key(0)).unwrap().revision;
+    reg.take_unpublished();
+    assert!(reg.forget_empty_services(now).is_empty(), "seen empty now");
+    // Filled and emptied again meanwhile: the wait starts over.
+    reg.register(&s, &key(0), instance(1, 1), now).unwrap();
+    reg.deregister(&s, &key(0), &id(1), now).unwrap();
+    reg.take_unpublished();
+    assert!(reg.forget_empty_services(now + grace).is_empty());
+    assert_eq!(reg.forget_empty_services(now + grace * 2).len(), 1);
+    assert!(!reg.has_service(&key(0)));
+    assert_eq!(reg.service_count(), 0);
+    reg.register(&s, &key(0), instance(2, 1), now).unwrap();
+    assert!(reg.view(&key(0)).unwrap().revision > emptied_at + 2);
+}

@@ -31,8 +31,10 @@ const RESERVED_FDS: u64 = 64;
 
 /// The end of an HTTP/1 request header, and of the first line of the
 /// HTTP/2 connection preface (`PRI * HTTP/2.0\r\n\r\n`): a connection that
-/// sent it has sent a whole request header.
+/// sent it has sent a whole request header. (HTTP/1 parsers also take a
+/// bare `\n\n`.)
 const HEADER_END: &[u8] = b"\r\n\r\n";
+const BARE_HEADER_END: &[u8] = b"\n\n";
 
 /// The connection limits of a node.
 #[derive(Debug, Clone, Copy)]
@@ -397,6 +399,9 @@ fn saw(tail: &mut [u8; 3], data: &[u8]) -> bool {
     let keep = window.len() - tail.len();
     tail.copy_from_slice(&window[keep..]);
     window.windows(HEADER_END.len()).any(|w| w == HEADER_END)
+        || window
+            .windows(BARE_HEADER_END.len())
+            .any(|w| w == BARE_HEADER_END)
 }
 
 /// The process' descriptor limit, after raising the soft limit to the hard
@@ -496,6 +501,9 @@ mod tests {
         for b in b"GET / HTTP/1.1\r\n\r" {
             assert!(!saw(&mut tail, &[*b]));
         }
+        assert!(saw(&mut tail, b"\n"));
+        let mut tail = [0; 3];
+        assert!(!saw(&mut tail, b"GET / HTTP/1.0\n"));
         assert!(saw(&mut tail, b"\n"));
     }
 }

@@ -487,27 +487,40 @@ struct ListParams {
     healthy_only: bool,
 }
 
+/// The list of a service: built once per revision (and filter) and
+/// shared by every reader of it, so slow readers hold references.
 async fn list_instances(
     State(node): State<Arc<Node>>,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> ApiResult<serde_json::Value> {
+) -> Result<Response, ApiError> {
     let Query(params) = params?;
     let key = params.service.key()?;
-    let view = node.view(&key).map(|p| p.view.clone());
-    let instances: Vec<InstanceJson> = view
-        .iter()
-        .flat_map(|v| v.instances.values())
-        .filter(|r| !params.healthy_only || r.instance.is_serving())
-        .map(|r| r.as_ref().into())
-        .collect();
-    Ok(Json(json!({
-        "namespace": key.namespace,
-        "group": key.group,
-        "service": key.service,
-        "revision": view.as_ref().map_or(0, |v| v.revision),
-        "checksum": view.as_ref().map_or(0, |v| v.checksum),
-        "instances": instances,
-    })))
+    let published = node.view(&key);
+    let build = || -> bytes::Bytes {
+        let view = published.as_ref().map(|p| &p.view);
+        let instances: Vec<InstanceJson> = view
+            .iter()
+            .flat_map(|v| v.instances.values())
+            .filter(|r| !params.healthy_only || r.instance.is_serving())
+            .map(|r| r.as_ref().into())
+            .collect();
+        let list = json!({
+            "namespace": key.namespace,
+            "group": key.group,
+            "service": key.service,
+            "revision": view.map_or(0, |v| v.revision),
+            "checksum": view.map_or(0, |v| v.checksum),
+            "instances": instances,
+        });
+        serde_json::to_vec(&list).unwrap_or_default().into()
+    };
+    let body = match &published {
+        Some(p) => p.http_lists[usize::from(params.healthy_only)]
+            .get_or_init(build)
+            .clone(),
+        None => build(),
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(Debug, Deserialize)]

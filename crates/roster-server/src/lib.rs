@@ -228,7 +228,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     })
 }
 
-/// Serves HTTP/1 on `listener` until the node stops: each admitted
+/// Serves HTTP on `listener` until the node stops: each admitted
 /// connection in a task of the node, ended gracefully at shutdown.
 async fn serve_http(
     node: Arc<Node>,
@@ -236,7 +236,11 @@ async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
 ) {
-    let header_timeout = admission.rules().header_timeout;
+    // The first header's deadline is the admission's; hyper's own timer
+    // runs again before every later request of a kept-alive connection,
+    // so it is given the idle timeout (a client may pause that long).
+    let idle_timeout = admission.rules().idle_timeout;
+    let streams = node.config().limits.streams_per_connection;
     loop {
         let (conn, peer) = tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -251,10 +255,15 @@ async fn serve_http(
                     .insert(axum::extract::ConnectInfo(peer));
                 tower::ServiceExt::oneshot(app.clone(), request)
             });
-            let mut builder = hyper::server::conn::http1::Builder::new();
+            // HTTP/1, and HTTP/2 for clients that speak it (a gRPC client
+            // pointed at this port is answered, and told so).
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
             builder
+                .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(idle_timeout);
+            builder.http2().max_concurrent_streams(streams);
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
             tokio::pin!(conn);
             let done = tokio::select! {

@@ -527,3 +527,95 @@ async fn a_subscriber_that_never_acknowledges_is_bounded_then_closed_and_may_com
     assert_eq!(push["serviceName"], "deaf-1");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_cannot_register_more_than_its_session_may() {
+    let server = start_with(|c| c.limits.instances_per_session = 20).await;
+    let raw = Raw::connect(&server).await;
+    let _stream = raw.stream().await;
+    let batch = |service: &str, count: u16| {
+        let instances: Vec<Value> = (0..count)
+            .map(|i| {
+                json!({"ip": format!("10.40.0.{}", i + 1), "port": 80, "weight": 1.0,
+                            "healthy": true, "enabled": true, "ephemeral": true, "metadata": {}})
+            })
+            .collect();
+        json!({"namespace": "public", "groupName": "DEFAULT_GROUP", "serviceName": service,
+               "type": "batchRegisterInstance", "instances": instances})
+    };
+    let (kind, _) = raw.call("BatchInstanceRequest", batch("crowd-1", 15)).await;
+    assert_eq!(kind, "BatchInstanceResponse");
+    // Ten more in another service would make 25: refused whole.
+    let (kind, body) = raw.call("BatchInstanceRequest", batch("crowd-2", 10)).await;
+    assert_eq!(kind, "ErrorResponse", "{body}");
+    assert_eq!(body["errorCode"], 503, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("limits.instances_per_session is 20"),
+        "{message}"
+    );
+    assert!(
+        server
+            .node
+            .view(&key("crowd-2"))
+            .is_none_or(|p| p.view.instances.is_empty())
+    );
+    assert_eq!(
+        server
+            .node
+            .view(&key("crowd-1"))
+            .unwrap()
+            .view
+            .instances
+            .len(),
+        15
+    );
+    // Replacing the first batch by a smaller one is within the limit.
+    let (kind, _) = raw.call("BatchInstanceRequest", batch("crowd-1", 5)).await;
+    assert_eq!(kind, "BatchInstanceResponse");
+    let (kind, _) = raw.call("BatchInstanceRequest", batch("crowd-2", 10)).await;
+    assert_eq!(kind, "BatchInstanceResponse");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_answers_late_is_not_taken_for_stuck() {
+    let server = start_with(|c| {
+        c.limits.stuck_timeout = Duration::from_secs(1);
+        c.push.coalesce_window = Duration::from_millis(1);
+    })
+    .await;
+    let raw = Raw::connect(&server).await;
+    let mut stream = raw.stream().await;
+    raw.subscribe("busy").await;
+    let first = stream.push().await;
+    let writer = roster_client::Connection::connect(&server.grpc_addr.to_string())
+        .await
+        .unwrap()
+        .open_session("writer")
+        .await
+        .unwrap();
+    let mut instance = Instance::new("10.50.0.1".parse().unwrap(), 80);
+    writer.register(&key("busy"), &instance).await.unwrap();
+    // Each push is answered only once the next has gone out, so every
+    // answer names a push already superseded: the client is slow, but it
+    // answers, and stays.
+    let mut previous = first["requestId"].clone();
+    let started = std::time::Instant::now();
+    let mut weight = 1.0;
+    while started.elapsed() < Duration::from_secs(3) {
+        weight += 1.0;
+        instance.weight = weight;
+        writer.update(&key("busy"), &instance).await.unwrap();
+        let push = stream.push().await;
+        stream.answer(&previous, 200);
+        previous = push["requestId"].clone();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert_eq!(server.node.metrics.stuck_ejections.get(), 0);
+    assert_eq!(
+        raw.call("HealthCheckRequest", json!({})).await.0,
+        "HealthCheckResponse"
+    );
+    server.shutdown().await;
+}

@@ -57,6 +57,9 @@ struct Unacked {
     /// Since when the service has had a push waiting for its ack (a newer
     /// push of it keeps the older one's time).
     waiting_since: Instant,
+    /// The client answered it with an error (it is given up after the
+    /// retries; one never answered waits for its ack).
+    refused: bool,
 }
 
 /// One Nacos gRPC connection.
@@ -78,6 +81,9 @@ struct Conn {
     unacked: Mutex<HashMap<String, Unacked>>,
     /// Told when an ack arrives (a writer waiting for room wakes).
     acked: tokio::sync::Notify,
+    /// When the client last answered a push (any push, even one a newer
+    /// push superseded): a client that answers is not stuck.
+    last_answer: Mutex<Instant>,
 }
 
 /// Which stream serves a connection.
@@ -447,6 +453,7 @@ impl NacosGrpc {
             "NotifySubscriberResponse" => {
                 let rid = body.request_id.text().unwrap_or_default();
                 let ok = body.result_code.integer().unwrap_or(200) == 200;
+                *conn.last_answer.lock() = Instant::now();
                 let mut unacked = conn.unacked.lock();
                 if ok {
                     if let Some(done) = unacked.remove(rid) {
@@ -459,6 +466,7 @@ impl NacosGrpc {
                 } else if let Some(failed) = unacked.get_mut(rid) {
                     // The client could not take it: send it again soon.
                     failed.due = Instant::now() + retry_delay(&self.nacos);
+                    failed.refused = true;
                 }
             }
             "ConnectionSetupRequest" => {
@@ -522,6 +530,7 @@ impl NacosGrpc {
                 due: now + self.nacos.node.config().nacos.push_ack_timeout,
                 sent: 1,
                 waiting_since,
+                refused: false,
             },
         );
         drop(unacked);
@@ -536,26 +545,32 @@ impl NacosGrpc {
         Some(p)
     }
 
-    /// Pushes due to be sent again (not acknowledged in time, or refused);
-    /// those sent as often as allowed are not sent again, but wait for
-    /// their ack: a connection with a push unacknowledged for
-    /// `limits.stuck_timeout` is closed.
+    /// Pushes due to be sent again (not acknowledged in time, or refused).
+    /// Those sent as often as allowed are not sent again: refused ones are
+    /// given up, unanswered ones wait for their ack. A connection that has
+    /// had a push waiting `limits.stuck_timeout` and answered no push for
+    /// as long is closed as stuck.
     fn due_again(&self, conn: &Conn) -> Vec<Payload> {
         let config = &self.nacos.node.config().nacos;
         let stuck_timeout = self.nacos.node.config().limits.stuck_timeout;
         let now = Instant::now();
         let mut again = Vec::new();
-        let mut stuck = false;
-        for u in conn.unacked.lock().values_mut() {
-            stuck |= now.duration_since(u.waiting_since) >= stuck_timeout;
-            if u.due > now || u.sent > config.push_retries {
-                continue;
+        let mut waited = false;
+        conn.unacked.lock().retain(|_, u| {
+            waited |= now.duration_since(u.waiting_since) >= stuck_timeout;
+            if u.due > now {
+                return true;
+            }
+            if u.sent > config.push_retries {
+                return !u.refused;
             }
             u.sent += 1;
             u.due = now + config.push_ack_timeout;
             again.push(u.payload.clone());
-        }
-        if stuck {
+            true
+        });
+        let silent = now.duration_since(*conn.last_answer.lock()) >= stuck_timeout;
+        if waited && silent {
             self.nacos
                 .node
                 .eject(conn.session(), "a push went unacknowledged");
@@ -649,6 +664,7 @@ impl BiRequestStream for NacosGrpc {
                     next_request: AtomicU64::new(1),
                     unacked: Mutex::new(HashMap::new()),
                     acked: tokio::sync::Notify::new(),
+                    last_answer: Mutex::new(Instant::now()),
                 });
                 self.conns.write().insert(peer, conn.clone());
                 tracing::debug!(connection = %conn.id, session = %conn.link.id, "nacos connection registered");
@@ -697,23 +713,24 @@ impl BiRequestStream for NacosGrpc {
             .config()
             .limits
             .pending_pushes_per_connection;
-        let state = (this, conn, stream, Vec::<Payload>::new(), tick);
+        let state = (this, conn, stream, Vec::<Payload>::new(), tick, false);
         let out = futures_util::stream::unfold(
             state,
-            move |(this, conn, stream, mut again, mut tick)| async move {
+            move |(this, conn, stream, mut again, mut tick, mut was_full)| async move {
                 loop {
                     if let Some(p) = again.pop() {
-                        return Some((Ok(p), (this, conn, stream, again, tick)));
+                        return Some((Ok(p), (this, conn, stream, again, tick, was_full)));
                     }
                     // With as many pushes in flight as allowed, the next
                     // waits (in the queue, merged with later ones) for an
                     // ack; a client that never acks is stuck and closed.
                     let full = conn.unacked.lock().len() >= max_pending;
-                    if full {
+                    if full && !was_full {
                         this.nacos
                             .node
                             .refuse("pending_pushes_per_connection", max_pending);
                     }
+                    was_full = full;
                     tokio::select! {
                         // A stream taken over stops before it takes
                         // anything more off the connection's queue.
@@ -723,7 +740,7 @@ impl BiRequestStream for NacosGrpc {
                         item = conn.link.next(), if !full => {
                             let item = item?;
                             if let Some(p) = this.outbound(&conn, item) {
-                                return Some((Ok(p), (this, conn, stream, again, tick)));
+                                return Some((Ok(p), (this, conn, stream, again, tick, was_full)));
                             }
                         }
                         _ = tick.tick() => again = this.due_again(&conn),

@@ -54,18 +54,20 @@ pub struct ViewTexts {
     variants: Mutex<Vec<Variant>>,
 }
 
-/// A filtered `ServiceInfo` text of one view.
+/// A filtered `ServiceInfo` text of one view, made by the first reader
+/// that asks (readers asking meanwhile wait for it rather than build
+/// their own).
 #[derive(Debug)]
 struct Variant {
     clusters: String,
     healthy_only: bool,
     grouped_name: bool,
-    text: Arc<str>,
+    text: Arc<OnceLock<Arc<str>>>,
 }
 
-/// Filtered texts kept per view (clients ask for a handful; more are
-/// built for each request).
-const VARIANTS: usize = 16;
+/// Filtered texts kept per view (clients ask for one or two; more are
+/// built for each request), so a view keeps at most six texts of itself.
+const VARIANTS: usize = 4;
 
 /// State shared by the Nacos listeners of one node.
 pub struct Nacos {
@@ -172,20 +174,24 @@ impl Nacos {
                 && v.healthy_only == request.healthy_only
                 && v.grouped_name == request.grouped_name
         };
-        if let Some(v) = p.nacos.variants.lock().iter().find(|v| wanted(v)) {
-            return v.text.clone();
-        }
-        let text = build();
-        let mut variants = p.nacos.variants.lock();
-        if variants.len() < VARIANTS && !variants.iter().any(wanted) {
-            variants.push(Variant {
-                clusters: request.clusters.to_owned(),
-                healthy_only: request.healthy_only,
-                grouped_name: request.grouped_name,
-                text: text.clone(),
-            });
-        }
-        text
+        let slot = {
+            let mut variants = p.nacos.variants.lock();
+            match variants.iter().find(|v| wanted(v)) {
+                Some(v) => v.text.clone(),
+                None if variants.len() < VARIANTS => {
+                    let slot = Arc::new(OnceLock::new());
+                    variants.push(Variant {
+                        clusters: request.clusters.to_owned(),
+                        healthy_only: request.healthy_only,
+                        grouped_name: request.grouped_name,
+                        text: slot.clone(),
+                    });
+                    slot
+                }
+                None => return build(),
+            }
+        };
+        slot.get_or_init(build).clone()
     }
 
     /// The `ServiceInfo` text of `key` now for `request`, and the revision

@@ -134,10 +134,12 @@ impl Nacos {
             }
             new_service
         };
-        if new_service {
-            // Refused only if the subscriber's session ended meanwhile; its
-            // task then forgets it, and the next poll starts over.
-            let _ = self.node.subscribe(&sub.link.id, key.clone());
+        // Refused if the subscriber's session ended meanwhile (its task then
+        // forgets it, and the next poll starts over) or it subscribes to
+        // `limits.subscriptions_per_session` services already: the service
+        // is not kept (polls are still answered; the next one tries again).
+        if new_service && self.node.subscribe(&sub.link.id, key.clone()).is_err() {
+            sub.subs.lock().remove(key);
         }
     }
 

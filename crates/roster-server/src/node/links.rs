@@ -99,7 +99,10 @@ impl Queued {
     }
 
     fn pop(&mut self) -> Option<Item> {
-        let item = self.items.pop()?;
+        let Some(item) = self.items.pop() else {
+            self.waiting_since = None;
+            return None;
+        };
         self.waiting_since = if self.items.is_empty() {
             None
         } else {

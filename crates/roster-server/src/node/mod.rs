@@ -49,6 +49,8 @@ pub struct Published {
     pub stamp_ms: i64,
     /// The native full-view `ServiceUpdate`, encoded.
     native: OnceLock<Bytes>,
+    /// The HTTP API's list of this view: all instances, and serving only.
+    pub http_lists: [OnceLock<Bytes>; 2],
     /// The Nacos front-end's texts of this view.
     pub nacos: crate::nacos::ViewTexts,
 }
@@ -81,6 +83,7 @@ impl Published {
             view,
             stamp_ms,
             native: OnceLock::new(),
+            http_lists: Default::default(),
             nacos: Default::default(),
         }
     }
