@@ -93,7 +93,7 @@ def pct(p):
 
 print(json.dumps({
     "attack_connections": total,
-    "open_at_end": open_now,
+    "attacker_sockets_at_end": open_now,
     "healthz_requests": len(latencies) + failures,
     "healthz_failures": failures,
     "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(latencies[-1], 2) if latencies else None,

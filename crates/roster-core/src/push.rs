@@ -292,9 +292,9 @@ pub struct OutboundQueue<C, U> {
     control: VecDeque<C>,
     updates: VecDeque<Slot<U>>,
     /// The full view queued per service (its place is a `Slot::Full`).
-    fulls: HashMap<Arc<ServiceKey>, U>,
+    fulls: rustc_hash::FxHashMap<Arc<ServiceKey>, U>,
     /// Update slots queued per service (superseded ones included).
-    slots: HashMap<Arc<ServiceKey>, usize>,
+    slots: rustc_hash::FxHashMap<Arc<ServiceKey>, usize>,
     /// Update slots superseded by a full view queued behind them (skipped
     /// when they come up; not counted against the capacity).
     superseded: usize,
@@ -318,8 +318,8 @@ impl<C, U: Planned> OutboundQueue<C, U> {
         Self {
             control: VecDeque::new(),
             updates: VecDeque::new(),
-            fulls: HashMap::new(),
-            slots: HashMap::new(),
+            fulls: Default::default(),
+            slots: Default::default(),
             superseded: 0,
             capacity: capacity.max(1),
         }

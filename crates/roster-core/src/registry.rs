@@ -350,14 +350,16 @@ impl Registry {
             .get(&owner)
             .and_then(Held::records)
             .map_or_else(Vec::new, |r| r.ids(key));
-        let distinct: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        let mut distinct: Vec<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
         let added = distinct.len() as isize - held_here.len() as isize;
         // Entries this write removes: ids only this session holds, not
         // held again.
         let state = self.services.get(key);
         let removed = held_here
             .iter()
-            .filter(|id| !distinct.contains(&***id))
+            .filter(|id| distinct.binary_search(&&***id).is_err())
             .filter(|id| state.is_some_and(|s| !s.is_contested(id)))
             .count();
         if instances.is_empty() && state.is_none() {

@@ -74,6 +74,8 @@ pub struct Admission {
     rules: Rules,
     held: Mutex<Held>,
     metrics: Arc<Metrics>,
+    /// Open connections of the HTTP and the gRPC port.
+    gauges: [Gauge; 2],
 }
 
 /// Why a connection was not admitted.
@@ -105,6 +107,10 @@ impl Admission {
         Arc::new(Self {
             rules,
             held: Mutex::new(Held::default()),
+            gauges: [
+                metrics.connections_on("http"),
+                metrics.connections_on("grpc"),
+            ],
             metrics,
         })
     }
@@ -122,7 +128,8 @@ impl Admission {
         if from_peer >= self.rules.per_address {
             return Err(Refusal::PerAddress);
         }
-        if held.total >= self.rules.total && !Self::evict_one(&mut held) {
+        let at_total = held.total >= self.rules.total;
+        if at_total && !Self::evict_one(&mut held) {
             return Err(Refusal::Total);
         }
         *held.per_address.entry(peer).or_default() += 1;
@@ -139,7 +146,12 @@ impl Admission {
             held.unproven.pop_front();
         }
         drop(held);
-        let gauge = self.metrics.connections_on(port);
+        if at_total {
+            let detail =
+                "the oldest connection without a whole request header was closed to make room";
+            self.metrics.limit_hit("connections", &detail);
+        }
+        let gauge = self.gauges[usize::from(port == "grpc")].clone();
         gauge.inc();
         Ok(Ticket {
             admission: self.clone(),
@@ -291,8 +303,13 @@ impl<IO> Admitted<IO> {
     /// Fails the read if the connection is to be closed now.
     fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
         let watch = &self.ticket.watch;
-        watch.reader.register(cx.waker());
-        if watch.evicted.load(Ordering::Relaxed) {
+        // Only a connection not yet proven can be evicted (and it is
+        // proven for good), so only such a reader waits to be told.
+        let proven = watch.proven.load(Ordering::Relaxed);
+        if !proven {
+            watch.reader.register(cx.waker());
+        }
+        if !proven && watch.evicted.load(Ordering::Relaxed) {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "closed to make room for another connection",
@@ -452,10 +469,15 @@ mod tests {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
         };
+        let metrics = Arc::new(Metrics::new());
         Arc::new(Admission {
             rules,
             held: Mutex::new(Held::default()),
-            metrics: Arc::new(Metrics::new()),
+            gauges: [
+                metrics.connections_on("http"),
+                metrics.connections_on("grpc"),
+            ],
+            metrics,
         })
     }
 

@@ -236,10 +236,9 @@ async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
 ) {
-    // The first header's deadline is the admission's; hyper's own timer
-    // runs again before every later request of a kept-alive connection,
-    // so it is given the idle timeout (a client may pause that long).
-    let idle_timeout = admission.rules().idle_timeout;
+    // The first header's deadline and the idle timeout are the
+    // admission's (hyper's own header timer would also run between the
+    // requests of a kept-alive connection, and cost a timer per request).
     let streams = node.config().limits.streams_per_connection;
     loop {
         let (conn, peer) = tokio::select! {
@@ -259,10 +258,7 @@ async fn serve_http(
             // pointed at this port is answered, and told so).
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(idle_timeout);
+            builder.http1().header_read_timeout(None);
             builder.http2().max_concurrent_streams(streams);
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(conn), service);
             tokio::pin!(conn);

@@ -318,12 +318,21 @@ async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Respons
 /// with replacement characters.
 fn form(raw: &[u8], values: &mut Map<String, Value>) -> Result<(), Fail> {
     let decode = |part: &[u8]| -> Option<String> {
-        let plus_as_space: Vec<u8> = part
-            .iter()
-            .map(|b| if *b == b'+' { b' ' } else { *b })
-            .collect();
-        let bytes: Vec<u8> = percent_encoding::percent_decode(&plus_as_space).collect();
-        String::from_utf8(bytes).ok()
+        let spaced;
+        let part = if part.contains(&b'+') {
+            spaced = part
+                .iter()
+                .map(|b| if *b == b'+' { b' ' } else { *b })
+                .collect::<Vec<u8>>();
+            &spaced[..]
+        } else {
+            part
+        };
+        // Borrowed when nothing is escaped: one copy, into the String.
+        percent_encoding::percent_decode(part)
+            .decode_utf8()
+            .ok()
+            .map(std::borrow::Cow::into_owned)
     };
     for pair in raw.split(|b| *b == b'&').filter(|p| !p.is_empty()) {
         let (k, v) = match pair.iter().position(|b| *b == b'=') {
