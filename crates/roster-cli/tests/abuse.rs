@@ -369,6 +369,7 @@ fn half_open_connections_are_closed_and_do_not_lock_clients_out() {
         }
     }
     assert_eq!(open, 0, "half-open connections left open");
+    assert!(node.metric("roster_limit_hits_total{limit=\"header_read_timeout\"}") >= 1.0);
     assert!(node.metric("roster_connections{port=\"http\"}") <= 1.0);
 }
 

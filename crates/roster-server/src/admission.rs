@@ -317,6 +317,11 @@ impl<IO> Admitted<IO> {
         }
         while self.deadline.as_mut().poll(cx).is_ready() {
             if !watch.proven.load(Ordering::Relaxed) {
+                let metrics = &self.ticket.admission.metrics;
+                let peer = self.ticket.peer;
+                let detail =
+                    format!("a connection from {peer} sent no whole request header in time");
+                metrics.limit_hit("header_read_timeout", &detail);
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no whole request header in time",
@@ -324,6 +329,10 @@ impl<IO> Admitted<IO> {
             }
             let idle_until = self.last_read + self.idle_timeout;
             if idle_until <= Instant::now() {
+                let metrics = &self.ticket.admission.metrics;
+                let peer = self.ticket.peer;
+                let detail = format!("a connection from {peer} was silent too long");
+                metrics.limit_hit("idle_timeout", &detail);
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "idle too long"));
             }
             self.deadline.as_mut().reset(idle_until);

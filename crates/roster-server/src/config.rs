@@ -689,6 +689,42 @@ mod tests {
     }
 
     #[test]
+    fn limits_and_lists_are_set_from_the_environment() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("ROSTER_NACOS_TRUSTED_PROXIES", "10.0.0.5, 10.0.0.6"),
+                ("ROSTER_LIMITS_INSTANCES_PER_SESSION", "7"),
+                ("ROSTER_LIMITS_STUCK_TIMEOUT", "5s"),
+            ]),
+        )
+        .unwrap();
+        let proxies: Vec<std::net::IpAddr> =
+            vec!["10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap()];
+        assert_eq!(c.nacos.trusted_proxies, proxies);
+        assert_eq!(c.limits.instances_per_session, 7);
+        assert_eq!(c.limits.core().instances_per_session, 7);
+        assert_eq!(c.limits.stuck_timeout, Duration::from_secs(5));
+        let e = Config::load(
+            None,
+            env(&[("ROSTER_NACOS_TRUSTED_PROXIES", "proxy.local")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ROSTER_NACOS_TRUSTED_PROXIES"), "{e}");
+        for (var, value) in [
+            ("ROSTER_LIMITS_CONNECTIONS", "0"),
+            ("ROSTER_LIMITS_METADATA_BYTES", "70000"),
+            ("ROSTER_LIMITS_IDLE_TIMEOUT", "10s"),
+        ] {
+            let e = Config::load(None, env(&[(var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("limits."), "{var}: {e}");
+        }
+    }
+
+    #[test]
     fn a_bad_variable_is_named_with_its_key() {
         let e = Config::load(
             None,
