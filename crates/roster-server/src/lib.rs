@@ -198,9 +198,13 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         },
     );
     let max_message = limits.grpc_message_bytes;
+    let metrics = node.metrics.clone();
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .max_concurrent_streams(Some(limits.streams_per_connection))
+        .layer(tower::util::MapResponseLayer::new(move |response| {
+            name_message_limit(response, max_message, &metrics)
+        }))
         .add_service(
             RegistryServer::new(grpc::GrpcApi::new(node.clone()))
                 .max_decoding_message_size(max_message),
@@ -226,6 +230,41 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         node,
         tasks,
     })
+}
+
+/// A call refused by tonic for a message over `limits.grpc_message_bytes`
+/// (`OUT_OF_RANGE`, "message length too large") is answered as every
+/// limit is, `RESOURCE_EXHAUSTED` naming the limit, and counted. (Calls
+/// whose status comes in trailers, a stream's later message, keep tonic's.)
+fn name_message_limit(
+    mut response: tonic::codegen::http::Response<tonic::body::Body>,
+    max: usize,
+    metrics: &metrics::Metrics,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    use tonic::codegen::http::HeaderValue;
+    let headers = response.headers_mut();
+    let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if too_large {
+        let hit = roster_core::LimitHit {
+            key: "grpc_message_bytes",
+            max,
+        };
+        metrics.limit_hit(hit.key, &hit);
+        let status = tonic::Status::resource_exhausted(hit.to_string());
+        headers.insert("grpc-status", HeaderValue::from(i32::from(status.code())));
+        // Printable ASCII: a grpc-message as it is.
+        if let Ok(message) = HeaderValue::from_str(&hit.to_string()) {
+            headers.insert("grpc-message", message);
+        }
+    }
+    response
 }
 
 /// Serves HTTP on `listener` until the node stops: each admitted

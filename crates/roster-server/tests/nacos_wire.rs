@@ -619,3 +619,32 @@ async fn a_subscriber_that_answers_late_is_not_taken_for_stuck() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_the_size_limit_is_refused_naming_it() {
+    let server = start_with(|c| c.limits.grpc_message_bytes = 2048).await;
+    let raw = Raw::connect(&server).await;
+    let _stream = raw.stream().await;
+    let body = json!({"namespace": "public", "groupName": "DEFAULT_GROUP", "serviceName": "big",
+                      "type": "registerInstance",
+                      "instance": {"ip": "10.60.0.1", "port": 80, "metadata": {"pad": "x".repeat(4096)}}});
+    let status = raw
+        .unary
+        .clone()
+        .request(nacos_payload("InstanceRequest", body))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("limits.grpc_message_bytes is 2048"),
+        "{status:?}"
+    );
+    // The connection still serves what fits.
+    assert_eq!(
+        raw.call("HealthCheckRequest", json!({})).await.0,
+        "HealthCheckResponse"
+    );
+    server.shutdown().await;
+}
