@@ -17,6 +17,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_roster");
 struct Node {
     child: Child,
     http: SocketAddr,
+    grpc: SocketAddr,
     _data: tempfile::TempDir,
 }
 
@@ -45,15 +46,17 @@ impl Node {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let http = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http="))
-            .unwrap_or_else(|| panic!("no http= in {line:?}"))
-            .parse()
-            .unwrap();
+        let field = |name: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {line:?}"))
+                .parse()
+                .unwrap()
+        };
         Self {
             child,
-            http,
+            http: field("http="),
+            grpc: field("grpc="),
             _data: data,
         }
     }
@@ -348,6 +351,15 @@ fn half_open_connections_are_closed_and_do_not_lock_clients_out() {
             }
         }
     }
+    // On the gRPC port: the HTTP/2 preface and a SETTINGS frame, but no
+    // request (HEADERS) ever.
+    for _ in 0..20 {
+        if let Ok(mut tcp) = connect_from("127.0.0.5", node.grpc) {
+            let _ = tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            let _ = tcp.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+            attackers.push(tcp);
+        }
+    }
     // A client is served meanwhile.
     let started = Instant::now();
     let (status, _) = node.call("GET", "/healthz", "");
@@ -361,16 +373,24 @@ fn half_open_connections_are_closed_and_do_not_lock_clients_out() {
     for tcp in &mut attackers {
         tcp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let mut buf = [0u8; 64];
-        match tcp.read(&mut buf) {
-            Ok(0) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Ok(_) | Err(_) => open += 1,
+        // Whatever the node wrote (its HTTP/2 SETTINGS), then the end.
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf) {
+                Ok(0) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Ok(_) => continue,
+                Err(_) => {
+                    open += 1;
+                    break;
+                }
+            }
         }
     }
     assert_eq!(open, 0, "half-open connections left open");
     assert!(node.metric("roster_limit_hits_total{limit=\"header_read_timeout\"}") >= 1.0);
     assert!(node.metric("roster_connections{port=\"http\"}") <= 1.0);
+    assert_eq!(node.metric("roster_connections{port=\"grpc\"}"), 0.0);
 }
 
 #[test]

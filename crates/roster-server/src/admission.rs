@@ -29,12 +29,13 @@ use crate::metrics::Metrics;
 /// listeners, the UDP socket, files, the runtime).
 const RESERVED_FDS: u64 = 64;
 
-/// The end of an HTTP/1 request header, and of the first line of the
-/// HTTP/2 connection preface (`PRI * HTTP/2.0\r\n\r\n`): a connection that
-/// sent it has sent a whole request header. (HTTP/1 parsers also take a
-/// bare `\n\n`.)
+/// The end of an HTTP/1 request header (parsers also take a bare `\n\n`).
 const HEADER_END: &[u8] = b"\r\n\r\n";
 const BARE_HEADER_END: &[u8] = b"\n\n";
+/// What an HTTP/2 connection starts with; its first request header is the
+/// first whole HEADERS frame after it.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_HEADERS: u8 = 0x1;
 
 /// The connection limits of a node.
 #[derive(Debug, Clone, Copy)]
@@ -265,9 +266,8 @@ pub struct Admitted<IO> {
     idle_timeout: Duration,
     /// When data last came in (the idle deadline is moved on lazily).
     last_read: Instant,
-    /// The last bytes read while not yet proven (a header end may span
-    /// two reads).
-    tail: [u8; 3],
+    /// How far the first request header has come.
+    proof: Proof,
 }
 
 impl<IO> Admitted<IO> {
@@ -279,7 +279,7 @@ impl<IO> Admitted<IO> {
             deadline: Box::pin(tokio::time::sleep_until(now + rules.header_timeout)),
             idle_timeout: rules.idle_timeout,
             last_read: now,
-            tail: [0; 3],
+            proof: Proof::default(),
         }
     }
 
@@ -296,7 +296,7 @@ impl<IO> Admitted<IO> {
             deadline: self.deadline,
             idle_timeout: self.idle_timeout,
             last_read: self.last_read,
-            tail: self.tail,
+            proof: self.proof,
         }
     }
 
@@ -356,10 +356,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Admitted<IO> {
                     this.last_read = Instant::now();
                     if !this.ticket.watch.proven.load(Ordering::Relaxed) {
                         let data = &buf.filled()[before..];
-                        let mut tail = this.tail;
-                        let found = saw(&mut tail, data);
-                        this.tail = tail;
-                        if found {
+                        if this.proof.saw(data) {
                             this.ticket.watch.proven.store(true, Ordering::Relaxed);
                             // From now on the deadline is the idle one.
                             let idle_until = this.last_read + this.idle_timeout;
@@ -416,18 +413,106 @@ impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connecte
     }
 }
 
-/// Whether `data`, read after the bytes kept in `tail`, completes a request
-/// header; `tail` keeps the last bytes for the next read.
-fn saw(tail: &mut [u8; 3], data: &[u8]) -> bool {
-    let mut window = Vec::with_capacity(tail.len() + data.len());
-    window.extend_from_slice(tail);
-    window.extend_from_slice(data);
-    let keep = window.len() - tail.len();
-    tail.copy_from_slice(&window[keep..]);
-    window.windows(HEADER_END.len()).any(|w| w == HEADER_END)
-        || window
-            .windows(BARE_HEADER_END.len())
-            .any(|w| w == BARE_HEADER_END)
+/// How far a connection's first request header has come: an HTTP/1
+/// header up to its blank line, or the HTTP/2 preface and then frames up
+/// to the end of the first HEADERS frame (settings, pings and window
+/// updates alone prove nothing).
+#[derive(Debug, Clone, Copy)]
+enum Proof {
+    /// Not yet known which: the bytes so far match the HTTP/2 preface.
+    Start { matched: usize },
+    /// HTTP/1: the last bytes read (a header end may span reads).
+    Http1 { tail: [u8; 3] },
+    /// HTTP/2, past the preface: `header` holds `got` bytes of a frame
+    /// header, or a frame's payload has `left` bytes to come.
+    Http2 {
+        header: [u8; 9],
+        got: usize,
+        left: usize,
+        headers: bool,
+    },
+}
+
+impl Default for Proof {
+    fn default() -> Self {
+        Proof::Start { matched: 0 }
+    }
+}
+
+impl Proof {
+    /// Takes `data`; true once it completes the first request header.
+    fn saw(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            match self {
+                Proof::Start { matched } => {
+                    let n = (H2_PREFACE.len() - *matched).min(data.len());
+                    if data[..n] != H2_PREFACE[*matched..*matched + n] {
+                        // Not HTTP/2: scan as HTTP/1 from the start.
+                        let seen = &H2_PREFACE[..*matched];
+                        *self = Proof::Http1 { tail: [0; 3] };
+                        return self.saw_http1(seen) || self.saw_http1(data);
+                    }
+                    *matched += n;
+                    data = &data[n..];
+                    if *matched == H2_PREFACE.len() {
+                        *self = Proof::Http2 {
+                            header: [0; 9],
+                            got: 0,
+                            left: 0,
+                            headers: false,
+                        };
+                    }
+                }
+                Proof::Http1 { .. } => return self.saw_http1(data),
+                Proof::Http2 {
+                    header,
+                    got,
+                    left,
+                    headers,
+                } => {
+                    if *left > 0 {
+                        let n = (*left).min(data.len());
+                        *left -= n;
+                        data = &data[n..];
+                        if *left == 0 && *headers {
+                            return true;
+                        }
+                        continue;
+                    }
+                    let n = (9 - *got).min(data.len());
+                    header[*got..*got + n].copy_from_slice(&data[..n]);
+                    *got += n;
+                    data = &data[n..];
+                    if *got == 9 {
+                        *got = 0;
+                        *left = usize::from(header[0]) << 16
+                            | usize::from(header[1]) << 8
+                            | usize::from(header[2]);
+                        *headers = header[3] == H2_HEADERS;
+                        if *left == 0 && *headers {
+                            return true;
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    fn saw_http1(&mut self, data: &[u8]) -> bool {
+        let Proof::Http1 { tail } = self else {
+            return false;
+        };
+        let mut window = Vec::with_capacity(tail.len() + data.len());
+        window.extend_from_slice(tail);
+        window.extend_from_slice(data);
+        let keep = window.len() - tail.len();
+        tail.copy_from_slice(&window[keep..]);
+        window.windows(HEADER_END.len()).any(|w| w == HEADER_END)
+            || window
+                .windows(BARE_HEADER_END.len())
+                .any(|w| w == BARE_HEADER_END)
+    }
 }
 
 /// The process' descriptor limit, after raising the soft limit to the hard
@@ -522,19 +607,43 @@ mod tests {
 
     #[test]
     fn a_header_end_is_seen_across_reads() {
-        let mut tail = [0; 3];
-        assert!(!saw(&mut tail, b"GET / HTTP/1.1\r\nHost: x\r"));
-        assert!(saw(&mut tail, b"\n\r\n"));
-        let mut tail = [0; 3];
-        assert!(!saw(&mut tail, b"PRI * HTTP/2.0\r\n"));
-        assert!(saw(&mut tail, b"\r\nSM\r\n\r\n"));
-        let mut tail = [0; 3];
+        let mut p = Proof::default();
+        assert!(!p.saw(b"GET / HTTP/1.1\r\nHost: x\r"));
+        assert!(p.saw(b"\n\r\n"));
+        let mut p = Proof::default();
         for b in b"GET / HTTP/1.1\r\n\r" {
-            assert!(!saw(&mut tail, &[*b]));
+            assert!(!p.saw(&[*b]));
         }
-        assert!(saw(&mut tail, b"\n"));
-        let mut tail = [0; 3];
-        assert!(!saw(&mut tail, b"GET / HTTP/1.0\n"));
-        assert!(saw(&mut tail, b"\n"));
+        assert!(p.saw(b"\n"));
+        let mut p = Proof::default();
+        assert!(!p.saw(b"GET / HTTP/1.0\n"));
+        assert!(p.saw(b"\n"));
+        // Bytes that start like the preface, then turn out HTTP/1.
+        let mut p = Proof::default();
+        assert!(!p.saw(b"P"));
+        assert!(p.saw(b"OST / HTTP/1.1\r\n\r\n"));
+    }
+
+    #[test]
+    fn an_http2_connection_is_proven_by_its_first_headers_frame_only() {
+        let settings = [0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
+        let window_update = [0, 0, 4, 0x8, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+        let headers = [0, 0, 3, 0x1, 0x4, 0, 0, 0, 1, 0x82, 0x86, 0x84];
+        let mut p = Proof::default();
+        // The preface alone, even with its first blank line, proves nothing.
+        assert!(!p.saw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n"));
+        assert!(!p.saw(b"\r\n"));
+        assert!(!p.saw(&settings));
+        assert!(!p.saw(&window_update));
+        assert!(!p.saw(&headers[..10]));
+        assert!(p.saw(&headers[10..]));
+        // The same, a byte at a time.
+        let mut all = H2_PREFACE.to_vec();
+        all.extend_from_slice(&settings);
+        all.extend_from_slice(&headers);
+        let mut p = Proof::default();
+        let proven: Vec<bool> = all.iter().map(|b| p.saw(&[*b])).collect();
+        assert_eq!(proven.iter().filter(|x| **x).count(), 1);
+        assert!(proven[proven.len() - 1]);
     }
 }

@@ -648,3 +648,31 @@ async fn a_message_over_the_size_limit_is_refused_naming_it() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_reads_but_never_acknowledges_is_closed() {
+    let server = start_with(|c| {
+        c.nacos.push_ack_timeout = Duration::from_millis(200);
+        c.nacos.push_retries = 1;
+        c.limits.stuck_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let raw = Raw::connect(&server).await;
+    let mut stream = raw.stream().await;
+    for service in ["mute-1", "mute-2"] {
+        raw.subscribe(service).await;
+    }
+    // It reads every push (so nothing stays queued) and answers none.
+    let ended = timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.inbound.message().await {
+                Ok(Some(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection was closed as stuck");
+    assert_eq!(server.node.metrics.stuck_ejections.get(), 1);
+    server.shutdown().await;
+}
