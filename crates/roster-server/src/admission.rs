@@ -105,6 +105,11 @@ impl Admission {
                 rules.total = room.max(1);
             }
         }
+        Self::with(rules, metrics)
+    }
+
+    /// Admits by exactly `rules`.
+    fn with(rules: Rules, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             rules,
             held: Mutex::new(Held::default()),
@@ -563,16 +568,7 @@ mod tests {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
         };
-        let metrics = Arc::new(Metrics::new());
-        Arc::new(Admission {
-            rules,
-            held: Mutex::new(Held::default()),
-            gauges: [
-                metrics.connections_on("http"),
-                metrics.connections_on("grpc"),
-            ],
-            metrics,
-        })
+        Admission::with(rules, Arc::new(Metrics::new()))
     }
 
     #[test]

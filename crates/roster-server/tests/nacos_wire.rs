@@ -63,6 +63,15 @@ impl Stream {
         }
     }
 
+    /// Reads (and drops) what comes until the server ends the stream;
+    /// `Err` if it is still open after `within`.
+    async fn until_closed(&mut self, within: Duration) -> Result<(), tokio::time::error::Elapsed> {
+        timeout(within, async {
+            while let Ok(Some(_)) = self.inbound.message().await {}
+        })
+        .await
+    }
+
     fn answer(&self, request_id: &Value, result: i64) {
         self.out
             .send(nacos_payload(
@@ -508,15 +517,7 @@ async fn a_subscriber_that_never_acknowledges_is_bounded_then_closed_and_may_com
     assert!(!pushed.contains_key(third["serviceName"].as_str().unwrap()));
 
     // Nothing more is acknowledged: the connection is closed as stuck.
-    let closed = timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.inbound.message().await {
-                Ok(Some(_)) => continue,
-                _ => return,
-            }
-        }
-    })
-    .await;
+    let closed = stream.until_closed(Duration::from_secs(10)).await;
     assert!(closed.is_ok(), "the stuck subscriber's stream ended");
     assert_eq!(server.node.metrics.stuck_ejections.get(), 1);
 
@@ -663,15 +664,7 @@ async fn a_subscriber_that_reads_but_never_acknowledges_is_closed() {
         raw.subscribe(service).await;
     }
     // It reads every push (so nothing stays queued) and answers none.
-    let ended = timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.inbound.message().await {
-                Ok(Some(_)) => continue,
-                _ => return,
-            }
-        }
-    })
-    .await;
+    let ended = stream.until_closed(Duration::from_secs(10)).await;
     assert!(ended.is_ok(), "the connection was closed as stuck");
     assert_eq!(server.node.metrics.stuck_ejections.get(), 1);
     server.shutdown().await;
