@@ -3,6 +3,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         "proto/roster/v1/registry.proto",
+        "proto/roster/cluster/v1/cluster.proto",
         "proto/nacos/nacos_grpc_service.proto",
     ];
     for proto in protos {

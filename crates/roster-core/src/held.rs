@@ -190,6 +190,38 @@ pub struct SessionData {
     pub instances: Vec<(ServiceKey, Instance, Version)>,
 }
 
+/// A session's state as another node sends it: its data, or its end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionState {
+    /// The session's data.
+    Live(SessionData),
+    /// The session ended at this version.
+    Gone(Version),
+}
+
+impl SessionState {
+    /// The version this state is at.
+    pub fn version(&self) -> Version {
+        match self {
+            SessionState::Live(d) => d.version,
+            SessionState::Gone(v) => *v,
+        }
+    }
+
+    /// Instances it carries.
+    pub fn len(&self) -> usize {
+        match self {
+            SessionState::Live(d) => d.instances.len(),
+            SessionState::Gone(_) => 0,
+        }
+    }
+
+    /// Whether it carries no instance.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@ pub mod metadata;
 pub mod model;
 pub mod push;
 pub mod registry;
+pub mod replication;
 pub mod service;
 pub mod session;
 
@@ -22,5 +23,5 @@ pub use model::{
     InstanceRecord, Metadata, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
     Version,
 };
-pub use registry::{Change, Registry, RegistryConfig, RegistryError, SessionData};
+pub use registry::{Change, Registry, RegistryConfig, RegistryError, SessionData, SessionState};
 pub use service::{Delta, ServiceView};

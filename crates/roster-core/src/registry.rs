@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::checksum::instance_hash;
-pub use crate::held::{Held, Records, SessionData};
+pub use crate::held::{Held, Records, SessionData, SessionState};
 pub use crate::limits::{LimitHit, Limits};
 use crate::model::{
     Instance, InstanceRecord, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
@@ -166,6 +166,9 @@ pub struct Registry {
     /// Services seen empty by [`Self::forget_empty_services`]: since when,
     /// at which revision (a write since starts the wait again).
     empty_since: HashMap<Arc<ServiceKey>, (Instant, u64)>,
+    /// This node's sessions written since the last [`Self::take_dirty`],
+    /// kept only when the node replicates (see [`Self::track_replication`]).
+    dirty: Option<rustc_hash::FxHashSet<OwnerRef>>,
 }
 
 impl Registry {
@@ -183,6 +186,29 @@ impl Registry {
             unpublished: Vec::new(),
             instance_count: 0,
             empty_since: HashMap::default(),
+            dirty: None,
+        }
+    }
+
+    /// From now on, remembers which of this node's sessions each write
+    /// changes, for [`Self::take_dirty`] (a node with peers replicates them).
+    pub fn track_replication(&mut self) {
+        self.dirty.get_or_insert_with(Default::default);
+    }
+
+    /// This node's sessions changed since the last call, each once.
+    pub fn take_dirty(&mut self) -> Vec<OwnerRef> {
+        match &mut self.dirty {
+            Some(d) if !d.is_empty() => d.drain().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn mark_dirty(&mut self, owner: &OwnerRef) {
+        if let Some(d) = &mut self.dirty
+            && owner.origin == self.node
+        {
+            d.insert(owner.clone());
         }
     }
 
@@ -642,6 +668,55 @@ impl Registry {
         last_per_service(changes)
     }
 
+    /// Forgets what is held of another origin's session, leaving no
+    /// tombstone: its origin stopped vouching for it (no verify listed it
+    /// for the verify timeout), not ended it, so the same version may come
+    /// back from the origin later.
+    pub fn forget_session(&mut self, owner: &Owner) -> Vec<Change> {
+        if owner.origin == self.node {
+            return Vec::new();
+        }
+        let Some((owner, held)) = self.data.remove_entry(owner) else {
+            return Vec::new();
+        };
+        let mut touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>> = BTreeMap::new();
+        if let Held::Live { records, .. } = held {
+            for (key, id) in records.into_ids() {
+                touched.entry(key).or_default().insert(id);
+            }
+        }
+        self.reconcile_all(&owner, touched)
+    }
+
+    /// A session's state as it is sent to another node: its data (clones
+    /// of its instances) or its end.
+    pub fn session_state(&self, owner: &Owner) -> Option<SessionState> {
+        Some(match self.data.get(owner)? {
+            Held::Live { version, records } => SessionState::Live(SessionData {
+                version: *version,
+                instances: records
+                    .iter()
+                    .map(|(k, _, r)| (ServiceKey::clone(k), r.instance.clone(), r.version))
+                    .collect(),
+            }),
+            Held::Gone { version, .. } => SessionState::Gone(*version),
+        })
+    }
+
+    /// Applies a session's state from another node (see
+    /// [`Self::apply_session`] and [`Self::drop_session`]).
+    pub fn apply_state(
+        &mut self,
+        owner: Owner,
+        state: SessionState,
+        now: Instant,
+    ) -> Result<Vec<Change>, RegistryError> {
+        match state {
+            SessionState::Live(data) => self.apply_session(owner, data),
+            SessionState::Gone(version) => Ok(self.drop_session(owner, version, now)),
+        }
+    }
+
     /// Forgets tombstones older than the grace period.
     pub fn expire_tombstones(&mut self, now: Instant) {
         let grace = self.config.tombstone_grace;
@@ -669,6 +744,7 @@ impl Registry {
     /// Replaces a session's data by a tombstone at `version` and removes
     /// what it showed.
     fn retire(&mut self, owner: &OwnerRef, version: Version, now: Instant) -> Vec<Change> {
+        self.mark_dirty(owner);
         let old = self.data.insert(
             owner.clone(),
             Held::Gone {
@@ -836,6 +912,7 @@ impl Registry {
         id: Arc<str>,
         record: Option<Arc<InstanceRecord>>,
     ) -> Change {
+        self.mark_dirty(owner);
         let had = match self.data.get_mut(owner) {
             Some(Held::Live {
                 version: v,
@@ -881,6 +958,7 @@ impl Registry {
         key: &Arc<ServiceKey>,
         updates: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)>,
     ) -> Change {
+        self.mark_dirty(owner);
         let mut had = Vec::with_capacity(updates.len());
         if let Some(Held::Live {
             version: v,

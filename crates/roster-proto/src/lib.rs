@@ -3,11 +3,24 @@
 //! clients and the server traits.
 //! No logic lives here beyond the conversions between wire and model types.
 
-/// Version 1 of the native API.
+/// The generated code, nested as the protobuf packages are (so that the
+/// cluster protocol's references to `roster.v1` resolve).
 #[allow(missing_docs, clippy::all)]
-pub mod v1 {
-    tonic::include_proto!("roster.v1");
+mod generated {
+    pub mod roster {
+        pub mod v1 {
+            tonic::include_proto!("roster.v1");
+        }
+        pub mod cluster {
+            pub mod v1 {
+                tonic::include_proto!("roster.cluster.v1");
+            }
+        }
+    }
 }
+
+/// Version 1 of the native API.
+pub use generated::roster::v1;
 
 /// The Nacos 2.x gRPC envelope (`Payload` with a JSON body), for the Nacos
 /// compatibility layer. The protobuf has no package, hence the file name.
@@ -16,6 +29,10 @@ pub mod nacos {
     tonic::include_proto!("_");
 }
 
+/// The cluster protocol between members (`proto/roster/cluster/v1`).
+pub use generated::roster::cluster::v1 as cluster_v1;
+
+pub mod cluster;
 pub mod convert;
 
 /// The gRPC metadata key (and HTTP header) carrying a session's token: a

@@ -1,0 +1,797 @@
+//! The replication rules of one cluster member (Distro-style, see
+//! `docs/replication.md`), sans-IO: a local write, a message from a peer, a
+//! failed send or the passing of time go in with the current time; effects
+//! (messages to send, view changes to publish, readiness, member states)
+//! come out. It owns the bookkeeping of replication: what each peer still
+//! needs, the batch in flight to each, when each replica was last vouched
+//! for by its origin, the snapshot being loaded. The data is the
+//! [`Registry`]'s, passed in by the caller; nothing here sends or sleeps.
+
+pub mod members;
+pub mod message;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+
+use crate::held::{Held, SessionState};
+use crate::model::{NodeName, Owner, OwnerRef, SessionId, Version};
+use crate::registry::{Change, Registry};
+pub use members::{MemberState, rendezvous};
+pub use message::{Envelope, Message};
+
+/// Tunables of replication. Every interval is configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicationConfig {
+    /// How often each member sends each peer the digest of its sessions.
+    pub verify_interval: Duration,
+    /// A replica its origin has not listed in a digest for this many
+    /// rounds is dropped (and its removal pushed).
+    pub verify_rounds: u32,
+    /// A batch not acknowledged this long is sent again.
+    pub ack_timeout: Duration,
+    /// First wait before sending again to a peer after a failure...
+    pub retry_min: Duration,
+    /// ... doubling up to this.
+    pub retry_max: Duration,
+    /// Most sessions in one sync batch or snapshot chunk.
+    pub batch_sessions: usize,
+    /// Most instances in one sync batch or snapshot chunk (a session larger
+    /// than this still goes, alone).
+    pub batch_instances: usize,
+    /// Most sessions listed in one verify message.
+    pub verify_chunk: usize,
+    /// A snapshot source silent this long is given up for another.
+    pub snapshot_timeout: Duration,
+    /// A starting member that could load no snapshot by then serves alone.
+    pub ready_alone_after: Duration,
+    /// A peer silent this long is suspect...
+    pub suspect_after: Duration,
+    /// ... and this long, down.
+    pub down_after: Duration,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        let verify = Duration::from_secs(5);
+        Self {
+            verify_interval: verify,
+            verify_rounds: 3,
+            ack_timeout: Duration::from_secs(2),
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_secs(2),
+            batch_sessions: 1024,
+            batch_instances: 16_384,
+            verify_chunk: 8192,
+            snapshot_timeout: Duration::from_secs(5),
+            ready_alone_after: Duration::from_secs(15),
+            suspect_after: verify + verify / 2,
+            down_after: verify * 3,
+        }
+    }
+}
+
+/// What the caller must carry out.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send this message to this member.
+    Send(NodeName, Envelope),
+    /// These services' views changed: publish them and push.
+    Changed(Vec<Change>),
+    /// The member has loaded its snapshot (or has nothing to load): it may
+    /// serve discovery and push from now on.
+    Ready,
+    /// A member's state changed.
+    Member(NodeName, MemberState),
+}
+
+/// Counters of what replication did, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Sync batches sent.
+    pub batches_sent: u64,
+    /// Session states sent in them.
+    pub sessions_sent: u64,
+    /// Instances sent in them.
+    pub instances_sent: u64,
+    /// Session states received and applied (newer than held).
+    pub sessions_applied: u64,
+    /// Batches given up on (failed or unacknowledged) and queued again.
+    pub batches_failed: u64,
+    /// Verify messages sent.
+    pub verifies_sent: u64,
+    /// Sessions a peer's verify listed that this member lacked or held
+    /// older (each one a repair).
+    pub verify_misses: u64,
+    /// Replicas dropped because their origin stopped listing them.
+    pub unverified_dropped: u64,
+    /// Snapshots loaded from a peer.
+    pub snapshot_loads: u64,
+    /// Session states loaded from snapshots.
+    pub snapshot_sessions: u64,
+    /// Session states refused as invalid.
+    pub invalid: u64,
+    /// Messages from nodes that are not members, or from a member's
+    /// earlier life, ignored.
+    pub ignored: u64,
+}
+
+/// What this member knows of one peer.
+#[derive(Debug)]
+pub struct Peer {
+    /// Its life, from its messages.
+    pub incarnation: Option<u64>,
+    /// When anything was last heard from it.
+    pub last_heard: Option<Instant>,
+    /// When it last sent a verify.
+    pub last_verify: Option<Instant>,
+    /// Its state.
+    pub state: MemberState,
+    /// This member's sessions whose state it still needs, merged per
+    /// session (only the latest state goes).
+    pending: HashSet<OwnerRef>,
+    /// The batch sent and not yet acknowledged (one at a time per peer;
+    /// changes meanwhile gather in `pending`).
+    in_flight: Option<InFlight>,
+    /// No batch before this, after a failure.
+    retry_at: Option<Instant>,
+    /// A send to it failed and nothing was heard from it since.
+    unreachable: bool,
+    /// The current wait after failures.
+    backoff: Duration,
+}
+
+impl Peer {
+    fn new() -> Self {
+        Self {
+            incarnation: None,
+            last_heard: None,
+            last_verify: None,
+            state: MemberState::Down,
+            pending: HashSet::default(),
+            in_flight: None,
+            retry_at: None,
+            unreachable: false,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    /// Sessions waiting to be sent to it (not counting a batch in flight).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[derive(Debug)]
+struct InFlight {
+    batch: u64,
+    owners: Vec<OwnerRef>,
+    deadline: Instant,
+}
+
+/// A snapshot being loaded at start.
+#[derive(Debug)]
+struct Loading {
+    since: Instant,
+    /// The peer streaming it, and when it is given up unless it answers.
+    source: Option<(NodeName, Instant)>,
+    /// Where the next chunk starts.
+    cursor: Option<Owner>,
+    /// Peers that answered that they are loading too.
+    loading_peers: BTreeSet<NodeName>,
+    /// Peers that failed this round.
+    failed: BTreeSet<NodeName>,
+    /// No new round of asking before this.
+    next_round: Instant,
+    /// Whether any chunk came in.
+    got_any: bool,
+}
+
+/// The replication state machine of one member.
+#[derive(Debug)]
+pub struct Replicator {
+    me: NodeName,
+    incarnation: u64,
+    config: ReplicationConfig,
+    peers: BTreeMap<NodeName, Peer>,
+    /// When each replica (another origin's live session) was last listed
+    /// by its origin's verify, or received.
+    renewed: HashMap<OwnerRef, Instant>,
+    next_batch: u64,
+    next_verify: Instant,
+    loading: Option<Loading>,
+    stats: Stats,
+    effects: Vec<Effect>,
+}
+
+impl Replicator {
+    /// The replicator of member `me` (in its life `incarnation`) among
+    /// `members` (`me` may be listed; it is skipped). It starts loading;
+    /// the first [`Self::tick`] asks a peer for its snapshot, or (with no
+    /// peer) makes it ready. Tells `registry` to track local writes.
+    pub fn new(
+        me: NodeName,
+        incarnation: u64,
+        members: impl IntoIterator<Item = NodeName>,
+        config: ReplicationConfig,
+        registry: &mut Registry,
+        now: Instant,
+    ) -> Self {
+        let peers: BTreeMap<NodeName, Peer> = members
+            .into_iter()
+            .filter(|m| *m != me)
+            .map(|m| (m, Peer::new()))
+            .collect();
+        if !peers.is_empty() {
+            registry.track_replication();
+        }
+        Self {
+            me,
+            incarnation,
+            config,
+            peers,
+            renewed: HashMap::default(),
+            next_batch: 0,
+            // The first digest goes out at once: it tells peers this life
+            // exists.
+            next_verify: now,
+            loading: Some(Loading {
+                since: now,
+                source: None,
+                cursor: None,
+                loading_peers: BTreeSet::new(),
+                failed: BTreeSet::new(),
+                next_round: now,
+                got_any: false,
+            }),
+            stats: Stats::default(),
+            effects: Vec::new(),
+        }
+    }
+
+    /// This member's name.
+    pub fn me(&self) -> &NodeName {
+        &self.me
+    }
+
+    /// Whether the snapshot is loaded (or there was none to load).
+    pub fn is_ready(&self) -> bool {
+        self.loading.is_none()
+    }
+
+    /// Every peer and what is known of it.
+    pub fn peers(&self) -> impl Iterator<Item = (&NodeName, &Peer)> {
+        self.peers.iter()
+    }
+
+    /// The members not down (this one included), which share out the data
+    /// that has no session (see [`rendezvous`]).
+    pub fn live_members(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&*self.me).chain(
+            self.peers
+                .iter()
+                .filter(|(_, p)| p.state != MemberState::Down)
+                .map(|(n, _)| &**n),
+        )
+    }
+
+    /// What replication did so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The config.
+    pub fn config(&self) -> &ReplicationConfig {
+        &self.config
+    }
+
+    /// Time passes (call it after local writes, and at least every few
+    /// tens of milliseconds): local changes go out, failed batches are
+    /// retried, the verify round runs when due, replicas nobody vouches for
+    /// are dropped, the snapshot load moves on, member states follow.
+    pub fn tick(&mut self, registry: &mut Registry, now: Instant) -> Vec<Effect> {
+        let dirty = registry.take_dirty();
+        if !dirty.is_empty() {
+            for peer in self.peers.values_mut() {
+                peer.pending.extend(dirty.iter().cloned());
+            }
+        }
+        let names: Vec<NodeName> = self.peers.keys().cloned().collect();
+        for name in &names {
+            self.update_state(name, now);
+            let timed_out = self.peers[name]
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| now >= f.deadline);
+            if timed_out {
+                self.fail(name, now);
+            }
+            self.try_send(registry, name, now);
+        }
+        if now >= self.next_verify {
+            self.next_verify = now + self.config.verify_interval;
+            self.send_verify(registry);
+            self.drop_unverified(registry, now);
+        }
+        self.step_loading(now);
+        std::mem::take(&mut self.effects)
+    }
+
+    /// A message from a peer.
+    pub fn receive(
+        &mut self,
+        registry: &mut Registry,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Vec<Effect> {
+        let Envelope {
+            from,
+            incarnation,
+            body,
+        } = envelope;
+        let Some(peer) = self.peers.get_mut(&from) else {
+            self.stats.ignored += 1;
+            return Vec::new();
+        };
+        match peer.incarnation {
+            Some(known) if incarnation < known => {
+                // From a life that is over: what it asks or acknowledges
+                // is not this life's business.
+                self.stats.ignored += 1;
+                return Vec::new();
+            }
+            Some(known) if incarnation > known => {
+                // It restarted: a batch in flight went to the old life.
+                peer.incarnation = Some(incarnation);
+                if let Some(f) = peer.in_flight.take() {
+                    peer.pending.extend(f.owners);
+                }
+                peer.retry_at = None;
+                peer.backoff = Duration::ZERO;
+            }
+            Some(_) => {}
+            None => peer.incarnation = Some(incarnation),
+        }
+        peer.last_heard = Some(now);
+        peer.unreachable = false;
+        self.update_state(&from, now);
+        match body {
+            Message::Sync { batch, sessions } => {
+                let sessions = sessions.into_iter().map(|(o, s)| (o, s, now)).collect();
+                self.apply(registry, sessions, false);
+                self.send(&from, Message::SyncAck { batch });
+            }
+            Message::SyncAck { batch } => {
+                let peer = self.peer(&from);
+                if peer.in_flight.as_ref().is_some_and(|f| f.batch == batch) {
+                    peer.in_flight = None;
+                    peer.backoff = Duration::ZERO;
+                    peer.retry_at = None;
+                }
+                self.try_send(registry, &from, now);
+            }
+            Message::Verify { sessions } => {
+                self.peer(&from).last_verify = Some(now);
+                let wanted = self.check_digest(registry, &from, sessions, now);
+                if !wanted.is_empty() {
+                    self.stats.verify_misses += wanted.len() as u64;
+                    self.send(&from, Message::VerifyAnswer { wanted });
+                }
+            }
+            Message::VerifyAnswer { wanted } => {
+                let me = self.me.clone();
+                let peer = self.peers.get_mut(&from).expect("checked above");
+                for session in wanted {
+                    let owner = Owner {
+                        origin: me.clone(),
+                        session,
+                    };
+                    if registry.held(&owner).is_some() {
+                        peer.pending.insert(Arc::new(owner));
+                    }
+                }
+                self.try_send(registry, &from, now);
+            }
+            Message::SnapshotRequest { after } => {
+                let answer = if self.loading.is_some() {
+                    Message::Loading
+                } else {
+                    self.snapshot_chunk(registry, after.as_ref(), now)
+                };
+                self.send(&from, answer);
+            }
+            Message::SnapshotChunk { sessions, next } => {
+                let from_source = self
+                    .loading
+                    .as_ref()
+                    .and_then(|l| l.source.as_ref())
+                    .is_some_and(|(s, _)| *s == from);
+                if from_source {
+                    self.stats.snapshot_sessions += sessions.len() as u64;
+                    self.load(registry, sessions, now);
+                    let timeout = self.config.snapshot_timeout;
+                    let loading = self.loading.as_mut().expect("loading");
+                    loading.got_any = true;
+                    match next {
+                        None => {
+                            self.stats.snapshot_loads += 1;
+                            self.finish_loading();
+                        }
+                        Some(cursor) => {
+                            loading.cursor = Some(cursor.clone());
+                            loading.source = Some((from.clone(), now + timeout));
+                            self.send(
+                                &from,
+                                Message::SnapshotRequest {
+                                    after: Some(cursor),
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Message::Loading => {
+                if let Some(l) = &mut self.loading {
+                    l.loading_peers.insert(from.clone());
+                    if l.source.as_ref().is_some_and(|(s, _)| *s == from) {
+                        l.source = None;
+                    }
+                }
+                self.step_loading(now);
+            }
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    /// A send to `to` failed (the peer is unreachable on every address):
+    /// its batch in flight is queued again and sending waits; a snapshot
+    /// it was streaming is asked of another.
+    pub fn send_failed(&mut self, to: &str, now: Instant) -> Vec<Effect> {
+        let Some(name) = self.peers.get_key_value(to).map(|(n, _)| n.clone()) else {
+            return Vec::new();
+        };
+        self.peer(&name).unreachable = true;
+        self.update_state(&name, now);
+        if self.peers[&name].in_flight.is_some() {
+            self.fail(&name, now);
+        }
+        if let Some(l) = &mut self.loading
+            && l.source.as_ref().is_some_and(|(s, _)| *s == name)
+        {
+            l.source = None;
+            l.failed.insert(name);
+            self.step_loading(now);
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    // ---- internals -------------------------------------------------------
+
+    fn peer(&mut self, name: &str) -> &mut Peer {
+        self.peers.get_mut(name).expect("a configured peer")
+    }
+
+    fn send(&mut self, to: &NodeName, body: Message) {
+        self.effects.push(Effect::Send(
+            to.clone(),
+            Envelope {
+                from: self.me.clone(),
+                incarnation: self.incarnation,
+                body,
+            },
+        ));
+    }
+
+    fn update_state(&mut self, name: &NodeName, now: Instant) {
+        let (suspect, down) = (self.config.suspect_after, self.config.down_after);
+        let peer = self.peer(name);
+        let state = match MemberState::from_silence(peer.last_heard, now, suspect, down) {
+            // A failed send makes it suspect; only traffic makes it up again.
+            MemberState::Up if peer.unreachable => MemberState::Suspect,
+            s => s,
+        };
+        if peer.state != state {
+            peer.state = state;
+            self.effects.push(Effect::Member(name.clone(), state));
+        }
+    }
+
+    /// Gives up the batch in flight to `name`: its sessions are queued
+    /// again, and sending waits a back-off.
+    fn fail(&mut self, name: &NodeName, now: Instant) {
+        let (min, max) = (self.config.retry_min, self.config.retry_max);
+        let peer = self.peer(name);
+        if let Some(f) = peer.in_flight.take() {
+            peer.pending.extend(f.owners);
+        }
+        peer.backoff = (peer.backoff * 2).clamp(min, max);
+        peer.retry_at = Some(now + peer.backoff);
+        self.stats.batches_failed += 1;
+    }
+
+    /// Sends `name` the next batch of what it needs, unless one is in
+    /// flight or a back-off runs.
+    fn try_send(&mut self, registry: &Registry, name: &NodeName, now: Instant) {
+        let (max_sessions, max_instances) =
+            (self.config.batch_sessions, self.config.batch_instances);
+        let ack_timeout = self.config.ack_timeout;
+        let peer = self.peers.get_mut(name).expect("a configured peer");
+        if peer.in_flight.is_some()
+            || peer.pending.is_empty()
+            || peer.retry_at.is_some_and(|t| now < t)
+        {
+            return;
+        }
+        let mut owners = Vec::new();
+        let mut sessions = Vec::new();
+        let mut instances = 0;
+        for owner in peer.pending.iter() {
+            if sessions.len() >= max_sessions
+                || (instances >= max_instances && !sessions.is_empty())
+            {
+                break;
+            }
+            owners.push(owner.clone());
+            // A tombstone forgotten since: nothing to say (the peer drops
+            // the session when no digest lists it).
+            if let Some(state) = registry.session_state(owner) {
+                instances += state.len();
+                sessions.push((Owner::clone(owner), state));
+            }
+        }
+        for o in &owners {
+            peer.pending.remove(o);
+        }
+        if sessions.is_empty() {
+            return;
+        }
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        peer.in_flight = Some(InFlight {
+            batch,
+            owners,
+            deadline: now + ack_timeout,
+        });
+        self.stats.batches_sent += 1;
+        self.stats.sessions_sent += sessions.len() as u64;
+        self.stats.instances_sent += instances as u64;
+        self.send(name, Message::Sync { batch, sessions });
+    }
+
+    /// Loads a snapshot chunk: each replica keeps the age it had at the
+    /// source.
+    fn load(
+        &mut self,
+        registry: &mut Registry,
+        sessions: Vec<(Owner, SessionState, Duration)>,
+        now: Instant,
+    ) {
+        let sessions = sessions
+            .into_iter()
+            .map(|(o, s, age)| (o, s, now.checked_sub(age).unwrap_or(now)))
+            .collect();
+        self.apply(registry, sessions, true);
+    }
+
+    /// Applies session states from a peer (a sync or a snapshot chunk),
+    /// each vouched for by its origin at the time given.
+    fn apply(
+        &mut self,
+        registry: &mut Registry,
+        sessions: Vec<(Owner, SessionState, Instant)>,
+        snapshot: bool,
+    ) {
+        let mut changes = Vec::new();
+        for (owner, state, now) in sessions {
+            if owner.origin == self.me {
+                continue;
+            }
+            let live = matches!(state, SessionState::Live(_));
+            let before = registry.held(&owner).map(Held::version);
+            match registry.apply_state(owner.clone(), state, now) {
+                Ok(c) => changes.extend(c),
+                Err(_) => {
+                    self.stats.invalid += 1;
+                    continue;
+                }
+            }
+            let after = registry.held(&owner).map(Held::version);
+            if after != before && !snapshot {
+                self.stats.sessions_applied += 1;
+            }
+            let owner = Arc::new(owner);
+            if live {
+                // Never older than what is known already.
+                let t = self.renewed.entry(owner).or_insert(now);
+                *t = (*t).max(now);
+            } else {
+                self.renewed.remove(&owner);
+            }
+        }
+        if !changes.is_empty() {
+            self.effects.push(Effect::Changed(changes));
+        }
+    }
+
+    /// Renews the replicas a peer's digest lists and returns those this
+    /// member lacks or holds older.
+    fn check_digest(
+        &mut self,
+        registry: &Registry,
+        from: &NodeName,
+        sessions: Vec<(SessionId, Version)>,
+        now: Instant,
+    ) -> Vec<SessionId> {
+        let mut wanted = Vec::new();
+        for (session, version) in sessions {
+            let owner = Owner {
+                origin: from.clone(),
+                session,
+            };
+            match registry.held(&owner) {
+                Some(Held::Live { version: v, .. }) if *v >= version => {
+                    self.renewed.insert(Arc::new(owner), now);
+                }
+                // Ended here at or after that version: the end is on its
+                // way to the origin's digest too.
+                Some(Held::Gone { version: v, .. }) if *v >= version => {}
+                _ => wanted.push(owner.session),
+            }
+        }
+        wanted
+    }
+
+    /// Sends every peer the digest of this member's live sessions.
+    fn send_verify(&mut self, registry: &Registry) {
+        let mut digest: Vec<(SessionId, Version)> = registry
+            .held_sessions()
+            .filter(|(o, h)| o.origin == self.me && matches!(h, Held::Live { .. }))
+            .map(|(o, h)| (o.session.clone(), h.version()))
+            .collect();
+        digest.sort_unstable();
+        let chunk = self.config.verify_chunk.max(1);
+        let names: Vec<NodeName> = self.peers.keys().cloned().collect();
+        for name in names {
+            if digest.is_empty() {
+                // Still sent: it tells the peer this member is alive.
+                self.send(&name, Message::Verify { sessions: vec![] });
+                self.stats.verifies_sent += 1;
+            }
+            for part in digest.chunks(chunk) {
+                let sessions = part.to_vec();
+                self.send(&name, Message::Verify { sessions });
+                self.stats.verifies_sent += 1;
+            }
+        }
+    }
+
+    /// Drops the replicas their origin has not vouched for in
+    /// `verify_rounds` rounds.
+    fn drop_unverified(&mut self, registry: &mut Registry, now: Instant) {
+        let timeout = self.config.verify_interval * self.config.verify_rounds;
+        // Replicas that came in some other way start their clock now.
+        for (owner, held) in registry.held_sessions() {
+            if owner.origin != self.me && matches!(held, Held::Live { .. }) {
+                self.renewed.entry(owner.clone()).or_insert(now);
+            }
+        }
+        let stale: Vec<OwnerRef> = self
+            .renewed
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) >= timeout)
+            .map(|(o, _)| o.clone())
+            .collect();
+        let mut changes = Vec::new();
+        for owner in stale {
+            self.renewed.remove(&owner);
+            if matches!(registry.held(&owner), Some(Held::Live { .. })) {
+                self.stats.unverified_dropped += 1;
+                changes.extend(registry.forget_session(&owner));
+            }
+        }
+        if !changes.is_empty() {
+            self.effects.push(Effect::Changed(changes));
+        }
+    }
+
+    /// The chunk of this member's snapshot after `after`.
+    fn snapshot_chunk(&self, registry: &Registry, after: Option<&Owner>, now: Instant) -> Message {
+        let mut candidates: Vec<&OwnerRef> = registry
+            .held_sessions()
+            .map(|(o, _)| o)
+            .filter(|o| after.is_none_or(|a| ***o > *a))
+            .collect();
+        let max = self.config.batch_sessions.max(1);
+        let more_beyond = candidates.len() > max;
+        if more_beyond {
+            candidates.select_nth_unstable(max);
+            candidates.truncate(max);
+        }
+        candidates.sort_unstable();
+        let mut sessions = Vec::new();
+        let mut instances = 0;
+        let mut taken = 0;
+        for owner in &candidates {
+            if instances >= self.config.batch_instances && !sessions.is_empty() {
+                break;
+            }
+            taken += 1;
+            if let Some(state) = registry.session_state(owner) {
+                instances += state.len();
+                let age = self
+                    .renewed
+                    .get(*owner)
+                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+                sessions.push((Owner::clone(owner), state, age));
+            }
+        }
+        let next = if more_beyond || taken < candidates.len() {
+            Some(Owner::clone(candidates[taken - 1]))
+        } else {
+            None
+        };
+        Message::SnapshotChunk { sessions, next }
+    }
+
+    fn finish_loading(&mut self) {
+        if self.loading.take().is_some() {
+            self.effects.push(Effect::Ready);
+        }
+    }
+
+    /// Moves the snapshot load on: asks a source, gives up a silent one,
+    /// or ends the load (no peer, every peer loading too, or waited long
+    /// enough alone).
+    fn step_loading(&mut self, now: Instant) {
+        let Some(l) = &mut self.loading else {
+            return;
+        };
+        if self.peers.is_empty()
+            || now.saturating_duration_since(l.since) >= self.config.ready_alone_after
+        {
+            self.finish_loading();
+            return;
+        }
+        if let Some((source, deadline)) = &l.source {
+            if now < *deadline {
+                return;
+            }
+            l.failed.insert(source.clone());
+            l.source = None;
+        }
+        // Every peer is starting too (the whole cluster restarts): nobody
+        // has anything to load.
+        if !l.got_any && l.loading_peers.len() == self.peers.len() {
+            self.finish_loading();
+            return;
+        }
+        let untried = |n: &&NodeName| !l.loading_peers.contains(*n) && !l.failed.contains(*n);
+        let pick = self
+            .peers
+            .iter()
+            .filter(|(n, _)| untried(n))
+            .min_by_key(|(_, p)| p.state)
+            .map(|(n, _)| n.clone());
+        let pick = match pick {
+            Some(p) => p,
+            None if now >= l.next_round => {
+                // Everyone was tried: start another round after a wait.
+                l.failed.clear();
+                l.loading_peers.clear();
+                l.next_round = now + self.config.snapshot_timeout;
+                return;
+            }
+            None => return,
+        };
+        l.source = Some((pick.clone(), now + self.config.snapshot_timeout));
+        // A new source starts from the beginning: its data is not the
+        // last one's.
+        l.cursor = None;
+        self.send(&pick, Message::SnapshotRequest { after: None });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! Unit tests of the replication state machine: two or three members wired
+//! by hand, each message handed over explicitly. The seeded simulation in
+//! `roster-proto/tests/cluster_simulation.rs` runs the same code under
+//! faults; these pin the single steps.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::registry::RegistryConfig;
+use crate::session::SessionKind;
+use crate::{Instance, ServiceKey};
+
+struct Node {
+    registry: Registry,
+    replicator: Replicator,
+}
+
+fn names(n: &[&str]) -> Vec<NodeName> {
+    n.iter().map(|s| NodeName::from(*s)).collect()
+}
+
+fn node(me: &str, incarnation: u64, members: &[&str], now: Instant) -> Node {
+    let mut registry = Registry::new(me, incarnation, RegistryConfig::default());
+    let replicator = Replicator::new(
+        me.into(),
+        incarnation,
+        names(members),
+        ReplicationConfig {
+            batch_sessions: 2,
+            ..ReplicationConfig::default()
+        },
+        &mut registry,
+        now,
+    );
+    Node {
+        registry,
+        replicator,
+    }
+}
+
+fn key() -> ServiceKey {
+    ServiceKey::simple("svc").expect("valid")
+}
+
+fn instance(last: u8) -> Instance {
+    Instance::new(IpAddr::from([10, 0, 0, last]), 8080)
+        .normalize()
+        .expect("valid")
+}
+
+fn open(n: &mut Node, session: &str, now: Instant) {
+    n.registry
+        .open_session(session.into(), SessionKind::Stream, "test", 0, now)
+        .expect("opens");
+}
+
+fn register(n: &mut Node, session: &str, last: u8, now: Instant) {
+    n.registry
+        .register(session, &key(), instance(last), now)
+        .expect("registers");
+}
+
+fn listed(n: &mut Node) -> Vec<String> {
+    let mut ids: Vec<String> = n
+        .registry
+        .view(&key())
+        .map(|v| v.instances.iter().map(|(id, _)| id.to_string()).collect())
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// The messages among `effects`, by receiver.
+fn sends(effects: &[Effect]) -> Vec<(NodeName, Envelope)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send(to, env) => Some((to.clone(), env.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kinds(effects: &[Effect], to: &str) -> Vec<&'static str> {
+    sends(effects)
+        .into_iter()
+        .filter(|(n, _)| &**n == to)
+        .map(|(_, e)| e.body.kind())
+        .collect()
+}
+
+/// Delivers every message in `effects` addressed to `to`, returning what
+/// that produced.
+fn deliver(effects: &[Effect], to: &mut Node, now: Instant) -> Vec<Effect> {
+    let me = to.replicator.me().clone();
+    let mut out = Vec::new();
+    for (n, env) in sends(effects) {
+        if n == me {
+            out.extend(to.replicator.receive(&mut to.registry, env, now));
+        }
+    }
+    out
+}
+
+/// Two ready members a and b.
+fn pair(now: Instant) -> (Node, Node) {
+    let mut a = node("a", 1, &["a", "b"], now);
+    let mut b = node("b", 1, &["a", "b"], now);
+    // Both ask each other for a snapshot; both answer they are loading:
+    // the cluster is starting, both are ready with nothing to load.
+    let ea = a.replicator.tick(&mut a.registry, now);
+    let eb = b.replicator.tick(&mut b.registry, now);
+    let to_a = deliver(&eb, &mut a, now);
+    let to_b = deliver(&ea, &mut b, now);
+    deliver(&to_a, &mut b, now);
+    deliver(&to_b, &mut a, now);
+    assert!(a.replicator.is_ready() && b.replicator.is_ready());
+    (a, b)
+}
+
+#[test]
+fn a_local_write_reaches_the_peer_and_its_ack_clears_the_batch() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    let effects = a.replicator.tick(&mut a.registry, t);
+    assert_eq!(kinds(&effects, "b"), ["sync"]);
+    let answer = deliver(&effects, &mut b, t);
+    assert_eq!(kinds(&answer, "a"), ["sync_ack"]);
+    assert!(answer.iter().any(|e| matches!(e, Effect::Changed(_))));
+    assert_eq!(listed(&mut b), ["10.0.0.1#8080#DEFAULT"]);
+    deliver(&answer, &mut a, t);
+    let (_, peer) = a.replicator.peers().next().expect("b");
+    assert!(peer.in_flight.is_none() && peer.pending() == 0);
+}
+
+#[test]
+fn changes_while_a_batch_is_in_flight_are_merged_per_session() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    let first = a.replicator.tick(&mut a.registry, t);
+    // Three more writes to the same session while the first is unacked.
+    for last in 2..5 {
+        register(&mut a, "s1", last, t);
+        assert!(kinds(&a.replicator.tick(&mut a.registry, t), "b").is_empty());
+    }
+    let (_, peer) = a.replicator.peers().next().expect("b");
+    assert_eq!(peer.pending(), 1);
+    let ack = deliver(&first, &mut b, t);
+    let second = deliver(&ack, &mut a, t);
+    let sent = sends(&second);
+    assert_eq!(sent.len(), 1);
+    let Message::Sync { sessions, .. } = &sent[0].1.body else {
+        panic!("a sync, got {:?}", sent[0].1.body);
+    };
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].1.len(), 4);
+    deliver(&second, &mut b, t);
+    assert_eq!(listed(&mut b).len(), 4);
+}
+
+#[test]
+fn an_unacknowledged_batch_is_sent_again_after_the_ack_timeout() {
+    let t = Instant::now();
+    let (mut a, _b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    assert_eq!(kinds(&a.replicator.tick(&mut a.registry, t), "b"), ["sync"]);
+    let timeout = a.replicator.config().ack_timeout;
+    // Timed out: given up, then sent again after the back-off.
+    let later = t + timeout;
+    assert!(kinds(&a.replicator.tick(&mut a.registry, later), "b").is_empty());
+    let retry = later + a.replicator.config().retry_min;
+    assert_eq!(
+        kinds(&a.replicator.tick(&mut a.registry, retry), "b"),
+        ["sync"]
+    );
+    assert_eq!(a.replicator.stats().batches_failed, 1);
+}
+
+#[test]
+fn a_verify_listing_a_missing_session_makes_its_origin_resend_it() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    // The sync is lost.
+    a.replicator.tick(&mut a.registry, t);
+    let verify_at = t + a.replicator.config().verify_interval;
+    let verify = a.replicator.tick(&mut a.registry, verify_at);
+    assert!(kinds(&verify, "b").contains(&"verify"));
+    let answer = deliver(&verify, &mut b, verify_at);
+    assert_eq!(kinds(&answer, "a"), ["verify_answer"]);
+    let resend = deliver(&answer, &mut a, verify_at);
+    // The lost batch is still in flight until its ack times out; after it
+    // the session goes again.
+    let mut later = verify_at;
+    let mut synced = !kinds(&resend, "b").is_empty();
+    let mut effects = resend;
+    while !synced && later < verify_at + Duration::from_secs(5) {
+        later += Duration::from_millis(10);
+        effects = a.replicator.tick(&mut a.registry, later);
+        synced = kinds(&effects, "b").contains(&"sync");
+    }
+    assert!(synced, "the session is sent again");
+    deliver(&effects, &mut b, later);
+    assert_eq!(listed(&mut b), ["10.0.0.1#8080#DEFAULT"]);
+}
+
+#[test]
+fn a_replica_its_origin_stops_listing_is_dropped_after_the_verify_rounds() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    let sync = a.replicator.tick(&mut a.registry, t);
+    deliver(&sync, &mut b, t);
+    assert_eq!(listed(&mut b).len(), 1);
+    // a falls silent: b ticks alone through the rounds.
+    let cfg = *b.replicator.config();
+    let end = t + cfg.verify_interval * (cfg.verify_rounds + 1);
+    let mut now = t;
+    let mut dropped = false;
+    while now <= end {
+        now += Duration::from_millis(100);
+        let effects = b.replicator.tick(&mut b.registry, now);
+        dropped |= effects.iter().any(|e| matches!(e, Effect::Changed(_)));
+    }
+    assert!(dropped, "the removal is published");
+    assert!(listed(&mut b).is_empty());
+    assert_eq!(b.replicator.stats().unverified_dropped, 1);
+}
+
+#[test]
+fn messages_from_an_earlier_life_are_ignored() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    let old_life = a.replicator.tick(&mut a.registry, t);
+    // a restarts (incarnation 2) and b hears from the new life first.
+    let mut a2 = node("a", 2, &["a", "b"], t);
+    let hello = a2.replicator.tick(&mut a2.registry, t);
+    deliver(&hello, &mut b, t);
+    let before = b.replicator.stats().ignored;
+    let answer = deliver(&old_life, &mut b, t);
+    assert!(answer.is_empty());
+    assert_eq!(b.replicator.stats().ignored, before + 1);
+    assert!(listed(&mut b).is_empty());
+}
+
+#[test]
+fn a_starting_member_loads_a_snapshot_in_chunks_then_is_ready() {
+    let t = Instant::now();
+    let (mut a, _b) = pair(t);
+    for s in 0..5u8 {
+        let session = format!("s{s}");
+        open(&mut a, &session, t);
+        register(&mut a, &session, s + 1, t);
+    }
+    let mut c = node("c", 1, &["a", "c"], t);
+    let mut a_view = node("a", 1, &["a", "b", "c"], t);
+    // a's replicator must know c: rebuild it over the same registry.
+    std::mem::swap(&mut a.replicator, &mut a_view.replicator);
+    a.replicator.loading = None;
+    let mut effects = c.replicator.tick(&mut c.registry, t);
+    let mut chunks = 0;
+    while !c.replicator.is_ready() {
+        let answer = deliver(&effects, &mut a, t);
+        chunks += kinds(&answer, "c")
+            .iter()
+            .filter(|k| **k == "snapshot_chunk")
+            .count();
+        effects = deliver(&answer, &mut c, t);
+        assert!(chunks < 10, "the load ends");
+    }
+    // 5 sessions at 2 a chunk.
+    assert_eq!(chunks, 3);
+    assert_eq!(listed(&mut c).len(), 5);
+    assert_eq!(c.replicator.stats().snapshot_loads, 1);
+}
+
+#[test]
+fn a_member_without_peers_is_ready_at_once() {
+    let t = Instant::now();
+    let mut a = node("a", 1, &["a"], t);
+    let effects = a.replicator.tick(&mut a.registry, t);
+    assert!(effects.contains(&Effect::Ready));
+    assert!(a.replicator.is_ready());
+}
