@@ -26,7 +26,8 @@ use roster_core::{Instance, ServiceKey};
 struct Cli {
     /// The registry's gRPC address, for the commands other than `server`
     /// [default: 127.0.0.1:9848; `bench` starts its own node when none is
-    /// given].
+    /// given]. `register`, `list` and `watch` take several nodes of a
+    /// cluster, comma-separated, and fail over between them.
     #[arg(long, env = "ROSTER_SERVER")]
     server: Option<String>,
     /// Machine-readable output (JSON; JSON lines for `watch`), for the
@@ -59,6 +60,35 @@ enum Command {
         /// ./roster-data, unless the config or ROSTER_SERVER_DATA_DIR names one].
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Where this node listens for its cluster peers, host:port
+        /// (overrides config and ROSTER_CLUSTER_LISTEN) [default:
+        /// 127.0.0.1:9849; opened only when the node has peers].
+        #[arg(long, value_parser = roster_server::config::listen_address)]
+        cluster: Option<SocketAddr>,
+        /// A cluster member, NAME=HOST:PORT[,HOST:PORT...] (one address per
+        /// network), repeatable; this node may be listed too. Replaces the
+        /// members of the config and ROSTER_CLUSTER_MEMBERS.
+        #[arg(long = "member", value_name = "NAME=ADDR[,ADDR...]")]
+        members: Vec<String>,
+    },
+    /// The cluster's members as the node knows them: addresses (and which
+    /// is in use), state, time since the last verify, sessions and
+    /// instances held from each.
+    Members,
+    /// Run N registry nodes on loopback as one cluster, for trying it on
+    /// one machine: each a `roster server` process; their addresses are
+    /// printed. Ctrl-C stops them all.
+    DevCluster {
+        /// How many nodes.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+        nodes: u16,
+        /// Node i (from 0) listens on HTTP BASE+10i, gRPC BASE+10i+1 and
+        /// cluster BASE+10i+2.
+        #[arg(long, default_value_t = 18800)]
+        base_port: u16,
+        /// Where the nodes keep their data (one directory each).
+        #[arg(long, default_value = "roster-dev-cluster")]
+        data_dir: PathBuf,
     },
     /// Register an ephemeral instance and keep it alive until interrupted.
     Register {
@@ -295,7 +325,30 @@ async fn run(cli: Cli) -> Result<()> {
             grpc,
             node_name,
             data_dir,
-        } => server(config, http, grpc, node_name, data_dir).await,
+            cluster,
+            members,
+        } => {
+            let flags = ServerFlags {
+                http,
+                grpc,
+                node_name,
+                data_dir,
+                cluster,
+                members,
+            };
+            server(config, flags).await
+        }
+        Command::Members => {
+            let client = Connection::connect(&addr).await?;
+            let members = client.members().await?;
+            output::members(json, &members);
+            Ok(())
+        }
+        Command::DevCluster {
+            nodes,
+            base_port,
+            data_dir,
+        } => dev_cluster(nodes, base_port, &data_dir).await,
         Command::Register {
             service,
             at,
@@ -397,13 +450,25 @@ async fn run(cli: Cli) -> Result<()> {
 /// Where `roster server` keeps its data unless told otherwise.
 const DEFAULT_DATA_DIR: &str = "roster-data";
 
-async fn server(
-    config: Option<PathBuf>,
+/// The flags of `roster server`, over the configuration.
+struct ServerFlags {
     http: Option<SocketAddr>,
     grpc: Option<SocketAddr>,
     node_name: Option<String>,
     data_dir: Option<PathBuf>,
-) -> Result<()> {
+    cluster: Option<SocketAddr>,
+    members: Vec<String>,
+}
+
+async fn server(config: Option<PathBuf>, flags: ServerFlags) -> Result<()> {
+    let ServerFlags {
+        http,
+        grpc,
+        node_name,
+        data_dir,
+        cluster,
+        members,
+    } = flags;
     // Variables that are not Unicode are skipped (reading them all as
     // Unicode would panic).
     let env = std::env::vars_os()
@@ -426,19 +491,114 @@ async fn server(
         }
         None => {}
     }
+    if let Some(a) = cluster {
+        config.cluster.listen = a;
+    }
+    if !members.is_empty() {
+        config.cluster.members = members;
+        config.check_cluster()?;
+    }
     let stop = shutdown_signal();
     let server = roster_server::start(config).await?;
     // Scripts and tests read the bound addresses from this line.
-    println!(
-        "roster listening: grpc={} http={}",
-        server.grpc_addr, server.http_addr
-    );
+    match server.cluster_addr {
+        Some(c) => println!(
+            "roster listening: grpc={} http={} cluster={c}",
+            server.grpc_addr, server.http_addr
+        ),
+        None => println!(
+            "roster listening: grpc={} http={}",
+            server.grpc_addr, server.http_addr
+        ),
+    }
     tokio::select! {
         _ = stop => tracing::info!("shutting down"),
         _ = server.wait() => {}
     }
     server.shutdown().await;
     Ok(())
+}
+
+/// `roster dev-cluster`: N `roster server` processes on loopback, members
+/// of one cluster, until Ctrl-C (or until one of them exits).
+async fn dev_cluster(nodes: u16, base: u16, data_dir: &std::path::Path) -> Result<()> {
+    let me = std::env::current_exe().context("cannot find this binary to start the nodes")?;
+    let port = |i: u16, k: u16| -> Result<u16> {
+        base.checked_add(i * 10 + k)
+            .context("--base-port is too high for that many nodes")
+    };
+    let mut members = Vec::new();
+    for i in 0..nodes {
+        members.push(format!("n{}=127.0.0.1:{}", i + 1, port(i, 2)?));
+    }
+    let stop = shutdown_signal();
+    let mut children = Vec::new();
+    for i in 0..nodes {
+        let name = format!("n{}", i + 1);
+        let mut cmd = std::process::Command::new(&me);
+        cmd.arg("server")
+            .args(["--node-name", &name])
+            .args(["--http", &format!("127.0.0.1:{}", port(i, 0)?)])
+            .args(["--grpc", &format!("127.0.0.1:{}", port(i, 1)?)])
+            .args(["--cluster", &format!("127.0.0.1:{}", port(i, 2)?)])
+            .arg("--data-dir")
+            .arg(data_dir.join(&name))
+            .stdout(std::process::Stdio::null());
+        for m in &members {
+            cmd.args(["--member", m]);
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start node {name}"))?;
+        children.push((name, child));
+    }
+    println!("roster dev cluster of {nodes} node(s) on loopback (Ctrl-C stops it):");
+    for i in 0..nodes {
+        println!(
+            "  n{}: grpc=127.0.0.1:{} http=127.0.0.1:{} cluster=127.0.0.1:{}",
+            i + 1,
+            port(i, 1)?,
+            port(i, 0)?,
+            port(i, 2)?
+        );
+    }
+    let grpc: Vec<String> = (0..nodes)
+        .map(|i| port(i, 1).map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_>>()?;
+    println!(
+        "  clients: give them every gRPC address: {}",
+        grpc.join(",")
+    );
+    // Wait for Ctrl-C, or for a node to exit (its error is on stderr).
+    tokio::pin!(stop);
+    let failed = loop {
+        tokio::select! {
+            _ = &mut stop => break None,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if let Some((name, status)) = children
+            .iter_mut()
+            .find_map(|(n, c)| c.try_wait().ok().flatten().map(|s| (n.clone(), s)))
+        {
+            break Some((name, status));
+        }
+    };
+    for (_, child) in &mut children {
+        // SIGTERM: each node shuts down cleanly.
+        #[cfg(unix)]
+        if let Some(pid) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        #[cfg(not(unix))]
+        let _ = child.kill();
+    }
+    for (_, child) in &mut children {
+        let _ = child.wait();
+    }
+    match failed {
+        Some((name, status)) => bail!("node {name} exited ({status}); the cluster was stopped"),
+        None => Ok(()),
+    }
 }
 
 /// Ctrl-C or SIGTERM: listened for from the call on (not from the first
@@ -479,8 +639,11 @@ async fn sdk(server: &str, name: &str) -> Result<Client> {
 }
 
 fn sdk_builder(server: &str, name: &str) -> roster_client::ClientBuilder {
+    // Several nodes of a cluster, comma-separated: tried in order, and in
+    // turn when one fails.
+    let addresses = server.split(',').map(str::trim).filter(|a| !a.is_empty());
     Client::builder()
-        .addresses([server])
+        .addresses(addresses)
         .client_name(name)
         .require_connection(true)
 }

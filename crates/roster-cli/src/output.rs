@@ -181,6 +181,63 @@ pub fn services(json: bool, list: &[proto::ServiceSummary]) {
     );
 }
 
+/// The cluster's members as a node knows them.
+pub fn members(json: bool, list: &[proto::Member]) {
+    if json {
+        let items: Vec<Value> = list
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.name, "addresses": m.addresses, "in_use": m.in_use,
+                    "state": m.state, "since_verify_ms": m.since_verify_ms,
+                    "incarnation": m.incarnation, "sessions": m.sessions,
+                    "instances": m.instances, "pending": m.pending,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "members": items }));
+        return;
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|m| {
+            let addresses = m
+                .addresses
+                .iter()
+                .map(|a| match *a == m.in_use {
+                    true if m.addresses.len() > 1 => format!("{a}*"),
+                    _ => a.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                m.name.clone(),
+                if addresses.is_empty() {
+                    "-".into()
+                } else {
+                    addresses
+                },
+                m.state.clone(),
+                m.since_verify_ms
+                    .map_or("-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
+                m.sessions.to_string(),
+                m.instances.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "ADDRESSES (* in use)",
+            "STATE",
+            "LAST VERIFY",
+            "SESSIONS",
+            "INSTANCES",
+        ],
+        &rows,
+    );
+}
+
 /// One line per change of a watched service; `count` is the number of
 /// instances after it.
 /// One line per change: `+` added, `~` changed, `-` removed, each as

@@ -177,6 +177,12 @@ impl Connection {
         Ok(r.into_inner().services)
     }
 
+    /// The cluster's members as the node knows them (itself first).
+    pub async fn members(&self) -> Result<Vec<v1::Member>, ClientError> {
+        let r = self.grpc.clone().members(v1::MembersRequest {}).await?;
+        Ok(r.into_inner().members)
+    }
+
     /// Removes an instance: as an operator (see [`Self::with_admin_token`]);
     /// a session removes its own with [`Session::deregister`].
     pub async fn deregister(&self, instance: v1::InstanceRef) -> Result<u64, ClientError> {

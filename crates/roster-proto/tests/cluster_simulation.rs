@@ -278,7 +278,7 @@ impl Sim {
                     let bytes = roster_proto::cluster::encode(&envelope);
                     self.transmit(i, to, bytes);
                 }
-                Effect::Changed(_) => {}
+                Effect::Changed(_) | Effect::Acked(..) => {}
                 Effect::Ready => {
                     if let Some(l) = &mut self.members[i].life {
                         l.ready = true;

@@ -46,6 +46,161 @@ pub struct Config {
     pub admin: AdminSection,
     /// What one node holds at most, whoever asks.
     pub limits: LimitsSection,
+    /// The cluster this node is a member of (none: it runs alone).
+    pub cluster: ClusterSection,
+}
+
+/// `[cluster]`: the members of the cluster and how they replicate
+/// (docs/replication.md). With no member besides this node, the node runs
+/// alone and opens no cluster port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Where this node listens for its peers (`0.0.0.0:9849` for every
+    /// network of the host).
+    #[serde(with = "listen")]
+    pub listen: SocketAddr,
+    /// The members, this node among them or not: `NAME=HOST:PORT`, more
+    /// addresses of the same member (one per network) after commas
+    /// (`n1=10.0.0.1:9849,192.168.0.1:9849`). In a `ROSTER_CLUSTER_MEMBERS`
+    /// list an entry without `=` is one more address of the entry before.
+    pub members: Vec<String>,
+    /// Another spelling of `server.node_name` (either may be set; if both
+    /// are, they must agree).
+    pub node_name: String,
+    /// Another spelling of `server.data_dir` (same rule).
+    pub data_dir: String,
+    /// How often each member sends each peer the digest of its sessions.
+    #[serde(with = "duration")]
+    pub verify_interval: Duration,
+    /// A replica its origin has not listed for this many verify rounds is
+    /// dropped and its removal pushed.
+    pub verify_rounds: u32,
+    /// A sync batch not acknowledged this long is sent again.
+    #[serde(with = "duration")]
+    pub ack_timeout: Duration,
+    /// A starting node that can load no snapshot (no peer answers) serves
+    /// alone after this long.
+    #[serde(with = "duration")]
+    pub ready_alone_after: Duration,
+    /// A snapshot source silent this long is given up for another peer.
+    #[serde(with = "duration")]
+    pub snapshot_timeout: Duration,
+    /// Most sessions in one sync batch or snapshot chunk.
+    pub batch_sessions: usize,
+    /// Most instances in one sync batch or snapshot chunk (a larger
+    /// session still goes, alone).
+    pub batch_instances: usize,
+    /// Largest cluster message, in bytes (sent or received).
+    pub message_bytes: usize,
+    /// Messages queued for one peer at most; past it the oldest are
+    /// dropped (replication resends what matters).
+    pub queue_per_peer: usize,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        let r = roster_core::replication::ReplicationConfig::default();
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9849)),
+            members: Vec::new(),
+            node_name: String::new(),
+            data_dir: String::new(),
+            verify_interval: r.verify_interval,
+            verify_rounds: r.verify_rounds,
+            ack_timeout: r.ack_timeout,
+            ready_alone_after: r.ready_alone_after,
+            snapshot_timeout: r.snapshot_timeout,
+            batch_sessions: r.batch_sessions,
+            batch_instances: r.batch_instances,
+            message_bytes: 64 * 1024 * 1024,
+            queue_per_peer: 4096,
+        }
+    }
+}
+
+/// A member of the cluster as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Its name (its identity).
+    pub name: String,
+    /// Where its cluster port is reached, one per network, in order of
+    /// preference (`host:port`; a host name is resolved at each connect).
+    pub addresses: Vec<String>,
+}
+
+/// Parses `NAME=ADDR[,ADDR...]` entries (see [`ClusterSection::members`]).
+pub fn parse_members(entries: &[String]) -> Result<Vec<Member>, String> {
+    let mut members: Vec<Member> = Vec::new();
+    // Each comma-separated piece is `NAME=ADDR` (a new member) or `ADDR`
+    // (one more address of the member before).
+    let pieces = entries
+        .iter()
+        .flat_map(|e| e.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    for piece in pieces {
+        let (name, address) = match piece.split_once('=') {
+            Some((name, address)) => (Some(name.trim()), address.trim()),
+            None => (None, piece),
+        };
+        if !address.is_empty()
+            && address
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!("member address {address:?} is not host:port"));
+        }
+        match name {
+            Some(name) => {
+                roster_core::model::validate_name("member name", name)
+                    .map_err(|e| e.to_string())?;
+                if members.iter().any(|m| m.name == name) {
+                    return Err(format!("member {name:?} is listed twice"));
+                }
+                if address.is_empty() {
+                    return Err(format!("member {name:?} has no address (NAME=HOST:PORT)"));
+                }
+                members.push(Member {
+                    name: name.to_owned(),
+                    addresses: vec![address.to_owned()],
+                });
+            }
+            None => match members.last_mut() {
+                Some(m) => m.addresses.push(address.to_owned()),
+                None => {
+                    return Err(format!(
+                        "member {piece:?} has no name (NAME=HOST:PORT[,HOST:PORT...])"
+                    ));
+                }
+            },
+        }
+    }
+    Ok(members)
+}
+
+impl ClusterSection {
+    /// The members, parsed.
+    pub fn members(&self) -> Result<Vec<Member>, String> {
+        parse_members(&self.members)
+    }
+
+    /// The replication settings.
+    pub fn replication(&self) -> roster_core::replication::ReplicationConfig {
+        let verify = self.verify_interval;
+        roster_core::replication::ReplicationConfig {
+            verify_interval: verify,
+            verify_rounds: self.verify_rounds,
+            ack_timeout: self.ack_timeout,
+            ready_alone_after: self.ready_alone_after,
+            snapshot_timeout: self.snapshot_timeout,
+            batch_sessions: self.batch_sessions,
+            batch_instances: self.batch_instances,
+            suspect_after: verify + verify / 2,
+            down_after: verify * self.verify_rounds.max(1),
+            ..Default::default()
+        }
+    }
 }
 
 /// `[limits]`: what clients can make one node hold. A request that would
@@ -174,8 +329,8 @@ pub struct ServerSection {
     /// clients see.
     pub node_name: String,
     /// Where the node keeps what must survive a restart (its incarnation
-    /// counter). Empty: nothing is kept, and each start draws a random
-    /// incarnation instead of the next one.
+    /// counter). Empty: nothing is kept, and each start takes the clock
+    /// (in microseconds) as its incarnation instead of the next number.
     pub data_dir: String,
     /// HTTP/JSON listener (API, health, metrics); `host:port`, a host
     /// name resolved once at start.
@@ -338,6 +493,7 @@ impl Default for Config {
             nacos: NacosSection::default(),
             admin: AdminSection::default(),
             limits: LimitsSection::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -374,10 +530,11 @@ impl Config {
             .collect();
         let mut with_env = value.clone();
         let applied = apply_env(&mut with_env, "ROSTER", "", &env);
-        let config: Config = match with_env.try_into() {
+        let mut config: Config = match with_env.try_into() {
             Ok(c) => c,
             Err(e) => return Err(Self::blame(value, &applied, &env, &e)),
         };
+        config.unify()?;
         config.check()?;
         Ok(config)
     }
@@ -406,7 +563,65 @@ impl Config {
         ConfigError::Invalid(one_line(&e.to_string()))
     }
 
+    /// Takes `cluster.node_name` and `cluster.data_dir` into `[server]`.
+    fn unify(&mut self) -> Result<(), ConfigError> {
+        let defaults = ServerSection::default();
+        for (alias, key, value, default) in [
+            (
+                &self.cluster.node_name,
+                "node_name",
+                &mut self.server.node_name,
+                defaults.node_name,
+            ),
+            (
+                &self.cluster.data_dir,
+                "data_dir",
+                &mut self.server.data_dir,
+                defaults.data_dir,
+            ),
+        ] {
+            if alias.is_empty() || alias == value {
+                continue;
+            }
+            if *value != default {
+                return Err(ConfigError::Invalid(format!(
+                    "server.{key} ({value:?}) and cluster.{key} ({alias:?}) differ; set one"
+                )));
+            }
+            value.clone_from(alias);
+        }
+        Ok(())
+    }
+
+    /// Checks the `[cluster]` section (called by [`Self::load`]; the
+    /// command line calls it again after its flags).
+    pub fn check_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        c.members()
+            .map_err(|e| ConfigError::Invalid(format!("cluster.members: {e}")))?;
+        if c.verify_interval.is_zero() || c.ack_timeout.is_zero() || c.snapshot_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "cluster.verify_interval, ack_timeout and snapshot_timeout must be above 0".into(),
+            ));
+        }
+        for (name, v) in [
+            ("verify_rounds", c.verify_rounds as usize),
+            ("batch_sessions", c.batch_sessions),
+            ("batch_instances", c.batch_instances),
+            ("message_bytes", c.message_bytes),
+            ("queue_per_peer", c.queue_per_peer),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.{name} must be above 0"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
+        self.check_cluster()?;
         let zero = |name: &str, d: Duration| {
             if d.is_zero() {
                 Err(ConfigError::Invalid(format!("{name} must be above 0")))
@@ -674,6 +889,54 @@ mod tests {
         assert_eq!(c.session.probe_timeout, Duration::from_secs(3));
         assert_eq!(c.push.queue_capacity, 11);
         assert_eq!(c.server.http, "127.0.0.1:1".parse().unwrap());
+    }
+
+    #[test]
+    fn cluster_members_come_from_the_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("roster.toml");
+        std::fs::write(
+            &file,
+            "[cluster]\nnode_name = \"n1\"\nlisten = \"127.0.0.1:19849\"\n\
+             members = [\"n1=127.0.0.1:19849\", \"n2=127.0.0.2:9849,127.0.0.3:9849\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[])).unwrap();
+        assert_eq!(c.server.node_name, "n1");
+        let members = c.cluster.members().unwrap();
+        assert_eq!(members.len(), 2);
+        assert_eq!(members[1].addresses, ["127.0.0.2:9849", "127.0.0.3:9849"]);
+        // In the environment a comma also separates a member's addresses.
+        let c = Config::load(
+            None,
+            env(&[(
+                "ROSTER_CLUSTER_MEMBERS",
+                "a=127.0.0.1:1,127.0.0.2:1,b=127.0.0.1:2",
+            )]),
+        )
+        .unwrap();
+        let members = c.cluster.members().unwrap();
+        assert_eq!(members[0].name, "a");
+        assert_eq!(members[0].addresses, ["127.0.0.1:1", "127.0.0.2:1"]);
+        assert_eq!(members[1].addresses, ["127.0.0.1:2"]);
+        for (bad, says) in [
+            ("127.0.0.1:1", "no name"),
+            ("a=", "no address"),
+            ("a=localhost", "not host:port"),
+            ("a=h:1,a=h:2", "twice"),
+        ] {
+            let e = Config::load(None, env(&[("ROSTER_CLUSTER_MEMBERS", bad)])).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+        let e = Config::load(
+            None,
+            env(&[
+                ("ROSTER_SERVER_NODE_NAME", "x"),
+                ("ROSTER_CLUSTER_NODE_NAME", "y"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("differ"), "{e}");
     }
 
     #[test]

@@ -331,6 +331,7 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<v1::QueryRequest>,
     ) -> Result<Response<v1::QueryResponse>, Status> {
+        self.node.require_serving().map_err(calls::status)?;
         let r = request.get_ref();
         let key = required_key(r.service.as_ref()).map_err(invalid)?;
         let mut out = v1::QueryResponse {
@@ -352,6 +353,7 @@ impl registry_server::Registry for GrpcApi {
         &self,
         request: Request<v1::ListServicesRequest>,
     ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        self.node.require_serving().map_err(calls::status)?;
         let r = request.into_inner();
         let services = crate::list_services(&self.node, &r.namespace, &r.group)
             .into_iter()
@@ -364,6 +366,29 @@ impl registry_server::Registry for GrpcApi {
             })
             .collect();
         Ok(Response::new(v1::ListServicesResponse { services }))
+    }
+
+    async fn members(
+        &self,
+        _request: Request<v1::MembersRequest>,
+    ) -> Result<Response<v1::MembersResponse>, Status> {
+        let members = self
+            .node
+            .members()
+            .into_iter()
+            .map(|m| v1::Member {
+                name: m.name,
+                addresses: m.addresses,
+                in_use: m.in_use.unwrap_or_default(),
+                state: m.state.to_owned(),
+                since_verify_ms: m.since_verify.map(|d| d.as_millis() as u64),
+                incarnation: m.incarnation.unwrap_or_default(),
+                sessions: m.sessions as u64,
+                instances: m.instances as u64,
+                pending: m.pending as u64,
+            })
+            .collect();
+        Ok(Response::new(v1::MembersResponse { members }))
     }
 
     async fn subscribe(

@@ -123,6 +123,13 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    if let Some(r) = node.replication() {
+        let members = node.members();
+        let states: Vec<&str> = members.iter().skip(1).map(|m| m.state).collect();
+        node.metrics
+            .replication
+            .observe(&r.stats(), &node.held_by_origin(), &states);
+    }
     let (sessions, services, instances) = node.counts();
     node.metrics.sessions.set(sessions as i64);
     node.metrics.services.set(services as i64);
@@ -493,6 +500,7 @@ async fn list_instances(
     State(node): State<Arc<Node>>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    node.require_serving()?;
     let Query(params) = params?;
     let key = params.service.key()?;
     let published = node.view(&key);
@@ -535,6 +543,7 @@ async fn list_services(
     State(node): State<Arc<Node>>,
     params: Result<Query<ServicesParams>, QueryRejection>,
 ) -> ApiResult<serde_json::Value> {
+    node.require_serving()?;
     let Query(params) = params?;
     let services: Vec<_> = crate::list_services(&node, &params.namespace, &params.group)
         .into_iter()

@@ -18,11 +18,21 @@ const FILE: &str = "incarnation";
 
 /// The next incarnation: one above the one stored in `dir` (which is
 /// created if missing), stored before it is returned. Without a directory
-/// there is nothing to count from: a random one is drawn.
+/// there is nothing to count from: the time in microseconds is taken, which
+/// still grows from one life to the next unless the clock goes back.
 pub fn next(dir: &str) -> Result<u64, IncarnationError> {
     if dir.is_empty() {
-        // Unordered, but unique enough that clients see a new life.
-        return Ok(crate::node::links::random_u128() as u64 >> 1);
+        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
+        // Two nodes of one process (tests) still get different lives.
+        let prev = LAST.fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        return Ok(if prev >= now {
+            LAST.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1
+        } else {
+            now
+        });
     }
     let dir = PathBuf::from(dir);
     let fail = |path: &Path, e: &dyn std::fmt::Display| IncarnationError {
@@ -74,6 +84,7 @@ mod tests {
         std::fs::write(dir.path().join("data").join(FILE), "soon").unwrap();
         let e = next(d).unwrap_err().to_string();
         assert!(e.contains("not a number"), "{e}");
-        assert_ne!(next("").unwrap(), next("").unwrap());
+        let (a, b) = (next("").unwrap(), next("").unwrap());
+        assert!(b > a, "{a} then {b}");
     }
 }

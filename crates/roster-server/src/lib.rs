@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod calls;
+pub mod cluster;
 pub mod config;
 pub mod grpc;
 pub mod http;
@@ -113,6 +114,8 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     /// Where the gRPC API listens.
     pub grpc_addr: SocketAddr,
+    /// Where the cluster port listens (a node with peers).
+    pub cluster_addr: Option<SocketAddr>,
     /// The node itself.
     pub node: Arc<Node>,
     tasks: TaskTracker,
@@ -150,6 +153,12 @@ async fn bind(
 pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     let (grpc_listener, grpc_addr) = bind("grpc", config.server.grpc).await?;
     let (http_listener, http_addr) = bind("http", config.server.http).await?;
+    // A node with peers listens for them; a node alone opens no cluster port.
+    let has_peers = !cluster::outboxes(&config).is_empty();
+    let cluster_listener = match has_peers {
+        true => Some(bind("cluster", config.cluster.listen).await?),
+        false => None,
+    };
     // A new life of the node: its versions win over its previous life's,
     // and clients see that it restarted.
     let incarnation = incarnation::next(&config.server.data_dir)?;
@@ -222,14 +231,60 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .merge(nacos::http::router(nacos))
         .layer(axum::extract::DefaultBodyLimit::max(limits.http_body_bytes));
     tasks.spawn(serve_http(node.clone(), admission, http_listener, app));
-    node.set_ready();
-    tracing::info!(%grpc_addr, %http_addr, node = %name, incarnation, "roster node started");
+    let cluster_addr = match cluster_listener {
+        Some(listener) => Some(serve_cluster(&node, listener)?),
+        // Alone: nothing to load.
+        None => {
+            node.set_ready();
+            None
+        }
+    };
+    tracing::info!(%grpc_addr, %http_addr, cluster = ?cluster_addr, node = %name, incarnation, "roster node started");
     Ok(RunningServer {
         http_addr,
         grpc_addr,
+        cluster_addr,
         node,
         tasks,
     })
+}
+
+/// Serves the cluster port and starts replicating: the outbox of each
+/// peer, and the replicator's loop. The node becomes ready when the
+/// replicator says so (its snapshot is loaded).
+fn serve_cluster(
+    node: &Arc<Node>,
+    (listener, addr): (TcpListener, SocketAddr),
+) -> Result<SocketAddr, StartError> {
+    let Some(replication) = node.replication() else {
+        return Ok(addr);
+    };
+    let tasks = &node.tasks;
+    for (_, outbox) in replication.outboxes() {
+        tasks.spawn(cluster::run_outbox(node.clone(), outbox.clone()));
+    }
+    tasks.spawn(node::replication::run(node.clone()));
+    let max = node.config().cluster.message_bytes;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .tcp_nodelay(true)
+        // Peers are few; each gets a handful of concurrent calls at most.
+        .concurrency_limit_per_connection(64)
+        .add_service(
+            roster_proto::cluster_v1::cluster_server::ClusterServer::new(
+                cluster::ClusterService::new(node.clone()),
+            )
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        )
+        .serve_with_incoming_shutdown(incoming, node.shutdown.clone().cancelled_owned());
+    tasks.spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!("cluster listener failed: {e}");
+        }
+    });
+    Ok(addr)
 }
 
 /// A call refused by tonic for a message over `limits.grpc_message_bytes`

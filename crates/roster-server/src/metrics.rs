@@ -49,6 +49,186 @@ pub struct Metrics {
     /// Subscribers closed because their pushes stayed queued or
     /// unacknowledged.
     pub stuck_ejections: Counter,
+    /// Replication (a node with peers): see [`Replication`].
+    pub replication: Replication,
+}
+
+/// Replication metrics. Counters of the replicator's own are brought up to
+/// date at scrape time ([`Replication::observe`]).
+pub struct Replication {
+    /// Seconds from a local change to a peer acknowledging it.
+    pub lag: Histogram,
+    /// Cluster messages, by kind and direction.
+    messages: Family<Vec<(String, String)>, Counter>,
+    /// Cluster message bytes (protobuf), by direction.
+    bytes: Family<Vec<(String, String)>, Counter>,
+    /// Messages dropped because a peer's outbox was full.
+    pub dropped: Counter,
+    /// Messages no address of their peer took.
+    pub send_failures: Counter,
+    batches: Counter,
+    sessions_sent: Counter,
+    instances_sent: Counter,
+    sessions_applied: Counter,
+    batches_failed: Counter,
+    verify_misses: Counter,
+    unverified_dropped: Counter,
+    snapshot_loads: Counter,
+    snapshot_sessions: Counter,
+    /// Live sessions held, by origin node.
+    sessions_by_origin: Family<Vec<(String, String)>, Gauge>,
+    /// Instances held, by origin node.
+    instances_by_origin: Family<Vec<(String, String)>, Gauge>,
+    /// Members, by state (`up`, `suspect`, `down`).
+    members: Family<Vec<(String, String)>, Gauge>,
+}
+
+fn label(k: &str, v: &str) -> Vec<(String, String)> {
+    vec![(k.to_owned(), v.to_owned())]
+}
+
+impl Replication {
+    fn new(registry: &mut Registry) -> Self {
+        let r = registry.sub_registry_with_prefix("replication");
+        // 50 us .. ~26 s
+        let lag = Histogram::new(exponential_buckets(0.000_05, 2.0, 20));
+        r.register(
+            "lag_seconds",
+            "Time from a local change to a peer acknowledging it",
+            lag.clone(),
+        );
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            r.register(name, help, c.clone());
+            c
+        };
+        let dropped = counter(
+            "dropped",
+            "Messages dropped because a peer's outbox was full",
+        );
+        let send_failures = counter("send_failures", "Messages no address of their peer took");
+        let batches = counter("batches", "Sync batches sent");
+        let sessions_sent = counter("sessions_sent", "Session states sent in sync batches");
+        let instances_sent = counter("instances_sent", "Instances sent in sync batches");
+        let sessions_applied = counter("sessions_applied", "Session states received and applied");
+        let batches_failed = counter(
+            "batches_failed",
+            "Sync batches failed or unacknowledged, queued again",
+        );
+        let verify_misses = counter(
+            "verify_failures",
+            "Sessions a peer's verify listed that this node lacked or held older (repairs)",
+        );
+        let unverified_dropped = counter(
+            "unverified_dropped",
+            "Replicas dropped because their origin stopped listing them",
+        );
+        let snapshot_loads = counter("snapshot_loads", "Snapshots loaded from a peer");
+        let snapshot_sessions =
+            counter("snapshot_sessions", "Session states loaded from snapshots");
+        let messages = Family::<Vec<(String, String)>, Counter>::default();
+        r.register(
+            "messages",
+            "Cluster messages, by kind and direction",
+            messages.clone(),
+        );
+        let bytes = Family::<Vec<(String, String)>, Counter>::default();
+        r.register(
+            "bytes",
+            "Cluster message bytes, by direction",
+            bytes.clone(),
+        );
+        let sessions_by_origin = Family::<Vec<(String, String)>, Gauge>::default();
+        r.register(
+            "sessions_by_origin",
+            "Live sessions held, by origin node",
+            sessions_by_origin.clone(),
+        );
+        let instances_by_origin = Family::<Vec<(String, String)>, Gauge>::default();
+        r.register(
+            "instances_by_origin",
+            "Instances held, by origin node",
+            instances_by_origin.clone(),
+        );
+        let members = Family::<Vec<(String, String)>, Gauge>::default();
+        r.register("members", "Cluster members, by state", members.clone());
+        Self {
+            lag,
+            messages,
+            bytes,
+            dropped,
+            send_failures,
+            batches,
+            sessions_sent,
+            instances_sent,
+            sessions_applied,
+            batches_failed,
+            verify_misses,
+            unverified_dropped,
+            snapshot_loads,
+            snapshot_sessions,
+            sessions_by_origin,
+            instances_by_origin,
+            members,
+        }
+    }
+
+    /// Counts a cluster message of `kind` (`sent` or `received`).
+    pub fn message(&self, kind: &str, direction: &str) {
+        self.messages
+            .get_or_create(&vec![
+                ("kind".to_owned(), kind.to_owned()),
+                ("direction".to_owned(), direction.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// The byte counter of `direction`.
+    pub fn bytes(&self, direction: &str) -> Counter {
+        self.bytes
+            .get_or_create(&label("direction", direction))
+            .clone()
+    }
+
+    /// Brings the replicator's counters, what is held by origin and the
+    /// members' states up to date (at scrape time).
+    pub fn observe(
+        &self,
+        stats: &roster_core::replication::Stats,
+        by_origin: &std::collections::BTreeMap<String, (usize, usize)>,
+        states: &[&str],
+    ) {
+        for (c, v) in [
+            (&self.batches, stats.batches_sent),
+            (&self.sessions_sent, stats.sessions_sent),
+            (&self.instances_sent, stats.instances_sent),
+            (&self.sessions_applied, stats.sessions_applied),
+            (&self.batches_failed, stats.batches_failed),
+            (&self.verify_misses, stats.verify_misses),
+            (&self.unverified_dropped, stats.unverified_dropped),
+            (&self.snapshot_loads, stats.snapshot_loads),
+            (&self.snapshot_sessions, stats.snapshot_sessions),
+        ] {
+            c.inc_by(v.saturating_sub(c.get()));
+        }
+        self.sessions_by_origin.clear();
+        self.instances_by_origin.clear();
+        for (origin, (sessions, instances)) in by_origin {
+            let l = label("origin", origin);
+            self.sessions_by_origin
+                .get_or_create(&l)
+                .set(*sessions as i64);
+            self.instances_by_origin
+                .get_or_create(&l)
+                .set(*instances as i64);
+        }
+        for state in ["up", "suspect", "down"] {
+            let n = states.iter().filter(|s| **s == state).count();
+            self.members
+                .get_or_create(&label("state", state))
+                .set(n as i64);
+        }
+    }
 }
 
 /// How often one limit is logged at most.
@@ -121,7 +301,9 @@ impl Metrics {
             "Subscribers closed because their pushes stayed queued or unacknowledged",
             stuck_ejections.clone(),
         );
+        let replication = Replication::new(&mut registry);
         Self {
+            replication,
             limit_hits,
             limit_log: Mutex::new(HashMap::new()),
             connections,

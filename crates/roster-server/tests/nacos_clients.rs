@@ -3,7 +3,9 @@
 //! - `tests/python/nacos_clients.py`: `nacos-sdk-python==2.0.11`, which
 //!   registers with its HTTP v1 client, lists and subscribes with its gRPC
 //!   client, and checks pushes both ways;
-//! - `tests/node/nacos_naming.js`: npm `nacos@2.6.3` (HTTP v1 and UDP push).
+//! - `tests/node/nacos_naming.js`: npm `nacos@2.6.3` (HTTP v1 and UDP push);
+//! - `tests/python/nacos_cluster.py`: the Python gRPC client against a
+//!   three-node cluster.
 //!
 //! Their environments are made under `target/` by `scripts/test.sh` (the
 //! README's test command), or named by `ROSTER_NACOS_PYTHON` /
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use roster_server::{Config, RunningServer};
 
 mod common;
-use common::start_with;
+use common::{cluster_configs, listed_by_the_living, start_cluster, start_with};
 
 /// The scripts bound themselves; this bounds a hung interpreter.
 const LIMIT: Duration = Duration::from_secs(180);
@@ -168,4 +170,67 @@ async fn python_grpc_client_registers_again_after_the_node_restarts() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     second.shutdown().await;
+}
+
+/// The Python gRPC client given every node of a three-node cluster: a
+/// subscriber on the other nodes is pushed its registration; when its node
+/// dies it registers again on another, listed by every living node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_grpc_client_against_a_cluster_is_pushed_across_nodes_and_fails_over() {
+    use std::io::{BufRead, BufReader};
+    let python = environment("ROSTER_NACOS_PYTHON", "nacos-python/bin/python");
+    let configs = cluster_configs(3);
+    let mut nodes = start_cluster(&configs).await;
+    let http = |i: usize| configs[i].server.http.to_string();
+    let all = (0..3).map(http).collect::<Vec<_>>().join(",");
+    let work = tempfile::tempdir().unwrap();
+    let mut registrar = Command::new(&python)
+        .arg(script("tests/python/nacos_cluster.py"))
+        .args(["register", &all, "1000"])
+        .arg(work.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = registrar.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = lines
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the client started");
+    assert_eq!(line, "registered");
+    let id = "10.7.0.1#8080#DEFAULT";
+    let wait = Duration::from_secs(20);
+    let on = listed_by_the_living(&nodes, "py-cluster", id, wait).await;
+    let at: usize = on[1..].parse::<usize>().unwrap() - 1;
+
+    let others: Vec<String> = (0..3).filter(|&i| i != at).map(http).collect();
+    let sub_work = tempfile::tempdir().unwrap();
+    let mut subscriber = Command::new(&python);
+    subscriber
+        .arg(script("tests/python/nacos_cluster.py"))
+        .args(["subscribe", &others.join(","), "1000"])
+        .arg(sub_work.path());
+    run(subscriber, "pushed").await;
+
+    // Its node dies: the client comes back on another (it redoes its
+    // registrations within about 30 s of reconnecting).
+    nodes[at].take().unwrap().shutdown().await;
+    let now_on = listed_by_the_living(&nodes, "py-cluster", id, Duration::from_secs(90)).await;
+    assert_ne!(now_on, on);
+    drop(registrar.stdin.take());
+    let status = tokio::task::spawn_blocking(move || registrar.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for n in nodes.into_iter().flatten() {
+        n.shutdown().await;
+    }
 }

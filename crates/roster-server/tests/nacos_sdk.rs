@@ -17,7 +17,10 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 mod common;
-use common::{key, nacos_body, nacos_payload, start_with};
+use common::{
+    cluster_configs, key, listed_by_the_living, nacos_body, nacos_payload, origin_of,
+    start_cluster, start_with,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -35,7 +38,18 @@ async fn server() -> RunningServer {
 async fn nacos(server: &RunningServer, cache: &tempfile::TempDir) -> NamingService {
     let props = ClientProps::new()
         .server_addr(format!("127.0.0.1:{}", server.http_addr.port()))
-        .remote_grpc_port(server.grpc_addr.port())
+        .remote_grpc_port(server.grpc_addr.port());
+    nacos_with(props, cache).await
+}
+
+/// A client of several nodes (`a,b,c`: HTTP addresses, each node's gRPC
+/// port its HTTP port + 1000, as the client expects).
+async fn nacos_of(servers: &str, cache: &tempfile::TempDir) -> NamingService {
+    nacos_with(ClientProps::new().server_addr(servers), cache).await
+}
+
+async fn nacos_with(props: ClientProps, cache: &tempfile::TempDir) -> NamingService {
+    let props = props
         .namespace("public")
         .app_name("roster-test")
         .env_first(false)
@@ -506,4 +520,58 @@ async fn a_silent_nacos_connection_is_probed_then_dropped() {
         ("ErrorResponse", Some(500))
     );
     node.shutdown().await;
+}
+
+/// The client given every node of a three-node cluster: a subscriber on
+/// another node is pushed its registration, and when its node dies it
+/// fails over and its instance is listed by every living node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nacos_sdk_against_a_cluster_is_pushed_across_nodes_and_fails_over() {
+    let configs = cluster_configs(3);
+    let mut nodes = start_cluster(&configs).await;
+    let http = |i: usize| configs[i].server.http.to_string();
+    let (cache_a, cache_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let all = (0..3).map(http).collect::<Vec<_>>().join(",");
+    let registrar = nacos_of(&all, &cache_a).await;
+    registrar
+        .register_instance("rs-cluster".into(), None, instance("10.8.0.1", 8080, 1.0))
+        .await
+        .unwrap();
+    let id = "10.8.0.1#8080#DEFAULT";
+    let on = listed_by_the_living(&nodes, "rs-cluster", id, WAIT).await;
+    let at: usize = on[1..].parse::<usize>().unwrap() - 1;
+
+    // A subscriber on the other nodes is pushed it.
+    let others: Vec<String> = (0..3).filter(|&i| i != at).map(http).collect();
+    let subscriber = nacos_of(&others.join(","), &cache_b).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    subscriber
+        .subscribe("rs-cluster".into(), None, vec![], Arc::new(Events(tx)))
+        .await
+        .unwrap();
+    pushed(&mut rx, |l| l.iter().any(|i| i.ip == "10.8.0.1")).await;
+    // A change on the registrar's node is pushed there too.
+    registrar
+        .register_instance("rs-cluster".into(), None, instance("10.8.0.1", 8080, 3.0))
+        .await
+        .unwrap();
+    pushed(&mut rx, |l| {
+        l.iter().any(|i| i.ip == "10.8.0.1" && i.weight == 3.0)
+    })
+    .await;
+
+    // Its node dies: the client registers again on another node, and
+    // every living node lists the instance from there.
+    nodes[at].take().unwrap().shutdown().await;
+    let now_on = listed_by_the_living(&nodes, "rs-cluster", id, Duration::from_secs(60)).await;
+    assert_ne!(now_on, on);
+    for n in nodes.iter().flatten() {
+        assert_eq!(
+            origin_of(n, "rs-cluster", id).as_deref(),
+            Some(now_on.as_str())
+        );
+    }
+    for n in nodes.into_iter().flatten() {
+        n.shutdown().await;
+    }
 }

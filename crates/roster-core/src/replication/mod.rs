@@ -85,6 +85,11 @@ pub enum Effect {
     Ready,
     /// A member's state changed.
     Member(NodeName, MemberState),
+    /// A peer acknowledged a sync batch: the oldest change in it took this
+    /// long from the local write to being applied there (the replication
+    /// lag, as seen from here; a batch sent again counts from the first
+    /// try).
+    Acked(NodeName, Duration),
 }
 
 /// Counters of what replication did, for metrics.
@@ -141,6 +146,8 @@ pub struct Peer {
     unreachable: bool,
     /// The current wait after failures.
     backoff: Duration,
+    /// Since when the oldest change in `pending` waits.
+    pending_since: Option<Instant>,
 }
 
 impl Peer {
@@ -155,12 +162,19 @@ impl Peer {
             retry_at: None,
             unreachable: false,
             backoff: Duration::ZERO,
+            pending_since: None,
         }
     }
 
     /// Sessions waiting to be sent to it (not counting a batch in flight).
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Queues the sessions of a batch given up on again.
+    fn requeue(&mut self, f: InFlight) {
+        self.pending.extend(f.owners);
+        self.pending_since = Some(self.pending_since.map_or(f.since, |t| t.min(f.since)));
     }
 }
 
@@ -169,6 +183,8 @@ struct InFlight {
     batch: u64,
     owners: Vec<OwnerRef>,
     deadline: Instant,
+    /// When the oldest change in it was made.
+    since: Instant,
 }
 
 /// A snapshot being loaded at start.
@@ -296,6 +312,7 @@ impl Replicator {
         if !dirty.is_empty() {
             for peer in self.peers.values_mut() {
                 peer.pending.extend(dirty.iter().cloned());
+                peer.pending_since.get_or_insert(now);
             }
         }
         let names: Vec<NodeName> = self.peers.keys().cloned().collect();
@@ -346,7 +363,7 @@ impl Replicator {
                 // It restarted: a batch in flight went to the old life.
                 peer.incarnation = Some(incarnation);
                 if let Some(f) = peer.in_flight.take() {
-                    peer.pending.extend(f.owners);
+                    peer.requeue(f);
                 }
                 peer.retry_at = None;
                 peer.backoff = Duration::ZERO;
@@ -366,9 +383,11 @@ impl Replicator {
             Message::SyncAck { batch } => {
                 let peer = self.peer(&from);
                 if peer.in_flight.as_ref().is_some_and(|f| f.batch == batch) {
-                    peer.in_flight = None;
+                    let since = peer.in_flight.take().map_or(now, |f| f.since);
                     peer.backoff = Duration::ZERO;
                     peer.retry_at = None;
+                    let lag = now.saturating_duration_since(since);
+                    self.effects.push(Effect::Acked(from.clone(), lag));
                 }
                 self.try_send(registry, &from, now);
             }
@@ -390,6 +409,7 @@ impl Replicator {
                     };
                     if registry.held(&owner).is_some() {
                         peer.pending.insert(Arc::new(owner));
+                        peer.pending_since.get_or_insert(now);
                     }
                 }
                 self.try_send(registry, &from, now);
@@ -504,7 +524,7 @@ impl Replicator {
         let (min, max) = (self.config.retry_min, self.config.retry_max);
         let peer = self.peer(name);
         if let Some(f) = peer.in_flight.take() {
-            peer.pending.extend(f.owners);
+            peer.requeue(f);
         }
         peer.backoff = (peer.backoff * 2).clamp(min, max);
         peer.retry_at = Some(now + peer.backoff);
@@ -544,6 +564,12 @@ impl Replicator {
         for o in &owners {
             peer.pending.remove(o);
         }
+        let since = if peer.pending.is_empty() {
+            peer.pending_since.take()
+        } else {
+            peer.pending_since
+        }
+        .unwrap_or(now);
         if sessions.is_empty() {
             return;
         }
@@ -553,6 +579,7 @@ impl Replicator {
             batch,
             owners,
             deadline: now + ack_timeout,
+            since,
         });
         self.stats.batches_sent += 1;
         self.stats.sessions_sent += sessions.len() as u64;

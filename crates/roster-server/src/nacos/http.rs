@@ -259,6 +259,9 @@ type Op = fn(&Arc<Nacos>, &Params) -> Result<Reply, Fail>;
 
 /// Reads the parameters, runs `op` and renders the result for `api`.
 async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Response {
+    if let Err(e) = nacos.node.require_serving() {
+        return render(api, Err(e.into()));
+    }
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

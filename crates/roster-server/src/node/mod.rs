@@ -3,13 +3,15 @@
 //! funnel: every write runs there, then is published to readers and told
 //! to the pusher), the lock-free snapshot of published views, the node's
 //! identity and readiness. Concerns live in submodules: session links
-//! ([`links`]), subscriptions and fan-out ([`fanout`]), drain ([`drain`]).
-//! Lock order is always core → subscriptions → a link's queue; readers
-//! take none of them.
+//! ([`links`]), subscriptions and fan-out ([`fanout`]), drain ([`drain`]),
+//! replication between cluster members ([`replication`]).
+//! Lock order is always replicator → core → subscriptions → a link's
+//! queue; readers take none of them.
 
 pub mod drain;
 pub mod fanout;
 pub mod links;
+pub mod replication;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -125,6 +127,8 @@ pub struct Node {
     pollers: Mutex<drain::Pollers>,
     /// Empty views of forgotten services, kept while subscribed.
     orphans: Mutex<Vec<Arc<ServiceKey>>>,
+    /// Replication to the cluster's other members (none: a node alone).
+    replication: Option<replication::Replication>,
     /// The node's metrics.
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node shuts down.
@@ -144,7 +148,7 @@ impl Node {
         Arc<Self>,
         mpsc::UnboundedReceiver<(Arc<ServiceKey>, Instant)>,
     ) {
-        let registry = Registry::new(
+        let mut registry = Registry::new(
             name,
             incarnation,
             RegistryConfig {
@@ -158,8 +162,21 @@ impl Node {
                 empty_service_grace: config.registry.empty_service_grace,
             },
         );
+        let outboxes = crate::cluster::outboxes(&config);
+        let replication = (!outboxes.is_empty()).then(|| {
+            let replicator = roster_core::replication::Replicator::new(
+                name.into(),
+                incarnation,
+                outboxes.keys().cloned(),
+                config.cluster.replication(),
+                &mut registry,
+                Self::now(),
+            );
+            replication::Replication::new(replicator, outboxes)
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         let node = Arc::new(Self {
+            replication,
             epoch: v1::NodeEpoch {
                 node: name.to_owned(),
                 incarnation,
@@ -221,6 +238,18 @@ impl Node {
             .store(Readiness::Draining as u8, Ordering::Release);
     }
 
+    /// Refuses discovery while the node loads its snapshot (it would answer
+    /// from a partial view); a draining node still answers.
+    pub fn require_serving(&self) -> Result<(), RegistryError> {
+        match self.readiness() {
+            Readiness::Loading => Err(RegistryError::Unavailable(
+                "the node is loading the cluster's data; ask another node or try again shortly"
+                    .into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses what a node that is not ready must not do (open sessions).
     pub fn require_ready(&self) -> Result<(), RegistryError> {
         match self.readiness() {
@@ -249,7 +278,14 @@ impl Node {
         changes: impl Fn(&T) -> Vec<Change>,
     ) -> Result<T, RegistryError> {
         let out = self.counted(f(&mut self.core.lock(), Self::now()))?;
-        let changed = changes(&out);
+        self.replicate_soon();
+        self.announce(changes(&out));
+        Ok(out)
+    }
+
+    /// Publishes `changed` services for readers and tells the pusher about
+    /// those someone follows.
+    fn announce(&self, changed: Vec<Change>) {
         if !changed.is_empty() {
             self.publish();
         }
@@ -267,7 +303,6 @@ impl Node {
             // The pusher only stops when the node does.
             let _ = self.changes.send((c.key, now));
         }
-        Ok(out)
     }
 
     /// Counts (and logs) a refusal at a limit; passes `result` on.

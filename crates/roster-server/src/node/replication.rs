@@ -1,0 +1,223 @@
+//! The node's side of replication: the core [`Replicator`] next to the
+//! registry it replicates, run on local writes, peer messages and time,
+//! and its effects carried out (messages to [`crate::cluster`]'s outboxes,
+//! replicated changes published and pushed like local ones, readiness,
+//! member states). Lock order: replicator → core. It does no I/O itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use roster_core::replication::{Effect, Envelope, MemberState, Replicator, Stats};
+use roster_core::{NodeName, Registry};
+use tokio::sync::Notify;
+
+use super::Node;
+use crate::cluster::Outbox;
+
+/// How often the replicator runs when nothing else wakes it (retries,
+/// verify rounds and member states are due on time).
+const TICK: Duration = Duration::from_millis(10);
+
+/// A node's replication state.
+pub struct Replication {
+    replicator: Mutex<Replicator>,
+    /// Woken after a local write: its change goes out at once.
+    wake: Notify,
+    /// Where messages to each peer are queued.
+    outboxes: BTreeMap<NodeName, Arc<Outbox>>,
+}
+
+/// What is known of one member, for `roster members` and metrics.
+#[derive(Debug, Clone)]
+pub struct MemberInfo {
+    /// Its name.
+    pub name: String,
+    /// Its cluster addresses (empty for this node).
+    pub addresses: Vec<String>,
+    /// The address that last worked (or is tried first).
+    pub in_use: Option<String>,
+    /// `self`, `up`, `suspect` or `down`.
+    pub state: &'static str,
+    /// Time since its last verify (none: never, or this node).
+    pub since_verify: Option<Duration>,
+    /// Its life, from its messages.
+    pub incarnation: Option<u64>,
+    /// Sessions and instances held whose origin it is.
+    pub sessions: usize,
+    /// ...
+    pub instances: usize,
+    /// Sessions waiting to be sent to it.
+    pub pending: usize,
+}
+
+impl Replication {
+    /// The replication of a node among `outboxes`' peers.
+    pub fn new(replicator: Replicator, outboxes: BTreeMap<NodeName, Arc<Outbox>>) -> Self {
+        Self {
+            replicator: Mutex::new(replicator),
+            wake: Notify::new(),
+            outboxes,
+        }
+    }
+
+    /// What replication did so far.
+    pub fn stats(&self) -> Stats {
+        self.replicator.lock().stats()
+    }
+
+    /// The outboxes, by peer.
+    pub fn outboxes(&self) -> impl Iterator<Item = (&NodeName, &Arc<Outbox>)> {
+        self.outboxes.iter()
+    }
+}
+
+fn state_name(state: MemberState) -> &'static str {
+    match state {
+        MemberState::Up => "up",
+        MemberState::Suspect => "suspect",
+        MemberState::Down => "down",
+    }
+}
+
+impl Node {
+    /// The node's replication, if it has peers.
+    pub fn replication(&self) -> Option<&Replication> {
+        self.replication.as_ref()
+    }
+
+    /// A local write happened: replicate it soon.
+    pub(super) fn replicate_soon(&self) {
+        if let Some(r) = &self.replication {
+            r.wake.notify_one();
+        }
+    }
+
+    /// Runs `f` on the replicator and the registry, then carries out its
+    /// effects.
+    fn replicate(&self, f: impl FnOnce(&mut Replicator, &mut Registry) -> Vec<Effect>) {
+        let Some(r) = &self.replication else {
+            return;
+        };
+        let effects = {
+            let mut replicator = r.replicator.lock();
+            let mut core = self.core.lock();
+            f(&mut replicator, &mut core)
+        };
+        self.carry_out(r, effects);
+    }
+
+    /// A message from a peer.
+    pub fn cluster_receive(&self, envelope: Envelope) {
+        self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
+    }
+
+    /// A message to `peer` could not be delivered on any of its addresses.
+    pub fn cluster_send_failed(&self, peer: &str) {
+        self.replicate(|rep, _| rep.send_failed(peer, Self::now()));
+    }
+
+    fn carry_out(&self, r: &Replication, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Send(to, envelope) => {
+                    if let Some(outbox) = r.outboxes.get(&to) {
+                        outbox.push(envelope, &self.metrics);
+                    }
+                }
+                Effect::Changed(changes) => self.announce(changes),
+                Effect::Ready => {
+                    tracing::info!("replication: snapshot loaded, serving");
+                    self.set_ready();
+                }
+                Effect::Member(name, state) => {
+                    tracing::info!(member = %name, state = state_name(state), "member state");
+                }
+                Effect::Acked(_, lag) => self.metrics.replication.lag.observe(lag.as_secs_f64()),
+            }
+        }
+    }
+
+    /// Each member as known here: this node first, then its peers.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let me = self.epoch.node.clone();
+        let Some(r) = &self.replication else {
+            let (sessions, _, instances) = self.counts();
+            return vec![MemberInfo {
+                name: me,
+                addresses: Vec::new(),
+                in_use: None,
+                state: "self",
+                since_verify: None,
+                incarnation: Some(self.incarnation()),
+                sessions,
+                instances,
+                pending: 0,
+            }];
+        };
+        let replicator = r.replicator.lock();
+        let held = self.held_by_origin();
+        let now = Self::now();
+        let count = |name: &str| held.get(name).copied().unwrap_or_default();
+        let mut out = vec![MemberInfo {
+            name: me.clone(),
+            addresses: Vec::new(),
+            in_use: None,
+            state: "self",
+            since_verify: None,
+            incarnation: Some(self.incarnation()),
+            sessions: count(&me).0,
+            instances: count(&me).1,
+            pending: 0,
+        }];
+        for (name, peer) in replicator.peers() {
+            let outbox = r.outboxes.get(name);
+            let (sessions, instances) = count(name);
+            out.push(MemberInfo {
+                name: name.to_string(),
+                addresses: outbox.map(|o| o.addresses().to_vec()).unwrap_or_default(),
+                in_use: outbox.map(|o| o.in_use()),
+                state: state_name(peer.state),
+                since_verify: peer.last_verify.map(|t| now.saturating_duration_since(t)),
+                incarnation: peer.incarnation,
+                sessions,
+                instances,
+                pending: peer.pending(),
+            });
+        }
+        out
+    }
+
+    /// (sessions, instances) held, by origin (live sessions only).
+    pub fn held_by_origin(&self) -> BTreeMap<String, (usize, usize)> {
+        let core = self.core.lock();
+        let mut out: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+        for (owner, held) in core.held_sessions() {
+            if let Some(records) = held.records() {
+                let e = out.entry(owner.origin.to_string()).or_default();
+                e.0 += 1;
+                e.1 += records.len();
+            }
+        }
+        out
+    }
+}
+
+/// Runs the replicator until the node stops: at once after local writes,
+/// and every few milliseconds for what is due on time.
+pub async fn run(node: Arc<Node>) {
+    let Some(r) = node.replication() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            _ = r.wake.notified() => {}
+            _ = tick.tick() => {}
+        }
+        node.replicate(|rep, core| rep.tick(core, Node::now()));
+    }
+}
