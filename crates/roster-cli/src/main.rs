@@ -45,31 +45,8 @@ enum Command {
         /// TOML configuration file.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// HTTP listen address, host:port (overrides config and
-        /// ROSTER_SERVER_HTTP).
-        #[arg(long, value_parser = roster_server::config::listen_address)]
-        http: Option<SocketAddr>,
-        /// gRPC listen address, host:port (overrides config and
-        /// ROSTER_SERVER_GRPC).
-        #[arg(long, value_parser = roster_server::config::listen_address)]
-        grpc: Option<SocketAddr>,
-        /// This node's name (overrides config and ROSTER_SERVER_NODE_NAME).
-        #[arg(long)]
-        node_name: Option<String>,
-        /// Where the node keeps its incarnation counter [default:
-        /// ./roster-data, unless the config or ROSTER_SERVER_DATA_DIR names one].
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Where this node listens for its cluster peers, host:port
-        /// (overrides config and ROSTER_CLUSTER_LISTEN) [default:
-        /// 127.0.0.1:9849; opened only when the node has peers].
-        #[arg(long, value_parser = roster_server::config::listen_address)]
-        cluster: Option<SocketAddr>,
-        /// A cluster member, NAME=HOST:PORT[,HOST:PORT...] (one address per
-        /// network), repeatable; this node may be listed too. Replaces the
-        /// members of the config and ROSTER_CLUSTER_MEMBERS.
-        #[arg(long = "member", value_name = "NAME=ADDR[,ADDR...]")]
-        members: Vec<String>,
+        #[command(flatten)]
+        flags: ServerFlags,
     },
     /// The cluster's members as the node knows them: addresses (and which
     /// is in use), state, time since the last verify, sessions and
@@ -319,25 +296,7 @@ async fn run(cli: Cli) -> Result<()> {
     let given = cli.server.clone();
     let addr = given.clone().unwrap_or_else(|| DEFAULT_SERVER.to_owned());
     match cli.command {
-        Command::Server {
-            config,
-            http,
-            grpc,
-            node_name,
-            data_dir,
-            cluster,
-            members,
-        } => {
-            let flags = ServerFlags {
-                http,
-                grpc,
-                node_name,
-                data_dir,
-                cluster,
-                members,
-            };
-            server(config, flags).await
-        }
+        Command::Server { config, flags } => server(config, flags).await,
         Command::Members => {
             let client = Connection::connect(&addr).await?;
             let members = client.members().await?;
@@ -451,12 +410,32 @@ async fn run(cli: Cli) -> Result<()> {
 const DEFAULT_DATA_DIR: &str = "roster-data";
 
 /// The flags of `roster server`, over the configuration.
+#[derive(Args)]
 struct ServerFlags {
+    /// HTTP listen address, host:port (overrides config and
+    /// ROSTER_SERVER_HTTP).
+    #[arg(long, value_parser = roster_server::config::listen_address)]
     http: Option<SocketAddr>,
+    /// gRPC listen address, host:port (overrides config and
+    /// ROSTER_SERVER_GRPC).
+    #[arg(long, value_parser = roster_server::config::listen_address)]
     grpc: Option<SocketAddr>,
+    /// This node's name (overrides config and ROSTER_SERVER_NODE_NAME).
+    #[arg(long)]
     node_name: Option<String>,
+    /// Where the node keeps its incarnation counter [default:
+    /// ./roster-data, unless the config or ROSTER_SERVER_DATA_DIR names one].
+    #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Where this node listens for its cluster peers, host:port
+    /// (overrides config and ROSTER_CLUSTER_LISTEN) [default:
+    /// 127.0.0.1:9849; opened only when the node has peers].
+    #[arg(long, value_parser = roster_server::config::listen_address)]
     cluster: Option<SocketAddr>,
+    /// A cluster member, NAME=HOST:PORT[,HOST:PORT...] (one address per
+    /// network), repeatable; this node may be listed too. Replaces the
+    /// members of the config and ROSTER_CLUSTER_MEMBERS.
+    #[arg(long = "member", value_name = "NAME=ADDR[,ADDR...]")]
     members: Vec<String>,
 }
 

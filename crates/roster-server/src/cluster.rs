@@ -74,16 +74,6 @@ impl Outbox {
     pub fn in_use(&self) -> String {
         self.addresses[self.in_use.load(Ordering::Relaxed) % self.addresses.len()].clone()
     }
-
-    /// Messages waiting.
-    pub fn len(&self) -> usize {
-        self.queue.lock().len()
-    }
-
-    /// Whether no message waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The outboxes of the peers `config` lists (every member but this node),

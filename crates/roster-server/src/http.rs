@@ -124,11 +124,9 @@ async fn ready(State(node): State<Arc<Node>>) -> Response {
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
     if let Some(r) = node.replication() {
-        let members = node.members();
-        let states: Vec<&str> = members.iter().skip(1).map(|m| m.state).collect();
         node.metrics
             .replication
-            .observe(&r.stats(), &node.held_by_origin(), &states);
+            .observe(&r.stats(), &node.members());
     }
     let (sessions, services, instances) = node.counts();
     node.metrics.sessions.set(sessions as i64);

@@ -232,7 +232,7 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
         .layer(axum::extract::DefaultBodyLimit::max(limits.http_body_bytes));
     tasks.spawn(serve_http(node.clone(), admission, http_listener, app));
     let cluster_addr = match cluster_listener {
-        Some(listener) => Some(serve_cluster(&node, listener)?),
+        Some(listener) => Some(serve_cluster(&node, listener)),
         // Alone: nothing to load.
         None => {
             node.set_ready();
@@ -252,12 +252,9 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 /// Serves the cluster port and starts replicating: the outbox of each
 /// peer, and the replicator's loop. The node becomes ready when the
 /// replicator says so (its snapshot is loaded).
-fn serve_cluster(
-    node: &Arc<Node>,
-    (listener, addr): (TcpListener, SocketAddr),
-) -> Result<SocketAddr, StartError> {
+fn serve_cluster(node: &Arc<Node>, (listener, addr): (TcpListener, SocketAddr)) -> SocketAddr {
     let Some(replication) = node.replication() else {
-        return Ok(addr);
+        return addr;
     };
     let tasks = &node.tasks;
     for (_, outbox) in replication.outboxes() {
@@ -284,7 +281,7 @@ fn serve_cluster(
             tracing::error!("cluster listener failed: {e}");
         }
     });
-    Ok(addr)
+    addr
 }
 
 /// A call refused by tonic for a message over `limits.grpc_message_bytes`

@@ -190,13 +190,13 @@ impl Replication {
             .clone()
     }
 
-    /// Brings the replicator's counters, what is held by origin and the
-    /// members' states up to date (at scrape time).
+    /// Brings the replicator's counters, what is held from each member and
+    /// the members' states up to date (at scrape time, from
+    /// [`crate::node::Node::members`]).
     pub fn observe(
         &self,
         stats: &roster_core::replication::Stats,
-        by_origin: &std::collections::BTreeMap<String, (usize, usize)>,
-        states: &[&str],
+        members: &[crate::node::replication::MemberInfo],
     ) {
         for (c, v) in [
             (&self.batches, stats.batches_sent),
@@ -213,17 +213,17 @@ impl Replication {
         }
         self.sessions_by_origin.clear();
         self.instances_by_origin.clear();
-        for (origin, (sessions, instances)) in by_origin {
-            let l = label("origin", origin);
+        for m in members {
+            let l = label("origin", &m.name);
             self.sessions_by_origin
                 .get_or_create(&l)
-                .set(*sessions as i64);
+                .set(m.sessions as i64);
             self.instances_by_origin
                 .get_or_create(&l)
-                .set(*instances as i64);
+                .set(m.instances as i64);
         }
         for state in ["up", "suspect", "down"] {
-            let n = states.iter().filter(|s| **s == state).count();
+            let n = members.iter().filter(|m| m.state == state).count();
             self.members
                 .get_or_create(&label("state", state))
                 .set(n as i64);

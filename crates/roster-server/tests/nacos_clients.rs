@@ -75,6 +75,21 @@ async fn run(mut command: Command, ok_line: &'static str) {
     );
 }
 
+/// The lines `child` prints, as they come.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{BufRead, BufReader};
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 fn script(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
@@ -112,7 +127,6 @@ async fn node_client_registers_and_is_pushed_over_udp() {
 /// which it takes as healthy) so that it reconnects and registers again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpc_client_registers_again_after_the_node_restarts() {
-    use std::io::{BufRead, BufReader};
     let python = environment("ROSTER_NACOS_PYTHON", "nacos-python/bin/python");
     let first = server().await;
     let (http, grpc) = (first.http_addr, first.grpc_addr);
@@ -127,15 +141,7 @@ async fn python_grpc_client_registers_again_after_the_node_restarts() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = lines_of(&mut child);
     let line = lines
         .recv_timeout(Duration::from_secs(60))
         .expect("the client started");
@@ -177,7 +183,6 @@ async fn python_grpc_client_registers_again_after_the_node_restarts() {
 /// dies it registers again on another, listed by every living node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpc_client_against_a_cluster_is_pushed_across_nodes_and_fails_over() {
-    use std::io::{BufRead, BufReader};
     let python = environment("ROSTER_NACOS_PYTHON", "nacos-python/bin/python");
     let configs = cluster_configs(3);
     let mut nodes = start_cluster(&configs).await;
@@ -193,15 +198,7 @@ async fn python_grpc_client_against_a_cluster_is_pushed_across_nodes_and_fails_o
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = registrar.stdout.take().unwrap();
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = lines_of(&mut registrar);
     let line = lines
         .recv_timeout(Duration::from_secs(60))
         .expect("the client started");

@@ -44,9 +44,9 @@ pub struct MemberInfo {
     pub since_verify: Option<Duration>,
     /// Its life, from its messages.
     pub incarnation: Option<u64>,
-    /// Sessions and instances held whose origin it is.
+    /// Live sessions held whose origin it is.
     pub sessions: usize,
-    /// ...
+    /// Instances in them.
     pub instances: usize,
     /// Sessions waiting to be sent to it.
     pub pending: usize,
@@ -139,38 +139,29 @@ impl Node {
         }
     }
 
-    /// Each member as known here: this node first, then its peers.
+    /// Each member as known here: this node first, then its peers (with
+    /// what is held from each: one pass over the sessions held).
     pub fn members(&self) -> Vec<MemberInfo> {
         let me = self.epoch.node.clone();
-        let Some(r) = &self.replication else {
-            let (sessions, _, instances) = self.counts();
-            return vec![MemberInfo {
-                name: me,
-                addresses: Vec::new(),
-                in_use: None,
-                state: "self",
-                since_verify: None,
-                incarnation: Some(self.incarnation()),
-                sessions,
-                instances,
-                pending: 0,
-            }];
-        };
-        let replicator = r.replicator.lock();
+        let replicator = self.replication.as_ref().map(|r| r.replicator.lock());
         let held = self.held_by_origin();
-        let now = Self::now();
         let count = |name: &str| held.get(name).copied().unwrap_or_default();
+        let (sessions, instances) = count(&me);
         let mut out = vec![MemberInfo {
-            name: me.clone(),
+            name: me,
             addresses: Vec::new(),
             in_use: None,
             state: "self",
             since_verify: None,
             incarnation: Some(self.incarnation()),
-            sessions: count(&me).0,
-            instances: count(&me).1,
+            sessions,
+            instances,
             pending: 0,
         }];
+        let (Some(r), Some(replicator)) = (&self.replication, replicator) else {
+            return out;
+        };
+        let now = Self::now();
         for (name, peer) in replicator.peers() {
             let outbox = r.outboxes.get(name);
             let (sessions, instances) = count(name);
