@@ -1,13 +1,16 @@
-//! A three-node cluster of real `roster server` processes on loopback,
-//! driven by the `roster` commands as a user would: replication, a node
-//! killed with SIGKILL while its client fails over, its restart loading a
-//! snapshot, and the whole cluster restarting at once.
+//! A cluster of real `roster server` processes on loopback, driven by the
+//! `roster` commands as a user would: replication, a node killed with
+//! SIGKILL while its client fails over, its restart loading a snapshot, the
+//! whole cluster restarting at once, a partition healing, one of two
+//! networks failing, and a member with the wrong secret refused. Networks
+//! and partitions are TCP proxies between the members that can be cut.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roster");
@@ -32,6 +35,66 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP proxy on loopback standing for one network path between two
+/// members: cut, it resets the connections through it and refuses new
+/// ones (until healed).
+struct Proxy {
+    address: String,
+    cut: Arc<AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn to(target: &str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (target, c, o) = (target.to_owned(), cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                // Under the lock `cut` takes: a connection is either cut
+                // with the others or refused.
+                let mut open = o.lock().unwrap();
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: the connection is closed at once
+                }
+                let Ok(server) = TcpStream::connect(&target) else {
+                    continue;
+                };
+                open.retain(|s| s.peer_addr().is_ok());
+                open.push(client.try_clone().unwrap());
+                open.push(server.try_clone().unwrap());
+                drop(open);
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { address, cut, open }
+    }
+
+    fn cut(&self) {
+        let mut open = self.open.lock().unwrap();
+        self.cut.store(true, Ordering::SeqCst);
+        for s in open.drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
 /// One member: its addresses and data directory, and its process while
 /// it runs.
 struct Member {
@@ -45,6 +108,11 @@ struct Member {
 
 struct Cluster {
     members: Vec<Member>,
+    /// `paths[i][j]`: the proxies member i reaches member j through (one
+    /// per network); empty: i reaches j directly.
+    paths: Vec<Vec<Vec<Proxy>>>,
+    /// Environment every member starts with.
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -61,7 +129,45 @@ impl Cluster {
                 process: None,
             })
             .collect();
-        Self { members, _dir: dir }
+        let env = vec![("ROSTER_CLUSTER_SECRET".into(), "s3cret".into())];
+        let paths = (0..n)
+            .map(|_| (0..n).map(|_| Vec::new()).collect())
+            .collect();
+        Self {
+            members,
+            paths,
+            env,
+            _dir: dir,
+        }
+    }
+
+    /// Puts `networks` proxies on every path between two members.
+    fn with_networks(mut self, networks: usize) -> Self {
+        let n = self.members.len();
+        for i in 0..n {
+            for j in (0..n).filter(|&j| j != i) {
+                self.paths[i][j] = (0..networks)
+                    .map(|_| Proxy::to(&self.members[j].cluster))
+                    .collect();
+            }
+        }
+        self
+    }
+
+    fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Cuts (or heals) network `net` on every path to and from member `i`.
+    fn isolate(&self, i: usize, net: usize, cut: bool) {
+        for (a, b) in (0..self.members.len())
+            .filter(|&j| j != i)
+            .flat_map(|j| [(i, j), (j, i)])
+        {
+            let p = &self.paths[a][b][net];
+            if cut { p.cut() } else { p.heal() }
+        }
     }
 
     /// Starts member `i` (a new life if it ran before).
@@ -69,7 +175,17 @@ impl Cluster {
         let list: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("{}={}", m.name, m.cluster))
+            .enumerate()
+            .map(|(j, m)| {
+                let via = &self.paths[i][j];
+                let addresses = if via.is_empty() {
+                    m.cluster.clone()
+                } else {
+                    let a: Vec<&str> = via.iter().map(|p| p.address.as_str()).collect();
+                    a.join(",")
+                };
+                format!("{}={addresses}", m.name)
+            })
             .collect();
         let m = &mut self.members[i];
         let mut cmd = Command::new(BIN);
@@ -90,6 +206,7 @@ impl Cluster {
             .env("ROSTER_CLUSTER_READY_ALONE_AFTER", "3s")
             .env("ROSTER_CLUSTER_SNAPSHOT_TIMEOUT", "1s")
             .env("ROSTER_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         for entry in &list {
@@ -102,6 +219,17 @@ impl Cluster {
             .unwrap();
         assert!(line.contains("cluster="), "{line:?}");
         m.process = Some(Running(child));
+    }
+
+    /// Starts every member at once, then waits until each is ready.
+    fn start_all(&mut self) {
+        let n = self.members.len();
+        for i in 0..n {
+            self.start(i);
+        }
+        for i in 0..n {
+            self.wait_ready(i);
+        }
     }
 
     /// SIGKILL: no goodbye to anyone.
@@ -144,6 +272,16 @@ impl Cluster {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// The value of the first metric line of member `i` starting with
+    /// `prefix` (0 if none).
+    fn metric(&self, i: usize, prefix: &str) -> f64 {
+        let text = get(&self.members[i].http, "/metrics").expect("metrics").1;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     fn members_json(&self, i: usize) -> serde_json::Value {
@@ -225,12 +363,7 @@ const ID: &str = "10.9.0.1#8080#DEFAULT";
 #[test]
 fn replicates_survives_a_killed_node_and_reloads_it_from_a_snapshot() {
     let mut c = Cluster::new(3);
-    for i in 0..3 {
-        c.start(i);
-    }
-    for i in 0..3 {
-        c.wait_ready(i);
-    }
+    c.start_all();
     // A watcher on n3, a registering client on n1 (given every node).
     let (_watch, lines) = spawn(&c.members[2].grpc, &["--json", "watch", "orders"]);
     let (_register, registered) = spawn(
@@ -284,12 +417,7 @@ fn replicates_survives_a_killed_node_and_reloads_it_from_a_snapshot() {
 #[test]
 fn the_whole_cluster_restarting_at_once_loses_nothing_its_clients_hold() {
     let mut c = Cluster::new(3);
-    for i in 0..3 {
-        c.start(i);
-    }
-    for i in 0..3 {
-        c.wait_ready(i);
-    }
+    c.start_all();
     let mut clients = Vec::new();
     for (k, first) in [0, 1, 2, 0].into_iter().enumerate() {
         let ip = format!("10.9.1.{}", k + 1);
@@ -311,15 +439,149 @@ fn the_whole_cluster_restarting_at_once_loses_nothing_its_clients_hold() {
     for i in 0..3 {
         c.kill(i);
     }
-    for i in 0..3 {
-        c.start(i);
-    }
-    for i in 0..3 {
-        c.wait_ready(i);
-    }
+    c.start_all();
     for i in 0..3 {
         wait_for("every client registered again, everywhere", || {
             c.listed(i, "payments") == all
         });
     }
+}
+
+/// Registers `ip` in `service` through the nodes `servers` (a comma list),
+/// returning the client once it is registered.
+fn register(servers: &str, service: &str, ip: &str) -> (Running, mpsc::Receiver<String>) {
+    let (p, rx) = spawn(
+        servers,
+        &["register", service, "--ip", ip, "--port", "8080"],
+    );
+    rx.recv_timeout(WAIT).expect("registered");
+    (p, rx)
+}
+
+fn ids(ips: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ips.iter().map(|ip| format!("{ip}#8080#DEFAULT")).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_partition_heals_into_one_view_and_a_restart_loads_a_snapshot_of_many_messages() {
+    // Two sessions per snapshot chunk: five sessions take three messages.
+    let mut c = Cluster::new(3)
+        .with_networks(1)
+        .with_env("ROSTER_CLUSTER_BATCH_SESSIONS", "2");
+    c.start_all();
+    let g = |i: usize| c.members[i].grpc.clone();
+    let _a = register(&g(0), "inventory", "10.9.2.1");
+    let _b = register(&g(2), "inventory", "10.9.2.2");
+    let d = register(&g(0), "inventory", "10.9.2.4");
+    let before = ids(&["10.9.2.1", "10.9.2.2", "10.9.2.4"]);
+    for i in 0..3 {
+        wait_for("every instance everywhere", || {
+            c.listed(i, "inventory") == before
+        });
+    }
+
+    // n3 is cut off for longer than the verify timeout (3 rounds of 1 s):
+    // each side drops the other's replicas. Meanwhile one client joins on
+    // n1 and one leaves it.
+    c.isolate(2, 0, true);
+    let _c = register(&g(0), "inventory", "10.9.2.3");
+    drop(d);
+    wait_for("n3's replicas dropped on n1", || {
+        c.listed(0, "inventory") == ids(&["10.9.2.1", "10.9.2.3"])
+    });
+    wait_for("n1's replicas dropped on n3", || {
+        c.listed(2, "inventory") == ids(&["10.9.2.2"])
+    });
+
+    // Healed: one view everywhere, without the instance that left.
+    c.isolate(2, 0, false);
+    let healed = Instant::now();
+    let after = ids(&["10.9.2.1", "10.9.2.2", "10.9.2.3"]);
+    for i in 0..3 {
+        wait_for("one view after the heal", || {
+            c.listed(i, "inventory") == after
+        });
+        eprintln!("n{} converged {:?} after the heal", i + 1, healed.elapsed());
+    }
+    let _e = register(&g(1), "inventory", "10.9.2.5");
+    let all = ids(&["10.9.2.1", "10.9.2.2", "10.9.2.3", "10.9.2.5"]);
+    for i in 0..3 {
+        wait_for("the newest everywhere", || c.listed(i, "inventory") == all);
+    }
+
+    // n2 restarts and loads the four sessions held elsewhere (its own
+    // client's session is gone with it and comes back by its client) in
+    // chunks of two.
+    c.kill(1);
+    c.start(1);
+    c.wait_ready(1);
+    wait_for("n2 converged", || c.listed(1, "inventory") == all);
+    let chunks = c.metric(
+        1,
+        "roster_replication_messages_total{kind=\"snapshot_chunk\",direction=\"received\"}",
+    );
+    assert!(chunks >= 2.0, "the snapshot came in {chunks} messages");
+    assert_eq!(c.metric(1, "roster_replication_snapshot_loads_total"), 1.0);
+}
+
+#[test]
+fn replication_goes_on_over_the_second_network_when_the_first_fails() {
+    let mut c = Cluster::new(2).with_networks(2);
+    c.start_all();
+    let g = |i: usize| c.members[i].grpc.clone();
+    let _a = register(&g(0), "billing", "10.9.3.1");
+    wait_for("replicated", || {
+        c.listed(1, "billing") == ids(&["10.9.3.1"])
+    });
+    let first = c.paths[0][1][0].address.clone();
+    let second = c.paths[0][1][1].address.clone();
+    let in_use = |c: &Cluster| {
+        let v = c.members_json(0);
+        v["members"][1]["in_use"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(in_use(&c), first);
+
+    // The first network fails on both sides; the second carries on.
+    c.isolate(0, 0, true);
+    let _b = register(&g(0), "billing", "10.9.3.2");
+    let _c = register(&g(1), "billing", "10.9.3.3");
+    let all = ids(&["10.9.3.1", "10.9.3.2", "10.9.3.3"]);
+    for i in 0..2 {
+        wait_for("replicated over the second network", || {
+            c.listed(i, "billing") == all
+        });
+    }
+    assert_eq!(in_use(&c), second);
+    // Nothing was dropped on the way: n1's sessions stayed on n2 through
+    // verify rounds (1 s each) carried by the second network.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(c.held_from(1, "n1"), (2, 2));
+    assert_eq!(
+        c.metric(1, "roster_replication_unverified_dropped_total"),
+        0.0
+    );
+    assert_eq!(c.listed(1, "billing"), all);
+}
+
+#[test]
+fn a_member_with_another_secret_is_refused() {
+    let mut c = Cluster::new(2);
+    c.start(0);
+    c.env = vec![("ROSTER_CLUSTER_SECRET".into(), "other".into())];
+    c.start(1);
+    for i in 0..2 {
+        c.wait_ready(i);
+    }
+    let _a = register(&c.members[0].grpc, "ledger", "10.9.4.1");
+    wait_for("refusals counted on n1", || {
+        c.metric(0, "roster_replication_refused_total") > 0.0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(c.listed(1, "ledger").is_empty(), "nothing crossed");
+    assert_eq!(c.held_from(1, "n1"), (0, 0));
 }

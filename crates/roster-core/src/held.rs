@@ -220,6 +220,22 @@ impl SessionState {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// About how many bytes it takes on the wire (see
+    /// [`crate::model::Instance::wire_size`]).
+    pub fn wire_size(&self) -> usize {
+        match self {
+            SessionState::Live(d) => d
+                .instances
+                .iter()
+                .map(|(k, i, _)| {
+                    k.namespace.len() + k.group.len() + k.service.len() + i.wire_size() + 24
+                })
+                .sum::<usize>()
+                .saturating_add(64),
+            SessionState::Gone(_) => 64,
+        }
+    }
 }
 
 #[cfg(test)]

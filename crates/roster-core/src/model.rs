@@ -203,6 +203,19 @@ impl Instance {
         }
     }
 
+    /// About how many bytes the instance takes on the wire (an upper
+    /// bound of its protobuf form, give or take framing): what replication
+    /// sizes its messages by.
+    pub fn wire_size(&self) -> usize {
+        let addresses: usize = self.addresses.iter().map(|a| a.network.len() + 48).sum();
+        let metadata: usize = self
+            .metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 12)
+            .sum();
+        self.id.len() + self.cluster.len() + self.node_name.len() + addresses + metadata + 64
+    }
+
     /// The id an instance gets when it names none.
     pub fn default_id(ip: &IpAddr, port: u16, cluster: &str) -> String {
         format!("{ip}#{port}#{cluster}")

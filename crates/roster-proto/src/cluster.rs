@@ -69,15 +69,20 @@ pub fn to_wire(envelope: &Envelope) -> pb::Envelope {
     }
 }
 
-/// The message a protobuf `Envelope` carries.
-pub fn from_wire(envelope: pb::Envelope) -> Result<Envelope, ValidationError> {
+/// The message a protobuf `Envelope` carries, and why each session state
+/// in it that could not be read was left out (one bad session, say from a
+/// newer version of Roster, does not cost the others of its batch).
+pub fn from_wire(
+    envelope: pb::Envelope,
+) -> Result<(Envelope, Vec<ValidationError>), ValidationError> {
     use pb::envelope::Body;
     let from = name("from", &envelope.from)?;
+    let mut skipped = Vec::new();
     let body = match envelope.body {
         None => return Err(ValidationError::new("body", "is required")),
         Some(Body::Sync(m)) => Message::Sync {
             batch: m.batch,
-            sessions: states_from_wire(m.sessions)?
+            sessions: states_from_wire(m.sessions, &mut skipped)
                 .into_iter()
                 .map(|(o, s, _)| (o, s))
                 .collect(),
@@ -104,16 +109,17 @@ pub fn from_wire(envelope: pb::Envelope) -> Result<Envelope, ValidationError> {
             after: m.after.map(owner_from_wire).transpose()?,
         },
         Some(Body::SnapshotChunk(m)) => Message::SnapshotChunk {
-            sessions: states_from_wire(m.sessions)?,
+            sessions: states_from_wire(m.sessions, &mut skipped),
             next: m.next.map(owner_from_wire).transpose()?,
         },
         Some(Body::Loading(_)) => Message::Loading,
     };
-    Ok(Envelope {
+    let envelope = Envelope {
         from,
         incarnation: envelope.incarnation,
         body,
-    })
+    };
+    Ok((envelope, skipped))
 }
 
 /// A message as bytes (what the in-memory transport of the simulation
@@ -122,8 +128,9 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
     to_wire(envelope).encode_to_vec()
 }
 
-/// A message from bytes.
-pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+/// A message from bytes, and why each session state left out of it could
+/// not be read (see [`from_wire`]).
+pub fn decode(bytes: &[u8]) -> Result<(Envelope, Vec<ValidationError>), DecodeError> {
     Ok(from_wire(pb::Envelope::decode(bytes)?)?)
 }
 
@@ -204,8 +211,12 @@ fn state_to_wire(owner: &Owner, state: &SessionState, age: Duration) -> pb::Sess
 
 fn states_from_wire(
     states: Vec<pb::SessionState>,
-) -> Result<Vec<(Owner, SessionState, Duration)>, ValidationError> {
-    states.into_iter().map(state_from_wire).collect()
+    skipped: &mut Vec<ValidationError>,
+) -> Vec<(Owner, SessionState, Duration)> {
+    states
+        .into_iter()
+        .filter_map(|s| state_from_wire(s).map_err(|e| skipped.push(e)).ok())
+        .collect()
 }
 
 fn state_from_wire(
@@ -291,7 +302,7 @@ mod tests {
                 incarnation: 4,
                 body,
             };
-            assert_eq!(decode(&encode(&e)).unwrap(), e);
+            assert_eq!(decode(&encode(&e)).unwrap(), (e, vec![]));
         }
     }
 
@@ -314,5 +325,37 @@ mod tests {
         let err = decode(&bad.encode_to_vec()).unwrap_err();
         assert!(err.to_string().contains("wanted"), "{err}");
         assert!(decode(b"\xff\xff\xff").is_err());
+    }
+
+    #[test]
+    fn an_unreadable_session_is_left_out_and_the_rest_of_its_batch_kept() {
+        let good = |session: &str| pb::SessionState {
+            owner: Some(pb::Owner {
+                origin: "n1".into(),
+                session: session.into(),
+            }),
+            version: Some(version_to_wire(v(1, 1))),
+            gone: true,
+            services: vec![],
+            unverified_ms: 0,
+        };
+        let mut bad = good("s-2");
+        bad.version = None;
+        let wire = pb::Envelope {
+            from: "n1".into(),
+            incarnation: 1,
+            body: Some(pb::envelope::Body::Sync(pb::Sync {
+                batch: 3,
+                sessions: vec![good("s-1"), bad, good("s-3")],
+            })),
+        };
+        let (e, skipped) = decode(&wire.encode_to_vec()).unwrap();
+        let Message::Sync { batch: 3, sessions } = e.body else {
+            panic!("{e:?}")
+        };
+        let ids: Vec<&str> = sessions.iter().map(|(o, _)| &*o.session).collect();
+        assert_eq!(ids, ["s-1", "s-3"]);
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].to_string().contains("version"), "{}", skipped[0]);
     }
 }

@@ -51,6 +51,8 @@ fn config() -> ReplicationConfig {
         retry_max: ms(400),
         batch_sessions: 4,
         batch_instances: 8,
+        batch_bytes: 2048,
+        message_bytes: 1 << 20,
         verify_chunk: 5,
         snapshot_timeout: ms(1000),
         ready_alone_after: ms(3000),
@@ -344,12 +346,18 @@ impl Sim {
                 continue;
             }
             let envelope = match roster_proto::cluster::decode(&p.bytes) {
-                Ok(e) => e,
+                Ok((e, skipped)) if skipped.is_empty() => e,
+                Ok((_, skipped)) => {
+                    self.fail("codec", format!("sessions did not decode: {skipped:?}"))
+                }
                 Err(e) => self.fail("codec", format!("a message did not decode: {e}")),
             };
             let now = self.now;
             let l = self.members[p.to].life.as_mut().expect("alive");
-            let effects = l.replicator.receive(&mut l.registry, envelope, now);
+            // The next snapshot chunk is asked for before this one is
+            // applied, as the server does.
+            let mut effects = l.replicator.prefetch(&envelope);
+            effects.extend(l.replicator.receive(&mut l.registry, envelope, now));
             self.carry_out(p.to, effects);
         }
     }

@@ -1,13 +1,14 @@
 //! The cluster port's transport: an outbox per peer, drained by one task
 //! that delivers each message over gRPC (`roster.cluster.v1.Cluster/Deliver`)
 //! to the peer's address that last worked, trying its other addresses (one
-//! per network) when that fails; and the `Deliver` service that hands what
-//! peers send to the node. Replication rules are not here: lost messages
-//! are the replicator's business.
+//! per network) when that fails; Nacos v1 writes forwarded to the member
+//! responsible for their instance (`Forward`); and the service that hands
+//! what peers send to the node. Replication rules are not here: lost
+//! messages are the replicator's business.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -28,41 +29,114 @@ use crate::node::Node;
 /// address on a network that is down fails over quickly).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// The request header carrying `cluster.secret`.
+pub const SECRET_HEADER: &str = "x-roster-cluster-secret";
+
+/// A message ready to go: its wire form, its size and what it is.
+struct Outgoing {
+    wire: pb::Envelope,
+    bytes: usize,
+    kind: &'static str,
+}
+
+/// The queue of one peer, bounded by count and by bytes.
+#[derive(Default)]
+struct Queue {
+    messages: VecDeque<Outgoing>,
+    bytes: usize,
+}
+
 /// The messages waiting for one peer, and where it is reached.
 pub struct Outbox {
     name: NodeName,
     addresses: Vec<String>,
     /// Index of the address that last worked.
     in_use: AtomicUsize,
-    queue: Mutex<VecDeque<Envelope>>,
+    queue: Mutex<Queue>,
     ready: Notify,
     capacity: usize,
+    capacity_bytes: usize,
+    /// A client per address (none for one that is not a valid URI),
+    /// connected on first use.
+    clients: OnceLock<Vec<Option<ClusterClient<Channel>>>>,
 }
 
 impl Outbox {
-    /// The outbox of peer `name` at `addresses` (in order of preference).
-    pub fn new(name: NodeName, addresses: Vec<String>, capacity: usize) -> Self {
+    /// The outbox of peer `name` at `addresses` (in order of preference),
+    /// holding at most `capacity` messages and `capacity_bytes` bytes.
+    pub fn new(
+        name: NodeName,
+        addresses: Vec<String>,
+        capacity: usize,
+        capacity_bytes: usize,
+    ) -> Self {
         Self {
             name,
             addresses,
             in_use: AtomicUsize::new(0),
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
             capacity: capacity.max(1),
+            capacity_bytes,
+            clients: OnceLock::new(),
         }
     }
 
-    /// Queues a message; when the queue is full the oldest message is
-    /// dropped (the replicator sends again what still matters).
-    pub fn push(&self, envelope: Envelope, metrics: &Metrics) {
+    /// Its clients, one per address (made on first use, within the
+    /// runtime: their connections are lazy).
+    fn clients(&self, config: &crate::config::ClusterSection) -> &[Option<ClusterClient<Channel>>] {
+        self.clients.get_or_init(|| {
+            let max = config.message_bytes;
+            self.addresses
+                .iter()
+                .map(|a| {
+                    let endpoint = Endpoint::from_shared(format!("http://{a}")).ok()?;
+                    let channel = endpoint
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .timeout(config.ack_timeout)
+                        .tcp_nodelay(true)
+                        .connect_lazy();
+                    Some(
+                        ClusterClient::new(channel)
+                            .max_encoding_message_size(max)
+                            .max_decoding_message_size(max),
+                    )
+                })
+                .collect()
+        })
+    }
+
+    /// Queues a message (encoded here, outside the replicator's lock);
+    /// past the queue's bounds the oldest messages are dropped (the
+    /// replicator sends again what still matters).
+    pub fn push(&self, envelope: &Envelope, metrics: &Metrics) {
+        let wire = roster_proto::cluster::to_wire(envelope);
+        let bytes = wire.encoded_len();
+        let outgoing = Outgoing {
+            wire,
+            bytes,
+            kind: envelope.body.kind(),
+        };
         let mut q = self.queue.lock();
-        if q.len() >= self.capacity {
-            q.pop_front();
+        while !q.messages.is_empty()
+            && (q.messages.len() >= self.capacity || q.bytes + bytes > self.capacity_bytes)
+        {
+            if let Some(old) = q.messages.pop_front() {
+                q.bytes -= old.bytes;
+            }
             metrics.replication.dropped.inc();
         }
-        q.push_back(envelope);
+        q.bytes += bytes;
+        q.messages.push_back(outgoing);
         drop(q);
         self.ready.notify_one();
+    }
+
+    fn pop(&self) -> Option<Outgoing> {
+        let mut q = self.queue.lock();
+        let m = q.messages.pop_front()?;
+        q.bytes -= m.bytes;
+        Some(m)
     }
 
     /// Its addresses.
@@ -87,7 +161,8 @@ pub fn outboxes(config: &Config) -> BTreeMap<NodeName, Arc<Outbox>> {
         .filter(|m| m.name != *me)
         .map(|m| {
             let name = NodeName::from(m.name.as_str());
-            let outbox = Outbox::new(name.clone(), m.addresses, config.cluster.queue_per_peer);
+            let c = &config.cluster;
+            let outbox = Outbox::new(name.clone(), m.addresses, c.queue_per_peer, c.queue_bytes);
             (name, Arc::new(outbox))
         })
         .collect()
@@ -102,49 +177,95 @@ fn unreachable(status: &Status) -> bool {
     )
 }
 
+/// A request carrying `cluster.secret` (if set).
+fn request<T>(message: T, config: &crate::config::ClusterSection) -> Request<T> {
+    let mut request = Request::new(message);
+    if !config.secret.is_empty()
+        && let Ok(secret) = tonic::metadata::MetadataValue::try_from(config.secret.as_str())
+    {
+        request.metadata_mut().insert(SECRET_HEADER, secret);
+    }
+    request
+}
+
+/// Makes Nacos write `op` (with `params`, answered in `api`'s format) on
+/// member `peer`, the one responsible for its instance, over the address
+/// that last worked or the others: its answer, or none if no address took
+/// it (the caller makes the write itself) or the peer refused it.
+pub async fn forward(
+    node: &Node,
+    peer: &NodeName,
+    op: &str,
+    params: HashMap<String, String>,
+    api: &str,
+) -> Option<pb::ForwardAnswer> {
+    let outbox = node.replication()?.outboxes().find(|(n, _)| *n == peer)?.1;
+    let config = &node.config().cluster;
+    let clients = outbox.clients(config);
+    let message = pb::Forwarded {
+        from: node.config().server.node_name.clone(),
+        op: op.to_owned(),
+        params,
+        api: api.to_owned(),
+    };
+    let first = outbox.in_use.load(Ordering::Relaxed);
+    let n = clients.len();
+    for k in 0..n {
+        let i = (first + k) % n;
+        let Some(mut client) = clients[i].clone() else {
+            continue;
+        };
+        match client.forward(request(message.clone(), config)).await {
+            Ok(answer) => {
+                outbox.in_use.store(i, Ordering::Relaxed);
+                node.metrics.replication.message("forward", "sent");
+                return Some(answer.into_inner());
+            }
+            Err(status) if unreachable(&status) => {}
+            Err(status) => {
+                node.metrics.replication.refused.inc();
+                node.warn_refused(peer, "forward", &status);
+                return None;
+            }
+        }
+    }
+    node.metrics.replication.send_failures.inc();
+    None
+}
+
 /// Delivers `outbox`'s messages until the node stops.
 pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
     let config = &node.config().cluster;
-    let max = config.message_bytes;
-    let clients: Vec<Option<ClusterClient<Channel>>> = outbox
-        .addresses
-        .iter()
-        .map(|a| {
-            let endpoint = Endpoint::from_shared(format!("http://{a}")).ok()?;
-            let channel = endpoint
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(config.ack_timeout)
-                .tcp_nodelay(true)
-                .connect_lazy();
-            Some(
-                ClusterClient::new(channel)
-                    .max_encoding_message_size(max)
-                    .max_decoding_message_size(max),
-            )
-        })
-        .collect();
+    let clients = outbox.clients(config);
     let n = clients.len();
     let sent = node.metrics.replication.bytes("sent");
     loop {
-        let next = outbox.queue.lock().pop_front();
-        let Some(envelope) = next else {
+        let Some(Outgoing { wire, bytes, kind }) = outbox.pop() else {
             tokio::select! {
                 _ = node.shutdown.cancelled() => return,
                 _ = outbox.ready.notified() => continue,
             }
         };
-        let wire = roster_proto::cluster::to_wire(&envelope);
-        let bytes = wire.encoded_len() as u64;
         let first = outbox.in_use.load(Ordering::Relaxed);
         let mut delivered = false;
+        // Copied only while another address may still need it (a snapshot
+        // chunk is megabytes).
+        let sync_batch = match &wire.body {
+            Some(pb::envelope::Body::Sync(s)) => Some(s.batch),
+            _ => None,
+        };
+        let mut wire = Some(wire);
         for k in 0..n {
             let i = (first + k) % n;
             let Some(mut client) = clients[i].clone() else {
                 continue;
             };
+            let Some(message) = (if k + 1 < n { wire.clone() } else { wire.take() }) else {
+                break;
+            };
             let call = tokio::select! {
                 _ = node.shutdown.cancelled() => return,
-                r = client.deliver(wire.clone()) => r,
+                r = client.deliver(request(message, config)) => r,
             };
             match call {
                 Ok(_) => {
@@ -152,10 +273,8 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
                         tracing::info!(peer = %outbox.name, address = %outbox.addresses[i], "peer reached on another address");
                     }
                     outbox.in_use.store(i, Ordering::Relaxed);
-                    sent.inc_by(bytes);
-                    node.metrics
-                        .replication
-                        .message(envelope.body.kind(), "sent");
+                    sent.inc_by(bytes as u64);
+                    node.metrics.replication.message(kind, "sent");
                     delivered = true;
                     break;
                 }
@@ -163,8 +282,13 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
                     tracing::debug!(peer = %outbox.name, address = %outbox.addresses[i], "cannot deliver: {}", status.message());
                 }
                 Err(status) => {
-                    // Refused by the peer: another address would say the same.
-                    tracing::warn!(peer = %outbox.name, kind = envelope.body.kind(), "peer refused a message: {}", status.message());
+                    // Refused by the peer: another address would say the
+                    // same, and so would a retry.
+                    node.metrics.replication.refused.inc();
+                    node.warn_refused(&outbox.name, kind, &status);
+                    if let Some(batch) = sync_batch {
+                        node.cluster_send_refused(&outbox.name, batch);
+                    }
                     delivered = true;
                     break;
                 }
@@ -177,16 +301,60 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
     }
 }
 
-/// The `Cluster` gRPC service: what peers send, handed to the node.
+/// The `Cluster` gRPC service: what peers send, handed to the node (and
+/// forwarded Nacos writes, to its Nacos layer).
 pub struct ClusterService {
     node: Arc<Node>,
+    nacos: Arc<crate::nacos::Nacos>,
+    /// `cluster.secret`, if set.
+    secret: Option<Vec<u8>>,
 }
 
 impl ClusterService {
-    /// The service of `node`.
-    pub fn new(node: Arc<Node>) -> Self {
-        Self { node }
+    /// The service of `node` and its Nacos layer.
+    pub fn new(node: Arc<Node>, nacos: Arc<crate::nacos::Nacos>) -> Self {
+        let secret = &node.config().cluster.secret;
+        let secret = (!secret.is_empty()).then(|| secret.as_bytes().to_vec());
+        Self {
+            node,
+            nacos,
+            secret,
+        }
     }
+
+    /// Refuses a message from a node that is not a member.
+    fn check_member(&self, from: &str) -> Result<(), Status> {
+        if self.node.is_member(from) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "{from:?} is not a member of {:?}'s cluster (add it to cluster.members there)",
+            self.node.config().server.node_name
+        )))
+    }
+
+    /// Refuses a request without the cluster's secret.
+    fn check_secret<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(secret) = &self.secret else {
+            return Ok(());
+        };
+        let given = request
+            .metadata()
+            .get(SECRET_HEADER)
+            .map_or(&[][..], |v| v.as_bytes());
+        if constant_time_eq(given, secret) {
+            Ok(())
+        } else {
+            Err(Status::unauthenticated(format!(
+                "{SECRET_HEADER} missing or wrong (cluster.secret must be the same on every member)"
+            )))
+        }
+    }
+}
+
+/// Compares without leaking, through timing, how much of `a` matches `b`.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[tonic::async_trait]
@@ -195,16 +363,41 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::Envelope>,
     ) -> Result<Response<pb::Delivered>, Status> {
+        self.check_secret(&request)?;
         let wire = request.into_inner();
         let bytes = wire.encoded_len() as u64;
-        let envelope = roster_proto::cluster::from_wire(wire)
+        let (envelope, skipped) = roster_proto::cluster::from_wire(wire)
             .map_err(|e| Status::invalid_argument(format!("invalid cluster message: {e}")))?;
+        self.check_member(&envelope.from)?;
         let metrics = &self.node.metrics;
+        if let Some(first) = skipped.first() {
+            metrics.replication.invalid.inc_by(skipped.len() as u64);
+            tracing::warn!(peer = %envelope.from, skipped = skipped.len(), "sessions left out of a cluster message: {first}");
+        }
         metrics.replication.bytes("received").inc_by(bytes);
         metrics
             .replication
             .message(envelope.body.kind(), "received");
-        self.node.cluster_receive(envelope);
+        self.node.cluster_receive(envelope).await;
         Ok(Response::new(pb::Delivered {}))
+    }
+
+    async fn forward(
+        &self,
+        request: Request<pb::Forwarded>,
+    ) -> Result<Response<pb::ForwardAnswer>, Status> {
+        self.check_secret(&request)?;
+        let m = request.into_inner();
+        self.check_member(&m.from)?;
+        self.node.metrics.replication.message("forward", "received");
+        let (status, content_type, body) =
+            crate::nacos::http::answer_forwarded(&self.nacos, &m.op, m.params, &m.api)
+                .await
+                .map_err(Status::invalid_argument)?;
+        Ok(Response::new(pb::ForwardAnswer {
+            status: status.into(),
+            content_type,
+            body,
+        }))
     }
 }

@@ -91,11 +91,23 @@ pub struct ClusterSection {
     /// Most instances in one sync batch or snapshot chunk (a larger
     /// session still goes, alone).
     pub batch_instances: usize,
-    /// Largest cluster message, in bytes (sent or received).
+    /// Most bytes in one sync batch or snapshot chunk (a larger session
+    /// still goes, alone).
+    pub batch_bytes: usize,
+    /// Largest cluster message, in bytes (sent or received); a session
+    /// larger than this is not replicated (counted in
+    /// `roster_replication_too_large_total`).
     pub message_bytes: usize,
     /// Messages queued for one peer at most; past it the oldest are
     /// dropped (replication resends what matters).
     pub queue_per_peer: usize,
+    /// Bytes queued for one peer at most (same rule).
+    pub queue_bytes: usize,
+    /// A secret every member shares: sent with each cluster message, and
+    /// messages without it are refused. Empty: the cluster port takes any
+    /// message (keep it on a private network then). Set it with
+    /// `ROSTER_CLUSTER_SECRET` rather than in a file others can read.
+    pub secret: String,
 }
 
 impl Default for ClusterSection {
@@ -113,8 +125,11 @@ impl Default for ClusterSection {
             snapshot_timeout: r.snapshot_timeout,
             batch_sessions: r.batch_sessions,
             batch_instances: r.batch_instances,
-            message_bytes: 64 * 1024 * 1024,
+            batch_bytes: r.batch_bytes,
+            message_bytes: r.message_bytes,
             queue_per_peer: 4096,
+            queue_bytes: 256 << 20,
+            secret: String::new(),
         }
     }
 }
@@ -145,11 +160,14 @@ pub fn parse_members(entries: &[String]) -> Result<Vec<Member>, String> {
             None => (None, piece),
         };
         if !address.is_empty()
-            && address
+            && (address
                 .rsplit_once(':')
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+                || address.parse::<axum::http::uri::Authority>().is_err())
         {
-            return Err(format!("member address {address:?} is not host:port"));
+            return Err(format!(
+                "member address {address:?} is not host:port (an IPv6 host in brackets: [::1]:9849)"
+            ));
         }
         match name {
             Some(name) => {
@@ -196,6 +214,8 @@ impl ClusterSection {
             snapshot_timeout: self.snapshot_timeout,
             batch_sessions: self.batch_sessions,
             batch_instances: self.batch_instances,
+            batch_bytes: self.batch_bytes,
+            message_bytes: self.message_bytes,
             suspect_after: verify + verify / 2,
             down_after: verify * self.verify_rounds.max(1),
             ..Default::default()
@@ -608,14 +628,30 @@ impl Config {
             ("verify_rounds", c.verify_rounds as usize),
             ("batch_sessions", c.batch_sessions),
             ("batch_instances", c.batch_instances),
+            ("batch_bytes", c.batch_bytes),
             ("message_bytes", c.message_bytes),
             ("queue_per_peer", c.queue_per_peer),
+            ("queue_bytes", c.queue_bytes),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!(
                     "cluster.{name} must be above 0"
                 )));
             }
+        }
+        if !c.secret.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::Invalid(
+                "cluster.secret must be printable ASCII without spaces (it travels in a header)"
+                    .into(),
+            ));
+        }
+        // A batch must fit in a message, and a message in the queue.
+        if c.batch_bytes.saturating_mul(2) > c.message_bytes || c.message_bytes > c.queue_bytes {
+            return Err(ConfigError::Invalid(
+                "cluster.batch_bytes must be at most half of cluster.message_bytes, \
+                 which must be at most cluster.queue_bytes"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -924,6 +960,7 @@ mod tests {
             ("a=", "no address"),
             ("a=localhost", "not host:port"),
             ("a=h:1,a=h:2", "twice"),
+            ("a=::1:9849", "in brackets"),
         ] {
             let e = Config::load(None, env(&[("ROSTER_CLUSTER_MEMBERS", bad)])).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
@@ -937,6 +974,12 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("differ"), "{e}");
+        let c = Config::load(None, env(&[("ROSTER_CLUSTER_MEMBERS", "a=[::1]:9849")])).unwrap();
+        assert_eq!(c.cluster.members().unwrap()[0].addresses, ["[::1]:9849"]);
+        let e = Config::load(None, env(&[("ROSTER_CLUSTER_SECRET", "two words")])).unwrap_err();
+        assert!(e.to_string().contains("cluster.secret"), "{e}");
+        let e = Config::load(None, env(&[("ROSTER_CLUSTER_BATCH_BYTES", "40000000")])).unwrap_err();
+        assert!(e.to_string().contains("batch_bytes"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! The node's incarnation: which life of the node this is. It is kept in
-//! the data directory and grows by one at every start, so versions written
-//! by this life outrank the previous life's and clients can tell that the
-//! node restarted. Owns the file and its atomic update; nothing else.
+//! The node's incarnation: which life of the node this is. It is the time
+//! of the start in microseconds, kept in the data directory so that it
+//! still grows if the clock goes back: versions written by this life
+//! outrank the previous life's, and clients and peers can tell that the
+//! node restarted (even after its data directory was lost). Owns the file
+//! and its atomic update; nothing else.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -16,23 +18,24 @@ pub struct IncarnationError {
 
 const FILE: &str = "incarnation";
 
-/// The next incarnation: one above the one stored in `dir` (which is
-/// created if missing), stored before it is returned. Without a directory
-/// there is nothing to count from: the time in microseconds is taken, which
-/// still grows from one life to the next unless the clock goes back.
+/// The next incarnation: the time in microseconds, or one above the one
+/// stored in `dir` if that is higher (the clock went back), stored before
+/// it is returned (`dir` is created if missing). Without a directory the
+/// time alone is taken, which grows from one life to the next unless the
+/// clock goes back.
 pub fn next(dir: &str) -> Result<u64, IncarnationError> {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64);
+    // Two nodes of one process (tests) still get different lives.
+    let now = LAST
+        .fetch_max(clock, std::sync::atomic::Ordering::AcqRel)
+        .checked_add(1)
+        .map_or(clock, |next| next.max(clock));
+    LAST.fetch_max(now, std::sync::atomic::Ordering::AcqRel);
     if dir.is_empty() {
-        static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_micros() as u64);
-        // Two nodes of one process (tests) still get different lives.
-        let prev = LAST.fetch_max(now, std::sync::atomic::Ordering::AcqRel);
-        return Ok(if prev >= now {
-            LAST.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1
-        } else {
-            now
-        });
+        return Ok(now);
     }
     let dir = PathBuf::from(dir);
     let fail = |path: &Path, e: &dyn std::fmt::Display| IncarnationError {
@@ -56,7 +59,8 @@ pub fn next(dir: &str) -> Result<u64, IncarnationError> {
     };
     let next = previous
         .checked_add(1)
-        .ok_or_else(|| fail(&path, &"the counter is exhausted"))?;
+        .ok_or_else(|| fail(&path, &"the counter is exhausted"))?
+        .max(now);
     let tmp = dir.join(format!("{FILE}.tmp"));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -78,9 +82,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().join("data");
         let d = d.to_str().unwrap();
-        assert_eq!(next(d).unwrap(), 1);
-        assert_eq!(next(d).unwrap(), 2);
-        assert_eq!(next(d).unwrap(), 3);
+        let (a, b) = (next(d).unwrap(), next(d).unwrap());
+        assert!(b > a, "{a} then {b}");
+        // The clock went back (or the file is from another machine): still
+        // one above what was stored.
+        let ahead = b + 1_000_000_000_000;
+        std::fs::write(dir.path().join("data").join(FILE), format!("{ahead}\n")).unwrap();
+        assert_eq!(next(d).unwrap(), ahead + 1);
         std::fs::write(dir.path().join("data").join(FILE), "soon").unwrap();
         let e = next(d).unwrap_err().to_string();
         assert!(e.contains("not a number"), "{e}");

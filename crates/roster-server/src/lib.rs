@@ -228,11 +228,11 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
     });
 
     let app = http::router(node.clone())
-        .merge(nacos::http::router(nacos))
+        .merge(nacos::http::router(nacos.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(limits.http_body_bytes));
     tasks.spawn(serve_http(node.clone(), admission, http_listener, app));
     let cluster_addr = match cluster_listener {
-        Some(listener) => Some(serve_cluster(&node, listener)),
+        Some(listener) => Some(serve_cluster(&node, &nacos, listener)),
         // Alone: nothing to load.
         None => {
             node.set_ready();
@@ -252,7 +252,11 @@ pub async fn start(config: Config) -> Result<RunningServer, StartError> {
 /// Serves the cluster port and starts replicating: the outbox of each
 /// peer, and the replicator's loop. The node becomes ready when the
 /// replicator says so (its snapshot is loaded).
-fn serve_cluster(node: &Arc<Node>, (listener, addr): (TcpListener, SocketAddr)) -> SocketAddr {
+fn serve_cluster(
+    node: &Arc<Node>,
+    nacos: &Arc<nacos::Nacos>,
+    (listener, addr): (TcpListener, SocketAddr),
+) -> SocketAddr {
     let Some(replication) = node.replication() else {
         return addr;
     };
@@ -262,15 +266,24 @@ fn serve_cluster(node: &Arc<Node>, (listener, addr): (TcpListener, SocketAddr)) 
     }
     tasks.spawn(node::replication::run(node.clone()));
     let max = node.config().cluster.message_bytes;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // No Nagle on accepted connections (the builder's `tcp_nodelay` only
+    // applies to listeners it binds itself): small answers like acks would
+    // otherwise wait for the peer's delayed ACK, tens of milliseconds.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        },
+    );
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .tcp_nodelay(true)
         // Peers are few; each gets a handful of concurrent calls at most.
         .concurrency_limit_per_connection(64)
         .add_service(
             roster_proto::cluster_v1::cluster_server::ClusterServer::new(
-                cluster::ClusterService::new(node.clone()),
+                cluster::ClusterService::new(node.clone(), nacos.clone()),
             )
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),

@@ -790,3 +790,138 @@ async fn a_udp_ack_counts_only_from_the_subscriber_and_for_the_exact_push() {
     assert_eq!(outcome.acknowledged.len(), 1, "{outcome:?}");
     server.shutdown().await;
 }
+
+fn node(nodes: &[Option<RunningServer>], i: usize) -> &RunningServer {
+    nodes[i].as_ref().expect("running")
+}
+
+/// Every member's count of live instances held (any origin): one copy of
+/// each instance in the cluster means `instances` on each.
+fn held_instances(server: &RunningServer) -> usize {
+    server.node.held_by_origin().values().map(|(_, i)| i).sum()
+}
+
+#[tokio::test]
+async fn v1_instances_in_a_cluster_are_held_by_one_responsible_member_whoever_receives_them() {
+    let mut configs = common::cluster_configs(3);
+    for c in &mut configs {
+        c.nacos.beat_timeout = Duration::from_secs(3);
+        c.nacos.delete_timeout = Duration::from_secs(6);
+        c.nacos.beat_check_interval = Duration::from_millis(50);
+    }
+    let mut nodes = common::start_cluster(&configs).await;
+    let ips: Vec<String> = (1..=12).map(|k| format!("10.0.1.{k}")).collect();
+    let id = |ip: &str| format!("{ip}#80#DEFAULT");
+    let params = |ip: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("serviceName", "spread".into()),
+            ("ip", ip.into()),
+            ("port", "80".into()),
+        ]
+    };
+    // Every registration goes to n1.
+    for ip in &ips {
+        let p = params(ip);
+        let q: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (s, body) = call(node(&nodes, 0), Method::POST, "/v1/ns/instance", &q, &[]).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    for i in 0..3 {
+        listed(node(&nodes, i), "spread", |l| hosts(l).len() == 12).await;
+    }
+    // Each is held by one member, the same one on every member; between
+    // them the three members hold all twelve.
+    let origins: Vec<String> = ips
+        .iter()
+        .map(|ip| common::origin_of(node(&nodes, 0), "spread", &id(ip)).unwrap())
+        .collect();
+    for i in 1..3 {
+        for (ip, origin) in ips.iter().zip(&origins) {
+            let there = common::origin_of(node(&nodes, i), "spread", &id(ip));
+            assert_eq!(there.as_ref(), Some(origin), "{ip} on n{}", i + 1);
+        }
+    }
+    let distinct: std::collections::BTreeSet<&String> = origins.iter().collect();
+    assert_eq!(distinct.len(), 3, "rendezvous spreads them: {origins:?}");
+    for i in 0..3 {
+        assert_eq!(
+            held_instances(node(&nodes, i)),
+            12,
+            "one copy of each on n{}",
+            i + 1
+        );
+    }
+    // Beats through the other members reach the responsible one: no copy
+    // appears anywhere, every instance stays healthy past the beat timeout.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        for (k, ip) in ips.iter().enumerate() {
+            let p = params(ip);
+            let q: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let via = node(&nodes, 1 + k % 2);
+            let (s, body) = call(via, Method::PUT, "/v1/ns/instance/beat", &q, &[]).await;
+            assert_eq!(s, StatusCode::OK, "{body}");
+            let reply: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(reply["code"], 10200, "{body}");
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    for i in 0..3 {
+        let list = json_of(
+            node(&nodes, i),
+            "/v1/ns/instance/list",
+            &[("serviceName", "spread")],
+        )
+        .await;
+        assert!(
+            hosts(&list).iter().all(|(_, healthy)| *healthy),
+            "n{}: {list}",
+            i + 1
+        );
+        assert_eq!(
+            held_instances(node(&nodes, i)),
+            12,
+            "no copies on n{}",
+            i + 1
+        );
+    }
+    // A deregistration through n3 removes it everywhere.
+    let p = params(&ips[0]);
+    let q: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (s, _) = call(node(&nodes, 2), Method::DELETE, "/v1/ns/instance", &q, &[]).await;
+    assert_eq!(s, StatusCode::OK);
+    for i in 0..3 {
+        listed(node(&nodes, i), "spread", |l| hosts(l).len() == 11).await;
+    }
+
+    // The member holding an instance dies: once the others take it for
+    // down, a full beat through n1 brings the instance back on a living
+    // member, listed by every living one.
+    let (victim, ip) = ips[1..]
+        .iter()
+        .zip(&origins[1..])
+        .find(|(_, o)| o.as_str() != "n1")
+        .map(|(ip, o)| {
+            (
+                o.trim_start_matches('n').parse::<usize>().unwrap() - 1,
+                ip.clone(),
+            )
+        })
+        .unwrap();
+    nodes[victim].take().unwrap().shutdown().await;
+    let down_after = configs[0].cluster.verify_interval * configs[0].cluster.verify_rounds;
+    sleep(down_after + Duration::from_millis(500)).await;
+    let beat =
+        json!({"serviceName": "spread", "ip": ip, "port": 80, "cluster": "DEFAULT"}).to_string();
+    let (s, body) = call(
+        node(&nodes, 0),
+        Method::PUT,
+        "/v1/ns/instance/beat",
+        &[("serviceName", "spread"), ("beat", &beat)],
+        &[],
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let holder = common::listed_by_the_living(&nodes, "spread", &id(&ip), WAIT).await;
+    assert_ne!(holder, format!("n{}", victim + 1));
+}

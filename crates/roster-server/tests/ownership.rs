@@ -391,7 +391,7 @@ async fn welcomes_full_views_and_pulls_carry_the_node_epoch_which_a_restart_rais
     let conn = connect(&server).await;
     let s = conn.open_session("s").await.unwrap();
     let epoch = s.epoch().unwrap().clone();
-    assert_eq!((epoch.node.as_str(), epoch.incarnation), ("node-a", 1));
+    assert_eq!(epoch.node.as_str(), "node-a");
     let k = key("epoch");
     s.register(&k, &instance(1, 1)).await.unwrap();
     let full = s.subscribe(&k).await.unwrap();
@@ -406,7 +406,12 @@ async fn welcomes_full_views_and_pulls_carry_the_node_epoch_which_a_restart_rais
 
     let server = boot(dir).await;
     let s = connect(&server).await.open_session("s").await.unwrap();
-    assert_eq!(s.epoch().unwrap().incarnation, 2, "the next life");
+    let next = s.epoch().unwrap().incarnation;
+    assert!(
+        next > epoch.incarnation,
+        "the next life: {next} after {}",
+        epoch.incarnation
+    );
     server.shutdown().await;
 }
 

@@ -41,6 +41,12 @@ pub struct ReplicationConfig {
     /// Most instances in one sync batch or snapshot chunk (a session larger
     /// than this still goes, alone).
     pub batch_instances: usize,
+    /// Most bytes (by [`SessionState::wire_size`]) in one sync batch or
+    /// snapshot chunk (a session larger than this still goes, alone).
+    pub batch_bytes: usize,
+    /// The largest message a peer accepts: a session larger than this
+    /// (less a margin for the envelope) is not sent at all, and counted.
+    pub message_bytes: usize,
     /// Most sessions listed in one verify message.
     pub verify_chunk: usize,
     /// A snapshot source silent this long is given up for another.
@@ -64,6 +70,8 @@ impl Default for ReplicationConfig {
             retry_max: Duration::from_secs(2),
             batch_sessions: 1024,
             batch_instances: 16_384,
+            batch_bytes: 4 << 20,
+            message_bytes: 64 << 20,
             verify_chunk: 8192,
             snapshot_timeout: Duration::from_secs(5),
             ready_alone_after: Duration::from_secs(15),
@@ -118,6 +126,11 @@ pub struct Stats {
     pub snapshot_sessions: u64,
     /// Session states refused as invalid.
     pub invalid: u64,
+    /// Session states not sent because they are larger than a message may
+    /// be (they stay on their origin only).
+    pub too_large: u64,
+    /// Sync batches a peer refused (not retried until a verify asks again).
+    pub refused: u64,
     /// Messages from nodes that are not members, or from a member's
     /// earlier life, ignored.
     pub ignored: u64,
@@ -190,7 +203,8 @@ struct InFlight {
 /// A snapshot being loaded at start.
 #[derive(Debug)]
 struct Loading {
-    since: Instant,
+    /// Since when no source has sent a chunk (the start, at first).
+    quiet_since: Instant,
     /// The peer streaming it, and when it is given up unless it answers.
     source: Option<(NodeName, Instant)>,
     /// Where the next chunk starts.
@@ -203,6 +217,9 @@ struct Loading {
     next_round: Instant,
     /// Whether any chunk came in.
     got_any: bool,
+    /// The cursor the next chunk was already asked with (by
+    /// [`Replicator::prefetch`]).
+    prefetched: Option<Owner>,
 }
 
 /// The replication state machine of one member.
@@ -254,13 +271,14 @@ impl Replicator {
             // exists.
             next_verify: now,
             loading: Some(Loading {
-                since: now,
+                quiet_since: now,
                 source: None,
                 cursor: None,
                 loading_peers: BTreeSet::new(),
                 failed: BTreeSet::new(),
                 next_round: now,
                 got_any: false,
+                prefetched: None,
             }),
             stats: Stats::default(),
             effects: Vec::new(),
@@ -353,13 +371,15 @@ impl Replicator {
             return Vec::new();
         };
         match peer.incarnation {
-            Some(known) if incarnation < known => {
-                // From a life that is over: what it asks or acknowledges
-                // is not this life's business.
+            // A lower life from a member silent for `down_after`: it lost
+            // its count (a wiped data directory), and is taken as its new
+            // life. Otherwise it is from a life that is over: what it asks
+            // or acknowledges is not this life's business.
+            Some(known) if incarnation < known && peer.state != MemberState::Down => {
                 self.stats.ignored += 1;
                 return Vec::new();
             }
-            Some(known) if incarnation > known => {
+            Some(known) if incarnation != known => {
                 // It restarted: a batch in flight went to the old life.
                 peer.incarnation = Some(incarnation);
                 if let Some(f) = peer.in_flight.take() {
@@ -370,6 +390,17 @@ impl Replicator {
             }
             Some(_) => {}
             None => peer.incarnation = Some(incarnation),
+        }
+        // Heard again after a failure or a silence (a healed partition):
+        // what waits for it goes at once, not after the back-off, and a
+        // batch in flight (whose ack the partition may have lost) goes
+        // again with it.
+        if peer.unreachable || peer.state != MemberState::Up {
+            peer.retry_at = None;
+            peer.backoff = Duration::ZERO;
+            if let Some(f) = peer.in_flight.take() {
+                peer.requeue(f);
+            }
         }
         peer.last_heard = Some(now);
         peer.unreachable = false;
@@ -423,17 +454,13 @@ impl Replicator {
                 self.send(&from, answer);
             }
             Message::SnapshotChunk { sessions, next } => {
-                let from_source = self
-                    .loading
-                    .as_ref()
-                    .and_then(|l| l.source.as_ref())
-                    .is_some_and(|(s, _)| *s == from);
-                if from_source {
+                if self.chunk_expected(&from, &sessions) {
                     self.stats.snapshot_sessions += sessions.len() as u64;
                     self.load(registry, sessions, now);
                     let timeout = self.config.snapshot_timeout;
                     let loading = self.loading.as_mut().expect("loading");
                     loading.got_any = true;
+                    loading.quiet_since = now;
                     match next {
                         None => {
                             self.stats.snapshot_loads += 1;
@@ -442,12 +469,14 @@ impl Replicator {
                         Some(cursor) => {
                             loading.cursor = Some(cursor.clone());
                             loading.source = Some((from.clone(), now + timeout));
-                            self.send(
-                                &from,
-                                Message::SnapshotRequest {
-                                    after: Some(cursor),
-                                },
-                            );
+                            if loading.prefetched.take().as_ref() != Some(&cursor) {
+                                self.send(
+                                    &from,
+                                    Message::SnapshotRequest {
+                                        after: Some(cursor),
+                                    },
+                                );
+                            }
                         }
                     }
                 }
@@ -461,6 +490,41 @@ impl Replicator {
                 }
                 self.step_loading(now);
             }
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    /// `to` refused sync batch `batch` (it cannot decode it, or it is too
+    /// large, or it does not take this member's messages): the batch is not
+    /// sent again; its sessions go again only when a verify of `to` asks
+    /// for them, so a message that cannot pass is not resent in a loop.
+    pub fn send_refused(&mut self, to: &str, batch: u64) -> Vec<Effect> {
+        let Some(peer) = self.peers.get_mut(to) else {
+            return Vec::new();
+        };
+        if peer.in_flight.as_ref().is_some_and(|f| f.batch == batch) {
+            peer.in_flight = None;
+            self.stats.refused += 1;
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    /// A snapshot chunk is about to be handed to [`Self::receive`]: if it
+    /// is the one expected and more follow, the next one is asked for now,
+    /// so that the source prepares it while this one is applied. (Optional:
+    /// without it, the next chunk is asked for once this one is applied.
+    /// The caller must then hand this chunk to `receive` before any other.)
+    pub fn prefetch(&mut self, envelope: &Envelope) -> Vec<Effect> {
+        if let Message::SnapshotChunk {
+            sessions,
+            next: Some(next),
+        } = &envelope.body
+            && self.chunk_expected(&envelope.from, sessions)
+            && let Some(l) = &mut self.loading
+        {
+            l.prefetched = Some(next.clone());
+            let after = Some(next.clone());
+            self.send(&envelope.from, Message::SnapshotRequest { after });
         }
         std::mem::take(&mut self.effects)
     }
@@ -488,6 +552,22 @@ impl Replicator {
     }
 
     // ---- internals -------------------------------------------------------
+
+    /// Whether a chunk from `from` is the one being waited for: from the
+    /// source being streamed, after the cursor asked with (a late duplicate
+    /// of an earlier chunk is not taken for the next one).
+    fn chunk_expected(
+        &self,
+        from: &NodeName,
+        sessions: &[(Owner, SessionState, Duration)],
+    ) -> bool {
+        self.loading.as_ref().is_some_and(|l| {
+            l.source.as_ref().is_some_and(|(s, _)| s == from)
+                && l.cursor
+                    .as_ref()
+                    .is_none_or(|c| sessions.first().is_none_or(|(o, _, _)| o > c))
+        })
+    }
 
     fn peer(&mut self, name: &str) -> &mut Peer {
         self.peers.get_mut(name).expect("a configured peer")
@@ -534,9 +614,8 @@ impl Replicator {
     /// Sends `name` the next batch of what it needs, unless one is in
     /// flight or a back-off runs.
     fn try_send(&mut self, registry: &Registry, name: &NodeName, now: Instant) {
-        let (max_sessions, max_instances) =
-            (self.config.batch_sessions, self.config.batch_instances);
         let ack_timeout = self.config.ack_timeout;
+        let mut budget = Budget::new(&self.config);
         let peer = self.peers.get_mut(name).expect("a configured peer");
         if peer.in_flight.is_some()
             || peer.pending.is_empty()
@@ -546,24 +625,24 @@ impl Replicator {
         }
         let mut owners = Vec::new();
         let mut sessions = Vec::new();
-        let mut instances = 0;
         for owner in peer.pending.iter() {
-            if sessions.len() >= max_sessions
-                || (instances >= max_instances && !sessions.is_empty())
-            {
-                break;
-            }
-            owners.push(owner.clone());
             // A tombstone forgotten since: nothing to say (the peer drops
             // the session when no digest lists it).
-            if let Some(state) = registry.session_state(owner) {
-                instances += state.len();
-                sessions.push((Owner::clone(owner), state));
+            let state = registry.session_state(owner);
+            match state.as_ref().map(|s| budget.admit(s)) {
+                Some(Admit::Full) => break,
+                Some(Admit::Yes) => {
+                    sessions.push((Owner::clone(owner), state.expect("admitted")));
+                }
+                Some(Admit::TooLarge) => self.stats.too_large += 1,
+                None => {}
             }
+            owners.push(owner.clone());
         }
         for o in &owners {
             peer.pending.remove(o);
         }
+        let instances = budget.instances;
         let since = if peer.pending.is_empty() {
             peer.pending_since.take()
         } else {
@@ -588,16 +667,24 @@ impl Replicator {
     }
 
     /// Loads a snapshot chunk: each replica keeps the age it had at the
-    /// source.
+    /// source. One its origin has not vouched for in `verify_rounds`
+    /// rounds (or whose age this clock cannot go back to) is left out: it
+    /// would be dropped at once, and if its origin lives, its next digest
+    /// asks for it.
     fn load(
         &mut self,
         registry: &mut Registry,
         sessions: Vec<(Owner, SessionState, Duration)>,
         now: Instant,
     ) {
+        let timeout = self.config.verify_interval * self.config.verify_rounds;
         let sessions = sessions
             .into_iter()
-            .map(|(o, s, age)| (o, s, now.checked_sub(age).unwrap_or(now)))
+            .filter_map(|(o, s, age)| match s {
+                SessionState::Gone(_) => Some((o, s, now)),
+                SessionState::Live(_) if age >= timeout => None,
+                SessionState::Live(_) => Some((o, s, now.checked_sub(age)?)),
+            })
             .collect();
         self.apply(registry, sessions, true);
     }
@@ -737,22 +824,27 @@ impl Replicator {
             candidates.truncate(max);
         }
         candidates.sort_unstable();
+        let mut budget = Budget::new(&self.config);
         let mut sessions = Vec::new();
-        let mut instances = 0;
         let mut taken = 0;
         for owner in &candidates {
-            if instances >= self.config.batch_instances && !sessions.is_empty() {
-                break;
+            let Some(state) = registry.session_state(owner) else {
+                taken += 1;
+                continue;
+            };
+            match budget.admit(&state) {
+                Admit::Full => break,
+                // Too large for any message: left out of the snapshot too.
+                Admit::TooLarge => {}
+                Admit::Yes => {
+                    let age = self
+                        .renewed
+                        .get(*owner)
+                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+                    sessions.push((Owner::clone(owner), state, age));
+                }
             }
             taken += 1;
-            if let Some(state) = registry.session_state(owner) {
-                instances += state.len();
-                let age = self
-                    .renewed
-                    .get(*owner)
-                    .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
-                sessions.push((Owner::clone(owner), state, age));
-            }
         }
         let next = if more_beyond || taken < candidates.len() {
             Some(Owner::clone(candidates[taken - 1]))
@@ -775,8 +867,10 @@ impl Replicator {
         let Some(l) = &mut self.loading else {
             return;
         };
+        // Alone: no peer, or none sent a chunk for that long (a source
+        // that streams keeps the load going however long it takes).
         if self.peers.is_empty()
-            || now.saturating_duration_since(l.since) >= self.config.ready_alone_after
+            || now.saturating_duration_since(l.quiet_since) >= self.config.ready_alone_after
         {
             self.finish_loading();
             return;
@@ -816,7 +910,66 @@ impl Replicator {
         // A new source starts from the beginning: its data is not the
         // last one's.
         l.cursor = None;
+        l.prefetched = None;
         self.send(&pick, Message::SnapshotRequest { after: None });
+    }
+}
+
+/// What fits in one sync batch or snapshot chunk.
+struct Budget {
+    sessions: usize,
+    instances: usize,
+    bytes: usize,
+    max_sessions: usize,
+    max_instances: usize,
+    max_bytes: usize,
+    /// No session larger than this is sent at all.
+    largest: usize,
+}
+
+enum Admit {
+    /// Taken.
+    Yes,
+    /// The batch is full: it goes without this one.
+    Full,
+    /// Larger than any message may be: never sent.
+    TooLarge,
+}
+
+/// Room left in a message for the envelope and the batch's own fields.
+const ENVELOPE_MARGIN: usize = 4096;
+
+impl Budget {
+    fn new(config: &ReplicationConfig) -> Self {
+        Self {
+            sessions: 0,
+            instances: 0,
+            bytes: 0,
+            max_sessions: config.batch_sessions.max(1),
+            max_instances: config.batch_instances,
+            max_bytes: config.batch_bytes,
+            largest: config.message_bytes.saturating_sub(ENVELOPE_MARGIN),
+        }
+    }
+
+    /// Takes `state` if it fits; the first session of a batch always fits
+    /// unless it is larger than a message may be.
+    fn admit(&mut self, state: &SessionState) -> Admit {
+        let size = state.wire_size();
+        if size > self.largest {
+            return Admit::TooLarge;
+        }
+        if self.sessions > 0
+            && (self.sessions >= self.max_sessions
+                || self.instances + state.len() > self.max_instances
+                || self.bytes + size > self.max_bytes)
+        {
+            return Admit::Full;
+        }
+        self.sessions += 1;
+        self.instances += state.len();
+        self.bytes += size;
+        Admit::Yes
     }
 }
 

@@ -21,15 +21,26 @@ fn names(n: &[&str]) -> Vec<NodeName> {
 }
 
 fn node(me: &str, incarnation: u64, members: &[&str], now: Instant) -> Node {
+    let config = ReplicationConfig {
+        batch_sessions: 2,
+        ..ReplicationConfig::default()
+    };
+    node_with(me, incarnation, members, now, config)
+}
+
+fn node_with(
+    me: &str,
+    incarnation: u64,
+    members: &[&str],
+    now: Instant,
+    config: ReplicationConfig,
+) -> Node {
     let mut registry = Registry::new(me, incarnation, RegistryConfig::default());
     let replicator = Replicator::new(
         me.into(),
         incarnation,
         names(members),
-        ReplicationConfig {
-            batch_sessions: 2,
-            ..ReplicationConfig::default()
-        },
+        config,
         &mut registry,
         now,
     );
@@ -105,8 +116,13 @@ fn deliver(effects: &[Effect], to: &mut Node, now: Instant) -> Vec<Effect> {
 
 /// Two ready members a and b.
 fn pair(now: Instant) -> (Node, Node) {
-    let mut a = node("a", 1, &["a", "b"], now);
-    let mut b = node("b", 1, &["a", "b"], now);
+    pair_with(now, *node("a", 1, &["a"], now).replicator.config())
+}
+
+/// Two ready members a and b with `config`.
+fn pair_with(now: Instant, config: ReplicationConfig) -> (Node, Node) {
+    let mut a = node_with("a", 1, &["a", "b"], now, config);
+    let mut b = node_with("b", 1, &["a", "b"], now, config);
     // Both ask each other for a snapshot; both answer they are loading:
     // the cluster is starting, both are ready with nothing to load.
     let ea = a.replicator.tick(&mut a.registry, now);
@@ -291,4 +307,160 @@ fn a_member_without_peers_is_ready_at_once() {
     let effects = a.replicator.tick(&mut a.registry, t);
     assert!(effects.contains(&Effect::Ready));
     assert!(a.replicator.is_ready());
+}
+
+/// Registers on `n`, in a session of its own, an instance carrying `bytes`
+/// bytes of metadata.
+fn register_big(n: &mut Node, session: &str, last: u8, bytes: usize, now: Instant) {
+    open(n, session, now);
+    let mut i = instance(last);
+    i.metadata.insert("blob", &"x".repeat(bytes));
+    n.registry
+        .register(session, &key(), i, now)
+        .expect("registers");
+}
+
+/// Hands every message between `a` and `b` over until none is left.
+fn settle(a: &mut Node, b: &mut Node, first: Vec<Effect>, now: Instant) -> Vec<Effect> {
+    let mut seen = Vec::new();
+    let mut to_b = first;
+    for _ in 0..100 {
+        let to_a = deliver(&to_b, b, now);
+        to_b = deliver(&to_a, a, now);
+        seen.extend(to_a.iter().cloned());
+        seen.extend(to_b.iter().cloned());
+        if to_b.is_empty() {
+            return seen;
+        }
+    }
+    panic!("the exchange does not end");
+}
+
+#[test]
+fn batches_are_bounded_by_bytes_and_a_session_larger_than_a_message_is_not_sent() {
+    let t = Instant::now();
+    let config = ReplicationConfig {
+        batch_bytes: 1500,
+        message_bytes: ENVELOPE_MARGIN + 2500,
+        ..ReplicationConfig::default()
+    };
+    let (mut a, mut b) = pair_with(t, config);
+    for s in 0..3u8 {
+        register_big(&mut a, &format!("s{s}"), s + 1, 1000, t);
+    }
+    register_big(&mut a, "huge", 9, 3000, t);
+    let first = a.replicator.tick(&mut a.registry, t);
+    let mut all = first.clone();
+    all.extend(settle(&mut a, &mut b, first, t));
+    let batches: Vec<usize> = sends(&all)
+        .iter()
+        .filter_map(|(to, e)| match &e.body {
+            Message::Sync { sessions, .. } if &**to == "b" => Some(sessions.len()),
+            _ => None,
+        })
+        .collect();
+    // About 1.1 KB each: one session per 1.5 KB batch.
+    assert_eq!(batches, [1, 1, 1]);
+    assert_eq!(listed(&mut b).len(), 3, "all but the huge one");
+    assert_eq!(a.replicator.stats().too_large, 1);
+}
+
+#[test]
+fn a_streaming_snapshot_is_not_cut_short_by_ready_alone_after() {
+    let t = Instant::now();
+    let config = ReplicationConfig {
+        batch_sessions: 2,
+        ready_alone_after: Duration::from_secs(4),
+        snapshot_timeout: Duration::from_secs(5),
+        ..ReplicationConfig::default()
+    };
+    let mut a = node_with("a", 1, &["a", "c"], t, config);
+    a.replicator.loading = None;
+    for s in 0..5u8 {
+        let session = format!("s{s}");
+        open(&mut a, &session, t);
+        register(&mut a, &session, s + 1, t);
+    }
+    let mut c = node_with("c", 1, &["a", "c"], t, config);
+    let mut now = t;
+    let mut effects = c.replicator.tick(&mut c.registry, now);
+    // Each chunk comes 3 s after the one before: 9 s in all, longer than
+    // ready_alone_after, but never 4 s without one.
+    while !c.replicator.is_ready() {
+        let answer = deliver(&effects, &mut a, now);
+        assert!(!answer.is_empty(), "a answers");
+        now += Duration::from_secs(3);
+        assert!(
+            !c.replicator
+                .tick(&mut c.registry, now)
+                .contains(&Effect::Ready)
+        );
+        effects = deliver(&answer, &mut c, now);
+        assert!(now < t + Duration::from_secs(30), "the load ends");
+    }
+    assert_eq!(listed(&mut c).len(), 5, "the whole snapshot");
+    assert_eq!(c.replicator.stats().snapshot_loads, 1);
+}
+
+#[test]
+fn a_member_back_with_a_lower_life_after_being_down_is_heard() {
+    let t = Instant::now();
+    let mut a = node("a", 5, &["a", "b"], t);
+    let mut b = node("b", 1, &["a", "b"], t);
+    a.replicator.loading = None;
+    b.replicator.loading = None;
+    deliver(&a.replicator.tick(&mut a.registry, t), &mut b, t);
+    // a loses its data directory and comes back as life 2 at once: still
+    // the old life's member to b, so ignored.
+    let mut a2 = node("a", 2, &["a", "b"], t);
+    a2.replicator.loading = None;
+    open(&mut a2, "s1", t);
+    register(&mut a2, "s1", 1, t);
+    let early = a2.replicator.tick(&mut a2.registry, t);
+    deliver(&early, &mut b, t);
+    assert!(listed(&mut b).is_empty());
+    // Once b has taken a for down, the lower life is a new one.
+    let later = t + b.replicator.config().down_after;
+    b.replicator.tick(&mut b.registry, later);
+    let (_, peer) = b.replicator.peers().next().expect("a");
+    assert_eq!(peer.state, MemberState::Down);
+    let retry = later + a2.replicator.config().ack_timeout;
+    a2.replicator.tick(&mut a2.registry, retry);
+    let resend = a2
+        .replicator
+        .tick(&mut a2.registry, retry + a2.replicator.config().retry_min);
+    assert_eq!(kinds(&resend, "b"), ["sync"]);
+    deliver(&resend, &mut b, retry);
+    assert_eq!(listed(&mut b), ["10.0.0.1#8080#DEFAULT"]);
+}
+
+#[test]
+fn a_refused_batch_is_not_sent_again_until_a_verify_asks_for_it() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    let sent = sends(&a.replicator.tick(&mut a.registry, t));
+    let Message::Sync { batch, .. } = sent[0].1.body else {
+        panic!("a sync")
+    };
+    a.replicator.send_refused("b", batch);
+    let cfg = *a.replicator.config();
+    let mut now = t;
+    let verify_at = t + cfg.verify_interval;
+    while now + Duration::from_millis(100) < verify_at {
+        now += Duration::from_millis(100);
+        let effects = a.replicator.tick(&mut a.registry, now);
+        assert!(
+            !kinds(&effects, "b").contains(&"sync"),
+            "not resent on its own"
+        );
+    }
+    let verify = a.replicator.tick(&mut a.registry, verify_at);
+    let answer = deliver(&verify, &mut b, verify_at);
+    assert_eq!(kinds(&answer, "a"), ["verify_answer"]);
+    let resend = deliver(&answer, &mut a, verify_at);
+    assert_eq!(kinds(&resend, "b"), ["sync"]);
+    deliver(&resend, &mut b, verify_at);
+    assert_eq!(listed(&mut b), ["10.0.0.1#8080#DEFAULT"]);
 }

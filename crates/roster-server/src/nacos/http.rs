@@ -257,8 +257,24 @@ fn parse_metadata(raw: &str) -> Result<Metadata, Fail> {
 
 type Op = fn(&Arc<Nacos>, &Params) -> Result<Reply, Fail>;
 
-/// Reads the parameters, runs `op` and renders the result for `api`.
-async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Response {
+/// The writes of beat-kept instances, made on the member responsible for
+/// the instance (forwarded there over the cluster port when a client sent
+/// them elsewhere), by the name they are forwarded under.
+const FORWARDED: [(&str, Op); 3] = [
+    ("register", register),
+    ("deregister", deregister),
+    ("beat", beat),
+];
+
+/// Reads the parameters, runs `op` (named `forward` if it is one of
+/// [`FORWARDED`]) and renders the result for `api`.
+async fn serve(
+    nacos: Arc<Nacos>,
+    op: Op,
+    forward: Option<&'static str>,
+    api: Api,
+    request: Request,
+) -> Response {
     if let Err(e) = nacos.node.require_serving() {
         return render(api, Err(e.into()));
     }
@@ -313,7 +329,113 @@ async fn serve(nacos: Arc<Nacos>, op: Op, api: Api, request: Request) -> Respons
         peer,
         api,
     };
+    if let Some(name) = forward
+        && let Some(answer) = forward_to_responsible(&nacos, name, &params).await
+    {
+        return answer;
+    }
     render(api, op(&nacos, &params))
+}
+
+/// Which beat-kept instance the parameters of write `name` name, as the
+/// key its responsible member is picked by (none if they name none: the
+/// write fails where it is).
+fn identity(name: &str, p: &Params) -> Option<String> {
+    let merged;
+    let p = if name == "beat" {
+        merged = beat_params(p).ok()?.0;
+        &merged
+    } else {
+        p
+    };
+    if p.text("ephemeral").is_some_and(|e| e == "false") {
+        return None;
+    }
+    let key = p.key().ok()?;
+    let instance = p.instance().ok()?.normalize().ok()?;
+    Some(format!(
+        "{}\n{}\n{}\n{}",
+        key.namespace, key.group, key.service, instance.id
+    ))
+}
+
+/// Makes write `name` on the member responsible for its instance, if that
+/// is another member and it answers: its answer. None: make it here (this
+/// member is responsible, or the responsible one cannot be reached: the
+/// registry keeps answering).
+async fn forward_to_responsible(nacos: &Nacos, name: &str, p: &Params) -> Option<Response> {
+    let node = &nacos.node;
+    // Alone (the usual single node): nothing to work out.
+    node.replication()?;
+    let peer = node.responsible_peer(&identity(name, p)?)?;
+    let params = p
+        .values
+        .as_object()?
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+            )
+        })
+        .collect();
+    let api = match p.api {
+        Api::V1 => "v1",
+        Api::V2 => "v2",
+    };
+    let answer = crate::cluster::forward(node, &peer, name, params, api).await?;
+    let status = StatusCode::from_u16(answer.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, answer.body).into_response();
+    if let Ok(ct) = axum::http::HeaderValue::from_str(&answer.content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    Some(response)
+}
+
+/// Makes write `name`, forwarded by another member, here: (status,
+/// content type, body) of the answer.
+pub async fn answer_forwarded(
+    nacos: &Arc<Nacos>,
+    name: &str,
+    params: std::collections::HashMap<String, String>,
+    api: &str,
+) -> Result<(u16, String, Bytes), String> {
+    let op = FORWARDED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, op)| *op)
+        .ok_or_else(|| format!("{name:?} is not a write that is forwarded"))?;
+    let api = match api {
+        "v1" => Api::V1,
+        "v2" => Api::V2,
+        other => return Err(format!("unknown API {other:?}")),
+    };
+    let response = match nacos.node.require_serving() {
+        Err(e) => render(api, Err(e.into())),
+        Ok(()) => {
+            let values = params
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            let p = Params {
+                values: Value::Object(values),
+                peer: None,
+                api,
+            };
+            render(api, op(nacos, &p))
+        }
+    };
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, content_type, body))
 }
 
 /// Reads `application/x-www-form-urlencoded` pairs into `values` (later
@@ -410,11 +532,35 @@ fn op(
     api: Api,
     router: MethodRouter<Arc<Nacos>>,
 ) -> MethodRouter<Arc<Nacos>> {
+    route(methods, op, None, api, router)
+}
+
+/// A route running the write of [`FORWARDED`] named `name`.
+fn forwarded(
+    methods: &[axum::http::Method],
+    name: &'static str,
+    api: Api,
+    router: MethodRouter<Arc<Nacos>>,
+) -> MethodRouter<Arc<Nacos>> {
+    let (_, op) = FORWARDED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .expect("a forwarded write");
+    route(methods, *op, Some(name), api, router)
+}
+
+fn route(
+    methods: &[axum::http::Method],
+    op: Op,
+    forward: Option<&'static str>,
+    api: Api,
+    router: MethodRouter<Arc<Nacos>>,
+) -> MethodRouter<Arc<Nacos>> {
     methods.iter().fold(router, |r, m| {
         let filter = axum::routing::MethodFilter::try_from(m.clone())
             .unwrap_or(axum::routing::MethodFilter::GET);
         r.on(filter, move |State(n): State<Arc<Nacos>>, req: Request| {
-            serve(n, op, api, req)
+            serve(n, op, forward, api, req)
         })
     })
 }
@@ -425,8 +571,8 @@ pub fn router(nacos: Arc<Nacos>) -> Router {
     let mut r = Router::new();
     for (prefix, api) in [("/nacos/v1/ns", Api::V1), ("/nacos/v2/ns", Api::V2)] {
         let instance = MethodRouter::new();
-        let instance = op(&[M::POST], register, api, instance);
-        let instance = op(&[M::DELETE], deregister, api, instance);
+        let instance = forwarded(&[M::POST], "register", api, instance);
+        let instance = forwarded(&[M::DELETE], "deregister", api, instance);
         let instance = op(&[M::PUT], update, api, instance);
         let instance = op(&[M::PATCH], patch, api, instance);
         let instance = op(&[M::GET], detail, api, instance);
@@ -443,7 +589,7 @@ pub fn router(nacos: Arc<Nacos>) -> Router {
             )
             .route(
                 &format!("{prefix}/instance/beat"),
-                op(&[M::PUT, M::POST], beat, api, MethodRouter::new()),
+                forwarded(&[M::PUT, M::POST], "beat", api, MethodRouter::new()),
             )
             .route(&format!("{prefix}/service"), service)
             .route(
@@ -647,6 +793,20 @@ fn list(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
 /// `beat`: the JSON `beat` parameter (when sent) overrides the others and
 /// lets an unknown instance be registered again.
 fn beat(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
+    let (merged, full) = beat_params(p)?;
+    let key = merged.key()?;
+    let instance = merged.instance()?;
+    let known = n.beat(&key, instance, full)?;
+    Ok(Reply::Bare(json!({
+        "clientBeatInterval": n.beat_interval_ms(),
+        "code": if known { 10200 } else { 20404 },
+        "lightBeatEnabled": true,
+    })))
+}
+
+/// A beat's parameters with its JSON `beat` (if sent) merged over them,
+/// and whether it was sent (a full beat can bring its instance back).
+fn beat_params(p: &Params) -> Result<(Params, bool), Fail> {
     let beat = match p.text("beat") {
         Some(raw) => match serde_json::from_str::<Value>(raw) {
             Ok(v @ Value::Object(_)) => Some(v),
@@ -686,14 +846,7 @@ fn beat(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {
         peer: p.peer,
         api: p.api,
     };
-    let key = merged.key()?;
-    let instance = merged.instance()?;
-    let known = n.beat(&key, instance, beat.is_some())?;
-    Ok(Reply::Bare(json!({
-        "clientBeatInterval": n.beat_interval_ms(),
-        "code": if known { 10200 } else { 20404 },
-        "lightBeatEnabled": true,
-    })))
+    Ok((merged, beat.is_some()))
 }
 
 fn catalog_instances(n: &Arc<Nacos>, p: &Params) -> Result<Reply, Fail> {

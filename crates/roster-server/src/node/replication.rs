@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use roster_core::replication::{Effect, Envelope, MemberState, Replicator, Stats};
+use roster_core::replication::{Effect, Envelope, MemberState, Message, Replicator, Stats};
 use roster_core::{NodeName, Registry};
 use tokio::sync::Notify;
 
@@ -27,7 +27,14 @@ pub struct Replication {
     wake: Notify,
     /// Where messages to each peer are queued.
     outboxes: BTreeMap<NodeName, Arc<Outbox>>,
+    /// When a refusal by each peer was last logged.
+    refusal_logged: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Held while a snapshot chunk is prefetched and applied.
+    chunk_order: tokio::sync::Mutex<()>,
 }
+
+/// A peer that keeps refusing messages is logged this often at most.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What is known of one member, for `roster members` and metrics.
 #[derive(Debug, Clone)]
@@ -59,6 +66,8 @@ impl Replication {
             replicator: Mutex::new(replicator),
             wake: Notify::new(),
             outboxes,
+            refusal_logged: Mutex::new(BTreeMap::new()),
+            chunk_order: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -108,9 +117,20 @@ impl Node {
         self.carry_out(r, effects);
     }
 
-    /// A message from a peer.
-    pub fn cluster_receive(&self, envelope: Envelope) {
-        self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
+    /// A message from a peer. A snapshot chunk asks for the next one
+    /// before it is applied (the source prepares it meanwhile); chunks are
+    /// applied one at a time, in the order they were asked for.
+    pub async fn cluster_receive(&self, envelope: Envelope) {
+        let Some(r) = &self.replication else {
+            return;
+        };
+        if matches!(envelope.body, Message::SnapshotChunk { .. }) {
+            let _in_order = r.chunk_order.lock().await;
+            self.replicate(|rep, _| rep.prefetch(&envelope));
+            self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
+        } else {
+            self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
+        }
     }
 
     /// A message to `peer` could not be delivered on any of its addresses.
@@ -118,12 +138,51 @@ impl Node {
         self.replicate(|rep, _| rep.send_failed(peer, Self::now()));
     }
 
+    /// `peer` refused sync batch `batch`.
+    pub fn cluster_send_refused(&self, peer: &str, batch: u64) {
+        self.replicate(|rep, _| rep.send_refused(peer, batch));
+    }
+
+    /// The peer responsible for data without a session keyed `key` (a
+    /// beat-kept Nacos instance): rendezvous hashing over the members not
+    /// down, this node included. None: this node is (or it has no peers).
+    pub fn responsible_peer(&self, key: &str) -> Option<NodeName> {
+        let r = self.replication.as_ref()?;
+        let replicator = r.replicator.lock();
+        let pick = roster_core::replication::rendezvous(key, replicator.live_members())?;
+        (pick != &**replicator.me()).then(|| NodeName::from(pick))
+    }
+
+    /// Whether `name` is one of this node's peers.
+    pub fn is_member(&self, name: &str) -> bool {
+        self.replication
+            .as_ref()
+            .is_some_and(|r| r.outboxes.contains_key(name))
+    }
+
+    /// Logs that `peer` refused a message: at most once a minute per peer
+    /// (a misconfigured secret or member list refuses every message).
+    pub fn warn_refused(&self, peer: &str, kind: &str, status: &tonic::Status) {
+        let Some(r) = &self.replication else {
+            return;
+        };
+        let now = Self::now();
+        let mut last = r.refusal_logged.lock();
+        let due = last
+            .get(peer)
+            .is_none_or(|t| now.saturating_duration_since(*t) >= REFUSAL_LOG_EVERY);
+        if due {
+            last.insert(peer.to_owned(), now);
+            tracing::warn!(peer, kind, code = ?status.code(), "peer refused a cluster message: {}", status.message());
+        }
+    }
+
     fn carry_out(&self, r: &Replication, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Send(to, envelope) => {
                     if let Some(outbox) = r.outboxes.get(&to) {
-                        outbox.push(envelope, &self.metrics);
+                        outbox.push(&envelope, &self.metrics);
                     }
                 }
                 Effect::Changed(changes) => self.announce(changes),
