@@ -53,7 +53,12 @@ pub fn to_wire(envelope: &Envelope) -> pb::Envelope {
         Message::SnapshotRequest { after } => Body::SnapshotRequest(pb::SnapshotRequest {
             after: after.as_ref().map(owner_to_wire),
         }),
-        Message::SnapshotChunk { sessions, next } => Body::SnapshotChunk(pb::SnapshotChunk {
+        Message::SnapshotChunk {
+            sessions,
+            next,
+            after,
+        } => Body::SnapshotChunk(pb::SnapshotChunk {
+            after: after.as_ref().map(owner_to_wire),
             sessions: sessions
                 .iter()
                 .map(|(o, s, age)| state_to_wire(o, s, *age))
@@ -111,6 +116,7 @@ pub fn from_wire(
         Some(Body::SnapshotChunk(m)) => Message::SnapshotChunk {
             sessions: states_from_wire(m.sessions, &mut skipped),
             next: m.next.map(owner_from_wire).transpose()?,
+            after: m.after.map(owner_from_wire).transpose()?,
         },
         Some(Body::Loading(_)) => Message::Loading,
     };
@@ -292,7 +298,8 @@ mod tests {
                     SessionState::Gone(v(3, 10)),
                     Duration::from_millis(1500),
                 )],
-                next: Some(owner),
+                next: Some(owner.clone()),
+                after: Some(owner),
             },
             Message::Loading,
         ];

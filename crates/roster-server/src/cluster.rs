@@ -29,6 +29,11 @@ use crate::node::Node;
 /// address on a network that is down fails over quickly).
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// A forwarded Nacos write waits this long for each address of the
+/// responsible member before the next (then it is made locally): a client
+/// is kept waiting little when that member is slow.
+const FORWARD_TIMEOUT: Duration = Duration::from_millis(300);
+
 /// The request header carrying `cluster.secret`.
 pub const SECRET_HEADER: &str = "x-roster-cluster-secret";
 
@@ -168,12 +173,19 @@ pub fn outboxes(config: &Config) -> BTreeMap<NodeName, Arc<Outbox>> {
         .collect()
 }
 
-/// Whether a failed call says the address is unreachable (so another may
-/// do), rather than that the peer refused the message.
-fn unreachable(status: &Status) -> bool {
+/// Whether a failed call says the peer refused the message (it cannot
+/// read it, it is too large, or the sender is not let in), so that sending
+/// it again, on any address, is pointless. Anything else (unreachable,
+/// timed out, a transport or HTTP/2 error) may pass on a retry or on
+/// another address.
+fn refused(status: &Status) -> bool {
     matches!(
         status.code(),
-        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled
+        Code::InvalidArgument
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::OutOfRange
+            | Code::ResourceExhausted
     )
 }
 
@@ -215,13 +227,15 @@ pub async fn forward(
         let Some(mut client) = clients[i].clone() else {
             continue;
         };
-        match client.forward(request(message.clone(), config)).await {
+        let mut call = request(message.clone(), config);
+        call.set_timeout(FORWARD_TIMEOUT);
+        match client.forward(call).await {
             Ok(answer) => {
                 outbox.in_use.store(i, Ordering::Relaxed);
                 node.metrics.replication.message("forward", "sent");
                 return Some(answer.into_inner());
             }
-            Err(status) if unreachable(&status) => {}
+            Err(status) if !refused(&status) => {}
             Err(status) => {
                 node.metrics.replication.refused.inc();
                 node.warn_refused(peer, "forward", &status);
@@ -278,7 +292,7 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
                     delivered = true;
                     break;
                 }
-                Err(status) if unreachable(&status) => {
+                Err(status) if !refused(&status) => {
                     tracing::debug!(peer = %outbox.name, address = %outbox.addresses[i], "cannot deliver: {}", status.message());
                 }
                 Err(status) => {
@@ -306,20 +320,12 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
 pub struct ClusterService {
     node: Arc<Node>,
     nacos: Arc<crate::nacos::Nacos>,
-    /// `cluster.secret`, if set.
-    secret: Option<Vec<u8>>,
 }
 
 impl ClusterService {
     /// The service of `node` and its Nacos layer.
     pub fn new(node: Arc<Node>, nacos: Arc<crate::nacos::Nacos>) -> Self {
-        let secret = &node.config().cluster.secret;
-        let secret = (!secret.is_empty()).then(|| secret.as_bytes().to_vec());
-        Self {
-            node,
-            nacos,
-            secret,
-        }
+        Self { node, nacos }
     }
 
     /// Refuses a message from a node that is not a member.
@@ -332,18 +338,38 @@ impl ClusterService {
             self.node.config().server.node_name
         )))
     }
+}
 
-    /// Refuses a request without the cluster's secret.
-    fn check_secret<T>(&self, request: &Request<T>) -> Result<(), Status> {
+/// Refuses a cluster call without the cluster's secret, before its body
+/// is read (an interceptor: a stranger cannot make the node decode a large
+/// message).
+#[derive(Clone)]
+pub struct SecretCheck {
+    /// `cluster.secret`, if set.
+    secret: Option<Arc<[u8]>>,
+}
+
+impl SecretCheck {
+    /// The check of `config`'s secret (none set: every call passes).
+    pub fn new(config: &crate::config::ClusterSection) -> Self {
+        let s = &config.secret;
+        Self {
+            secret: (!s.is_empty()).then(|| Arc::from(s.as_bytes())),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for SecretCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let Some(secret) = &self.secret else {
-            return Ok(());
+            return Ok(request);
         };
         let given = request
             .metadata()
             .get(SECRET_HEADER)
             .map_or(&[][..], |v| v.as_bytes());
         if constant_time_eq(given, secret) {
-            Ok(())
+            Ok(request)
         } else {
             Err(Status::unauthenticated(format!(
                 "{SECRET_HEADER} missing or wrong (cluster.secret must be the same on every member)"
@@ -363,7 +389,6 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::Envelope>,
     ) -> Result<Response<pb::Delivered>, Status> {
-        self.check_secret(&request)?;
         let wire = request.into_inner();
         let bytes = wire.encoded_len() as u64;
         let (envelope, skipped) = roster_proto::cluster::from_wire(wire)
@@ -386,9 +411,12 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         request: Request<pb::Forwarded>,
     ) -> Result<Response<pb::ForwardAnswer>, Status> {
-        self.check_secret(&request)?;
         let m = request.into_inner();
         self.check_member(&m.from)?;
+        // Loading: the forwarding member makes the write itself.
+        self.node
+            .require_serving()
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         self.node.metrics.replication.message("forward", "received");
         let (status, content_type, body) =
             crate::nacos::http::answer_forwarded(&self.nacos, &m.op, m.params, &m.api)

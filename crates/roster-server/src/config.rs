@@ -645,8 +645,12 @@ impl Config {
                     .into(),
             ));
         }
-        // A batch must fit in a message, and a message in the queue.
-        if c.batch_bytes.saturating_mul(2) > c.message_bytes || c.message_bytes > c.queue_bytes {
+        // A batch must fit in a message, and a message in the queue (what
+        // a node alone never sends need not).
+        if !c.members.is_empty()
+            && (c.batch_bytes.saturating_mul(2) > c.message_bytes
+                || c.message_bytes > c.queue_bytes)
+        {
             return Err(ConfigError::Invalid(
                 "cluster.batch_bytes must be at most half of cluster.message_bytes, \
                  which must be at most cluster.queue_bytes"
@@ -978,7 +982,16 @@ mod tests {
         assert_eq!(c.cluster.members().unwrap()[0].addresses, ["[::1]:9849"]);
         let e = Config::load(None, env(&[("ROSTER_CLUSTER_SECRET", "two words")])).unwrap_err();
         assert!(e.to_string().contains("cluster.secret"), "{e}");
-        let e = Config::load(None, env(&[("ROSTER_CLUSTER_BATCH_BYTES", "40000000")])).unwrap_err();
+        // A node alone never sends a batch: no check.
+        Config::load(None, env(&[("ROSTER_CLUSTER_BATCH_BYTES", "40000000")])).unwrap();
+        let e = Config::load(
+            None,
+            env(&[
+                ("ROSTER_CLUSTER_BATCH_BYTES", "40000000"),
+                ("ROSTER_CLUSTER_MEMBERS", "a=127.0.0.1:1"),
+            ]),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("batch_bytes"), "{e}");
     }
 

@@ -29,11 +29,14 @@ pub fn next(dir: &str) -> Result<u64, IncarnationError> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_micros() as u64);
     // Two nodes of one process (tests) still get different lives.
-    let now = LAST
-        .fetch_max(clock, std::sync::atomic::Ordering::AcqRel)
-        .checked_add(1)
-        .map_or(clock, |next| next.max(clock));
-    LAST.fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+    let next = |last: u64| last.saturating_add(1).max(clock);
+    let order = std::sync::atomic::Ordering::AcqRel;
+    let last = LAST
+        .fetch_update(order, std::sync::atomic::Ordering::Acquire, |l| {
+            Some(next(l))
+        })
+        .unwrap_or_else(|l| l);
+    let now = next(last);
     if dir.is_empty() {
         return Ok(now);
     }

@@ -281,13 +281,14 @@ fn serve_cluster(
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         // Peers are few; each gets a handful of concurrent calls at most.
         .concurrency_limit_per_connection(64)
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             roster_proto::cluster_v1::cluster_server::ClusterServer::new(
                 cluster::ClusterService::new(node.clone(), nacos.clone()),
             )
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
-        )
+            cluster::SecretCheck::new(&node.config().cluster),
+        ))
         .serve_with_incoming_shutdown(incoming, node.shutdown.clone().cancelled_owned());
     tasks.spawn(async move {
         if let Err(e) = server.await {

@@ -60,6 +60,8 @@ pub enum Message {
         sessions: Vec<(Owner, SessionState, Duration)>,
         /// The cursor to ask the next chunk with; none: this was the last.
         next: Option<Owner>,
+        /// The cursor of the request this answers.
+        after: Option<Owner>,
     },
     /// The receiver of a [`Message::SnapshotRequest`] is loading itself and
     /// has no snapshot to give.

@@ -232,6 +232,9 @@ pub struct Replicator {
     /// When each replica (another origin's live session) was last listed
     /// by its origin's verify, or received.
     renewed: HashMap<OwnerRef, Instant>,
+    /// This member's sessions found too large to send, at the version
+    /// found: left out of digests (peers would ask for them each round).
+    too_large: HashMap<OwnerRef, Version>,
     next_batch: u64,
     next_verify: Instant,
     loading: Option<Loading>,
@@ -266,6 +269,7 @@ impl Replicator {
             config,
             peers,
             renewed: HashMap::default(),
+            too_large: HashMap::default(),
             next_batch: 0,
             // The first digest goes out at once: it tells peers this life
             // exists.
@@ -387,18 +391,27 @@ impl Replicator {
                 }
                 peer.retry_at = None;
                 peer.backoff = Duration::ZERO;
+                if incarnation < known {
+                    // What its lost lives wrote outranks anything this
+                    // life writes: forget it (live or ended), or its new
+                    // sessions would be refused or hidden by it.
+                    self.forget_lives_above(registry, &from, incarnation);
+                }
             }
             Some(_) => {}
             None => peer.incarnation = Some(incarnation),
         }
+        let peer = self.peers.get_mut(&from).expect("checked above");
         // Heard again after a failure or a silence (a healed partition):
         // what waits for it goes at once, not after the back-off, and a
         // batch in flight (whose ack the partition may have lost) goes
-        // again with it.
+        // again with it, unless this is that ack.
         if peer.unreachable || peer.state != MemberState::Up {
             peer.retry_at = None;
             peer.backoff = Duration::ZERO;
-            if let Some(f) = peer.in_flight.take() {
+            let acked = matches!(&body, Message::SyncAck { batch }
+                if peer.in_flight.as_ref().is_some_and(|f| f.batch == *batch));
+            if !acked && let Some(f) = peer.in_flight.take() {
                 peer.requeue(f);
             }
         }
@@ -453,8 +466,12 @@ impl Replicator {
                 };
                 self.send(&from, answer);
             }
-            Message::SnapshotChunk { sessions, next } => {
-                if self.chunk_expected(&from, &sessions) {
+            Message::SnapshotChunk {
+                sessions,
+                next,
+                after,
+            } => {
+                if self.chunk_expected(&from, after.as_ref()) {
                     self.stats.snapshot_sessions += sessions.len() as u64;
                     self.load(registry, sessions, now);
                     let timeout = self.config.snapshot_timeout;
@@ -516,10 +533,11 @@ impl Replicator {
     /// The caller must then hand this chunk to `receive` before any other.)
     pub fn prefetch(&mut self, envelope: &Envelope) -> Vec<Effect> {
         if let Message::SnapshotChunk {
-            sessions,
             next: Some(next),
+            after,
+            ..
         } = &envelope.body
-            && self.chunk_expected(&envelope.from, sessions)
+            && self.chunk_expected(&envelope.from, after.as_ref())
             && let Some(l) = &mut self.loading
         {
             l.prefetched = Some(next.clone());
@@ -553,19 +571,32 @@ impl Replicator {
 
     // ---- internals -------------------------------------------------------
 
-    /// Whether a chunk from `from` is the one being waited for: from the
-    /// source being streamed, after the cursor asked with (a late duplicate
-    /// of an earlier chunk is not taken for the next one).
-    fn chunk_expected(
-        &self,
-        from: &NodeName,
-        sessions: &[(Owner, SessionState, Duration)],
-    ) -> bool {
+    /// Forgets every session state held of `origin` written in a life above
+    /// `incarnation` (the member came back with a lower one).
+    fn forget_lives_above(&mut self, registry: &mut Registry, origin: &NodeName, incarnation: u64) {
+        let stale: Vec<OwnerRef> = registry
+            .held_sessions()
+            .filter(|(o, h)| o.origin == *origin && h.version().incarnation > incarnation)
+            .map(|(o, _)| o.clone())
+            .collect();
+        let mut changes = Vec::new();
+        for owner in stale {
+            self.renewed.remove(&owner);
+            changes.extend(registry.forget_session(&owner));
+        }
+        if !changes.is_empty() {
+            self.effects.push(Effect::Changed(changes));
+        }
+    }
+
+    /// Whether a chunk from `from` answering the request made with
+    /// `after` is the one to load next: from the source being streamed,
+    /// and the answer to the request that follows what is loaded (a late
+    /// answer to an earlier request, or one to a source given up and
+    /// asked again from the start, is not).
+    fn chunk_expected(&self, from: &NodeName, after: Option<&Owner>) -> bool {
         self.loading.as_ref().is_some_and(|l| {
-            l.source.as_ref().is_some_and(|(s, _)| s == from)
-                && l.cursor
-                    .as_ref()
-                    .is_none_or(|c| sessions.first().is_none_or(|(o, _, _)| o > c))
+            l.source.as_ref().is_some_and(|(s, _)| s == from) && l.cursor.as_ref() == after
         })
     }
 
@@ -634,7 +665,14 @@ impl Replicator {
                 Some(Admit::Yes) => {
                     sessions.push((Owner::clone(owner), state.expect("admitted")));
                 }
-                Some(Admit::TooLarge) => self.stats.too_large += 1,
+                Some(Admit::TooLarge) => {
+                    let version = state.as_ref().map(SessionState::version);
+                    if let Some(v) = version
+                        && self.too_large.insert(owner.clone(), v) != Some(v)
+                    {
+                        self.stats.too_large += 1;
+                    }
+                }
                 None => {}
             }
             owners.push(owner.clone());
@@ -759,9 +797,12 @@ impl Replicator {
 
     /// Sends every peer the digest of this member's live sessions.
     fn send_verify(&mut self, registry: &Registry) {
+        let too_large = &mut self.too_large;
+        too_large.retain(|o, v| registry.held(o).is_some_and(|h| h.version() == *v));
         let mut digest: Vec<(SessionId, Version)> = registry
             .held_sessions()
             .filter(|(o, h)| o.origin == self.me && matches!(h, Held::Live { .. }))
+            .filter(|(o, h)| too_large.get(*o) != Some(&h.version()))
             .map(|(o, h)| (o.session.clone(), h.version()))
             .collect();
         digest.sort_unstable();
@@ -851,7 +892,11 @@ impl Replicator {
         } else {
             None
         };
-        Message::SnapshotChunk { sessions, next }
+        Message::SnapshotChunk {
+            sessions,
+            next,
+            after: after.cloned(),
+        }
     }
 
     fn finish_loading(&mut self) {

@@ -405,20 +405,32 @@ fn a_streaming_snapshot_is_not_cut_short_by_ready_alone_after() {
 #[test]
 fn a_member_back_with_a_lower_life_after_being_down_is_heard() {
     let t = Instant::now();
-    let mut a = node("a", 5, &["a", "b"], t);
-    let mut b = node("b", 1, &["a", "b"], t);
+    // Down after 2 s, while replicas live 10 rounds unverified: the old
+    // life's replica is still held when the new life is heard.
+    let config = ReplicationConfig {
+        suspect_after: Duration::from_secs(1),
+        down_after: Duration::from_secs(2),
+        verify_rounds: 10,
+        ..ReplicationConfig::default()
+    };
+    let mut a = node_with("a", 5, &["a", "b"], t, config);
+    let mut b = node_with("b", 1, &["a", "b"], t, config);
     a.replicator.loading = None;
     b.replicator.loading = None;
+    // The old life (5) had a session, replicated to b.
+    open(&mut a, "old", t);
+    register(&mut a, "old", 7, t);
     deliver(&a.replicator.tick(&mut a.registry, t), &mut b, t);
+    assert_eq!(listed(&mut b), ["10.0.0.7#8080#DEFAULT"]);
     // a loses its data directory and comes back as life 2 at once: still
     // the old life's member to b, so ignored.
-    let mut a2 = node("a", 2, &["a", "b"], t);
+    let mut a2 = node_with("a", 2, &["a", "b"], t, config);
     a2.replicator.loading = None;
     open(&mut a2, "s1", t);
     register(&mut a2, "s1", 1, t);
     let early = a2.replicator.tick(&mut a2.registry, t);
     deliver(&early, &mut b, t);
-    assert!(listed(&mut b).is_empty());
+    assert_eq!(listed(&mut b), ["10.0.0.7#8080#DEFAULT"]);
     // Once b has taken a for down, the lower life is a new one.
     let later = t + b.replicator.config().down_after;
     b.replicator.tick(&mut b.registry, later);
@@ -431,6 +443,7 @@ fn a_member_back_with_a_lower_life_after_being_down_is_heard() {
         .tick(&mut a2.registry, retry + a2.replicator.config().retry_min);
     assert_eq!(kinds(&resend, "b"), ["sync"]);
     deliver(&resend, &mut b, retry);
+    // The new life's session is in; the lost life's is forgotten.
     assert_eq!(listed(&mut b), ["10.0.0.1#8080#DEFAULT"]);
 }
 

@@ -260,10 +260,12 @@ type Op = fn(&Arc<Nacos>, &Params) -> Result<Reply, Fail>;
 /// The writes of beat-kept instances, made on the member responsible for
 /// the instance (forwarded there over the cluster port when a client sent
 /// them elsewhere), by the name they are forwarded under.
-const FORWARDED: [(&str, Op); 3] = [
+const FORWARDED: [(&str, Op); 5] = [
     ("register", register),
     ("deregister", deregister),
     ("beat", beat),
+    ("update", update),
+    ("patch", patch),
 ];
 
 /// Reads the parameters, runs `op` (named `forward` if it is one of
@@ -348,7 +350,7 @@ fn identity(name: &str, p: &Params) -> Option<String> {
     } else {
         p
     };
-    if p.text("ephemeral").is_some_and(|e| e == "false") {
+    if matches!(p.flag("ephemeral"), Ok(Some(false))) {
         return None;
     }
     let key = p.key().ok()?;
@@ -363,7 +365,7 @@ fn identity(name: &str, p: &Params) -> Option<String> {
 /// is another member and it answers: its answer. None: make it here (this
 /// member is responsible, or the responsible one cannot be reached: the
 /// registry keeps answering).
-async fn forward_to_responsible(nacos: &Nacos, name: &str, p: &Params) -> Option<Response> {
+async fn forward_to_responsible(nacos: &Arc<Nacos>, name: &str, p: &Params) -> Option<Response> {
     let node = &nacos.node;
     // Alone (the usual single node): nothing to work out.
     node.replication()?;
@@ -384,6 +386,11 @@ async fn forward_to_responsible(nacos: &Nacos, name: &str, p: &Params) -> Option
         Api::V2 => "v2",
     };
     let answer = crate::cluster::forward(node, &peer, name, params, api).await?;
+    if name == "deregister" {
+        // A copy made here while the responsible member was out of reach
+        // (or before responsibility moved) goes too.
+        let _ = deregister(nacos, p);
+    }
     let status = StatusCode::from_u16(answer.status as u16).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut response = (status, answer.body).into_response();
     if let Ok(ct) = axum::http::HeaderValue::from_str(&answer.content_type) {
@@ -410,21 +417,16 @@ pub async fn answer_forwarded(
         "v2" => Api::V2,
         other => return Err(format!("unknown API {other:?}")),
     };
-    let response = match nacos.node.require_serving() {
-        Err(e) => render(api, Err(e.into())),
-        Ok(()) => {
-            let values = params
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect();
-            let p = Params {
-                values: Value::Object(values),
-                peer: None,
-                api,
-            };
-            render(api, op(nacos, &p))
-        }
+    let values = params
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let p = Params {
+        values: Value::Object(values),
+        peer: None,
+        api,
     };
+    let response = render(api, op(nacos, &p));
     let status = response.status().as_u16();
     let content_type = response
         .headers()

@@ -31,6 +31,9 @@ pub struct Replication {
     refusal_logged: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Held while a snapshot chunk is prefetched and applied.
     chunk_order: tokio::sync::Mutex<()>,
+    /// Each peer's state, as the replicator last said (read without its
+    /// lock by the Nacos writes that pick a responsible member).
+    states: parking_lot::RwLock<BTreeMap<NodeName, MemberState>>,
 }
 
 /// A peer that keeps refusing messages is logged this often at most.
@@ -62,12 +65,17 @@ pub struct MemberInfo {
 impl Replication {
     /// The replication of a node among `outboxes`' peers.
     pub fn new(replicator: Replicator, outboxes: BTreeMap<NodeName, Arc<Outbox>>) -> Self {
+        let states = outboxes
+            .keys()
+            .map(|n| (n.clone(), MemberState::Down))
+            .collect();
         Self {
             replicator: Mutex::new(replicator),
             wake: Notify::new(),
             outboxes,
             refusal_logged: Mutex::new(BTreeMap::new()),
             chunk_order: tokio::sync::Mutex::new(()),
+            states: parking_lot::RwLock::new(states),
         }
     }
 
@@ -145,12 +153,20 @@ impl Node {
 
     /// The peer responsible for data without a session keyed `key` (a
     /// beat-kept Nacos instance): rendezvous hashing over the members not
-    /// down, this node included. None: this node is (or it has no peers).
+    /// down, this node included. None: this node is, or the one picked is
+    /// suspect (the write is made here rather than wait on it), or the
+    /// node has no peers.
     pub fn responsible_peer(&self, key: &str) -> Option<NodeName> {
         let r = self.replication.as_ref()?;
-        let replicator = r.replicator.lock();
-        let pick = roster_core::replication::rendezvous(key, replicator.live_members())?;
-        (pick != &**replicator.me()).then(|| NodeName::from(pick))
+        let me = self.epoch.node.as_str();
+        let states = r.states.read();
+        let live = states
+            .iter()
+            .filter(|(_, s)| **s != MemberState::Down)
+            .map(|(n, _)| &**n);
+        let pick = roster_core::replication::rendezvous(key, std::iter::once(me).chain(live))?;
+        let up = states.get(pick) == Some(&MemberState::Up);
+        (pick != me && up).then(|| NodeName::from(pick))
     }
 
     /// Whether `name` is one of this node's peers.
@@ -192,6 +208,7 @@ impl Node {
                 }
                 Effect::Member(name, state) => {
                     tracing::info!(member = %name, state = state_name(state), "member state");
+                    r.states.write().insert(name, state);
                 }
                 Effect::Acked(_, lag) => self.metrics.replication.lag.observe(lag.as_secs_f64()),
             }
