@@ -1,9 +1,10 @@
 //! The load generator behind `roster bench`: load shapes against a
-//! registry node (Roster, or any Nacos-compatible server), bounded in count
-//! and time, with latency histograms, throughput and (for a local server)
-//! the server's CPU time per operation and resident memory. Without a
-//! server given it starts a Roster node on free loopback ports. The
-//! transport floor (`src/bin/transport_floor.rs`) lives here too.
+//! registry node or cluster (Roster, or any Nacos-compatible server),
+//! bounded in count and time, with latency histograms, throughput and (for
+//! a local server) the server's CPU time per operation and resident memory.
+//! Without a server given it starts Roster nodes on free loopback ports
+//! (`--nodes N`: a cluster). The transport floor
+//! (`src/bin/transport_floor.rs`) lives here too.
 
 mod client;
 mod nacos;
@@ -39,6 +40,10 @@ pub enum Shape {
     /// C clients register and deregister at a steady rate for D while M
     /// subscribers follow; their views must match the server's at the end.
     Churn,
+    /// N instances registered on a cluster's first node; then a new node
+    /// joins, loads them as a snapshot and becomes ready: its time to
+    /// ready and peak memory (needs `--nodes`, no `--server`).
+    Snapshot,
 }
 
 /// `roster bench` options.
@@ -72,10 +77,16 @@ pub struct BenchArgs {
     /// by default one each. Over gRPC their calls are multiplexed.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     connections: Option<u32>,
-    /// The node to measure (its gRPC address); by default a node this
-    /// binary starts for the run.
+    /// The node to measure (its gRPC address), or the nodes of a cluster
+    /// (comma-separated: writers use the first, subscribers and readers the
+    /// last, storms all of them); by default nodes this binary starts for
+    /// the run.
     #[arg(long)]
     pub server: Option<String>,
+    /// Roster nodes to start as one cluster for the run, when no
+    /// `--server` is given (the snapshot shape starts one more).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+    nodes: u32,
     /// Instances per registration call (register, nacos-grpc only): each
     /// client registers its instances `batch` at a time, one
     /// `BatchInstanceRequest` per service. 1: one instance per call.
@@ -101,7 +112,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     rate: u64,
     /// PID of the server when `--server` names a local one (for its CPU
-    /// time and memory).
+    /// time and memory; of a cluster: the last node's, where subscribers
+    /// and readers are).
     #[arg(long)]
     pid: Option<u32>,
     /// Give up on the whole run after this long.
@@ -180,10 +192,12 @@ pub struct Report {
     extra: BTreeMap<&'static str, Value>,
 }
 
-/// The server under load: given, or started here.
-struct Target {
-    at: Endpoints,
-    pid: Option<u32>,
+/// A server under load: given, or started here.
+pub struct Target {
+    /// Where it answers.
+    pub at: Endpoints,
+    /// Its process, if local.
+    pub pid: Option<u32>,
     child: Option<Child>,
     /// The data directory of a node started for the run, removed after.
     data_dir: Option<PathBuf>,
@@ -213,13 +227,50 @@ const BENCH_LIMITS: &[(&str, &str)] = &[
     ("SESSIONS_PER_STREAM", "1000000"),
 ];
 
+/// The members of a cluster the bench starts: names and cluster ports.
+pub struct ClusterPlan {
+    members: Vec<(String, String)>,
+}
+
+impl ClusterPlan {
+    /// `n` members `n1..` on free loopback cluster ports.
+    fn new(n: u32) -> Result<Self> {
+        let members = (1..=n)
+            .map(|i| {
+                let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                    .local_addr()?
+                    .port();
+                Ok((format!("n{i}"), format!("127.0.0.1:{port}")))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { members })
+    }
+}
+
 /// Starts `<roster> server` on free loopback ports (it prints the
-/// addresses it bound) and waits until it answers.
-async fn spawn_server(roster: &Path) -> Result<Target> {
+/// addresses it bound) and waits until it answers; with a plan, as member
+/// `member` of that cluster, and until it is ready.
+async fn spawn_server(roster: &Path, cluster: Option<(&ClusterPlan, usize)>) -> Result<Target> {
     // A data directory of its own, so a run leaves nothing behind.
-    let data_dir = std::env::temp_dir().join(format!("roster-bench-{}", std::process::id()));
-    let mut child = Command::new(roster)
-        .args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"])
+    let suffix = cluster.map_or(String::new(), |(_, m)| format!("-n{}", m + 1));
+    let data_dir =
+        std::env::temp_dir().join(format!("roster-bench-{}{suffix}", std::process::id()));
+    let mut command = Command::new(roster);
+    command.args(["server", "--http", "127.0.0.1:0", "--grpc", "127.0.0.1:0"]);
+    if let Some((plan, me)) = cluster {
+        command
+            .args(["--node-name", &plan.members[me].0])
+            .args(["--cluster", &plan.members[me].1])
+            .args(
+                plan.members
+                    .iter()
+                    .flat_map(|(n, a)| ["--member".to_owned(), format!("{n}={a}")]),
+            )
+            // Members started later (the snapshot shape's) do not hold up
+            // the first ones for long.
+            .env("ROSTER_CLUSTER_READY_ALONE_AFTER", "2s");
+    }
+    let mut child = command
         .arg("--data-dir")
         .arg(&data_dir)
         .env("ROSTER_LOG", "warn")
@@ -272,7 +323,68 @@ async fn spawn_server(roster: &Path) -> Result<Target> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    if cluster.is_some() {
+        wait_ready(&target.at.http, Duration::from_secs(30)).await?;
+    }
     Ok(target)
+}
+
+/// Waits until the node at `http` answers `/readyz` with 200.
+pub async fn wait_ready(http: &str, limit: Duration) -> Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + limit;
+    loop {
+        let ready = client
+            .get(format!("http://{http}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("the node at {http} is not ready after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The nodes under load and, for the snapshot shape, how to start one
+/// more member later.
+pub struct Targets {
+    /// The nodes, in order.
+    pub nodes: Vec<Target>,
+    /// The cluster and the `roster` binary, when the bench started it.
+    pub started: Option<(ClusterPlan, PathBuf)>,
+}
+
+impl Targets {
+    /// The node subscribers and readers use (the last): the one measured.
+    fn measured(&self) -> &Target {
+        self.nodes.last().expect("at least one node")
+    }
+
+    /// Starts the cluster's member `member` (one the plan holds but that
+    /// was not started).
+    pub async fn start_member(&self, member: usize) -> Result<Target> {
+        let (plan, roster) = self
+            .started
+            .as_ref()
+            .context("only a cluster the bench starts can take a new node")?;
+        spawn_server(roster, Some((plan, member))).await
+    }
+
+    /// A counter of a Roster node's `/metrics` (0 if absent).
+    pub async fn metric(at: &Endpoints, name: &str) -> f64 {
+        let Ok(r) = reqwest::get(format!("http://{}/metrics", at.http)).await else {
+            return 0.0;
+        };
+        let text = r.text().await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
 }
 
 /// A progress bar for `total` operations, drawn only on a terminal and
@@ -325,32 +437,104 @@ pub async fn run(
     if args.batch > 1 && (args.shape != Shape::Register || args.protocol != Protocol::NacosGrpc) {
         bail!("--batch needs the register shape and --protocol nacos-grpc");
     }
-    let target = match server {
-        Some(addr) => Target {
-            at: Endpoints {
-                grpc: addr.to_owned(),
-                http: match (&args.http, args.protocol) {
-                    (Some(http), _) => http.clone(),
-                    (None, Protocol::NacosHttp) => nacos_http_address(addr)?,
-                    // Only the Nacos HTTP client uses it.
-                    (None, _) => String::new(),
-                },
-            },
-            pid: args.pid,
-            child: None,
-            data_dir: None,
+    if args.shape == Shape::Snapshot && server.is_some() {
+        bail!("the snapshot shape starts its own cluster: give --nodes, not --server");
+    }
+    let targets = match server {
+        Some(list) => {
+            let addrs: Vec<&str> = list.split(',').map(str::trim).collect();
+            let last = addrs.len() - 1;
+            let nodes = addrs
+                .iter()
+                .enumerate()
+                .map(|(i, addr)| {
+                    Ok(Target {
+                        at: Endpoints {
+                            grpc: (*addr).to_owned(),
+                            http: match (&args.http, args.protocol) {
+                                (Some(http), _) if addrs.len() == 1 => http.clone(),
+                                (_, Protocol::NacosHttp) => nacos_http_address(addr)?,
+                                // The HTTP port of a Nacos-style node, for
+                                // Roster's /metrics when it is one.
+                                _ => nacos_http_address(addr).unwrap_or_default(),
+                            },
+                        },
+                        pid: if i == last { args.pid } else { None },
+                        child: None,
+                        data_dir: None,
+                    })
+                })
+                .collect::<Result<_>>()?;
+            Targets {
+                nodes,
+                started: None,
+            }
+        }
+        None if args.nodes == 1 && args.shape != Shape::Snapshot => Targets {
+            nodes: vec![spawn_server(roster, None).await?],
+            started: None,
         },
-        None => spawn_server(roster).await?,
+        None => {
+            // The snapshot shape's new node is a member from the start.
+            let extra = u32::from(args.shape == Shape::Snapshot);
+            let plan = ClusterPlan::new(args.nodes + extra)?;
+            let mut starting = Vec::new();
+            for m in 0..args.nodes as usize {
+                starting.push(spawn_server(roster, Some((&plan, m))));
+            }
+            let nodes = futures_util::future::try_join_all(starting).await?;
+            Targets {
+                nodes,
+                started: Some((plan, roster.to_owned())),
+            }
+        }
     };
+    let target = targets.measured();
     let pid = target.pid;
     let rss_idle = pid.and_then(procfs::resident_bytes);
     let cpu_before = pid.and_then(procfs::cpu_time);
     let shape = args.shape;
     let parameters = parameters(&args);
-    let measured = tokio::time::timeout(args.limit, shapes::run(&target.at, &args))
+    let origin = (targets.nodes.len() > 1).then(|| &targets.nodes[0]);
+    let origin_before = match origin {
+        Some(o) => Some(Replicated::read(o).await),
+        None => None,
+    };
+    let mut measured = tokio::time::timeout(args.limit, shapes::run(&targets, &args))
         .await
         .with_context(|| format!("the run did not finish within --limit {:?}", args.limit))??;
     let cpu_after = pid.and_then(procfs::cpu_time);
+    if let (Some(o), Some(before)) = (origin, origin_before) {
+        let after = Replicated::read(o).await;
+        // Figures a Roster node exports; another server's are left out.
+        if !after.lag.is_empty() {
+            let (bytes, instances) = (
+                after.bytes - before.bytes,
+                after.instances - before.instances,
+            );
+            let extra = &mut measured.extra;
+            extra.insert("origin_replication_bytes_sent", json!(bytes));
+            extra.insert("origin_replication_instances_sent", json!(instances));
+            if instances > 0.0 {
+                extra.insert("replication_bytes_per_instance", json!(bytes / instances));
+            }
+            // From a write on the first node to a peer's acknowledgement of
+            // having applied it, read off the node's histogram (to 25 %).
+            for (key, q) in [
+                ("replication_lag_p50_ms_at_most", 0.5),
+                ("replication_lag_p99_ms_at_most", 0.99),
+            ] {
+                extra.insert(key, json!(after.lag_quantile_ms(&before, q)));
+            }
+            if let (Some(b), Some(a)) = (before.cpu, after.cpu) {
+                let cpu = a.saturating_sub(b).as_secs_f64() * 1e6;
+                extra.insert(
+                    "origin_cpu_us_per_op",
+                    json!(cpu / measured.operations.max(1) as f64),
+                );
+            }
+        }
+    }
     let rss_after = pid.and_then(procfs::resident_bytes);
     let ops = measured.operations.max(1);
     let report = Report {
@@ -373,7 +557,7 @@ pub async fn run(
         extra: measured.extra,
     };
     drop(measured.hold);
-    drop(target);
+    drop(targets);
     if json_output {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -387,6 +571,68 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// What a cluster's first node (where writes land) has replicated so far.
+struct Replicated {
+    bytes: f64,
+    instances: f64,
+    cpu: Option<Duration>,
+    /// `roster_replication_lag_seconds` buckets: (upper bound, count).
+    lag: Vec<(f64, f64)>,
+}
+
+impl Replicated {
+    async fn read(t: &Target) -> Self {
+        let text = match reqwest::get(format!("http://{}/metrics", t.at.http)).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let lag = text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("roster_replication_lag_seconds_bucket{le=\"")?;
+                let (le, count) = rest.split_once("\"} ")?;
+                Some((le.parse().unwrap_or(f64::INFINITY), count.parse().ok()?))
+            })
+            .collect();
+        Self {
+            bytes: sum("roster_replication_bytes_total{direction=\"sent\"}"),
+            instances: sum("roster_replication_instances_sent_total"),
+            cpu: t.pid.and_then(procfs::cpu_time),
+            lag,
+        }
+    }
+
+    /// The bucket bound under which the share `q` of the batches acked
+    /// between `before` and `self` fell (milliseconds), if any were.
+    fn lag_quantile_ms(&self, before: &Self, q: f64) -> Option<f64> {
+        let counts: Vec<(f64, f64)> = self
+            .lag
+            .iter()
+            .map(|(le, n)| {
+                let was = before
+                    .lag
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0.0, |x| x.1);
+                (*le, n - was)
+            })
+            .collect();
+        let total = counts.last()?.1;
+        (total > 0.0).then(|| {
+            counts
+                .iter()
+                .find(|(_, n)| *n >= q * total)
+                .map_or(f64::INFINITY, |(le, _)| le * 1e3)
+        })
+    }
 }
 
 /// The Nacos HTTP address for a gRPC address: its port minus 1000.
@@ -419,7 +665,15 @@ fn parameters(a: &BenchArgs) -> Value {
             "clients": a.clients, "subscribers": a.subscribers, "rate_per_s": a.rate,
             "live_per_client": a.size, "duration_s": a.duration.as_secs_f64(),
         }),
+        Shape::Snapshot => json!({
+            "clients": a.clients, "instances": a.instances, "services": a.services,
+        }),
     };
+    if let Some(list) = &a.server {
+        v["nodes"] = json!(list.split(',').count());
+    } else {
+        v["nodes"] = json!(a.nodes);
+    }
     v["protocol"] = json!(
         a.protocol
             .to_possible_value()

@@ -24,8 +24,17 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
 
 /// Resident memory (`VmRSS`) in bytes.
 pub fn resident_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The most resident memory the process ever had (`VmHWM`), in bytes.
+pub fn peak_resident_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmHWM:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -46,6 +55,7 @@ mod tests {
         assert!(x > 0);
         assert!(cpu_time(me).unwrap() > before);
         assert!(resident_bytes(me).unwrap() > 1024 * 1024);
+        assert!(peak_resident_bytes(me).unwrap() >= resident_bytes(me).unwrap());
         assert!(cpu_time(u32::MAX).is_none());
     }
 }

@@ -1,6 +1,8 @@
 //! The load shapes. Each sets up what it needs (untimed), then times only
 //! the operations it measures, speaking through [`Client`] and
-//! [`Subscriber`] so that the protocol is a parameter.
+//! [`Subscriber`] so that the protocol is a parameter. Against a cluster,
+//! writers use its first node, subscribers and readers its last, and a
+//! storm all of them.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -17,16 +19,21 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::client::{Client, Endpoints, MAX_SEQ, Protocol, Pushed, Spec, Subscriber};
-use super::{BenchArgs, Latency, Measured, Shape, histogram, progress, record, timed_progress};
+use super::{
+    BenchArgs, Latency, Measured, Shape, Targets, histogram, progress, record, timed_progress,
+};
 
-/// Runs the shape `args` names against the server at `at`.
-pub async fn run(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+/// Runs the shape `args` names against `targets`.
+pub async fn run(targets: &Targets, a: &BenchArgs) -> Result<Measured> {
+    let all: Vec<&Endpoints> = targets.nodes.iter().map(|t| &t.at).collect();
+    let (first, last) = (all[0], all[all.len() - 1]);
     match a.shape {
-        Shape::Register => Ok(register(at, a, None).await?.0),
-        Shape::Storm => storm(at, a).await,
-        Shape::Query => query(at, a).await,
-        Shape::Push => push(at, a).await,
-        Shape::Churn => churn(at, a).await,
+        Shape::Register => Ok(register(&[first], a, None).await?.0),
+        Shape::Storm => storm(&all, a).await,
+        Shape::Query => query(first, last, a).await,
+        Shape::Push => push(first, last, a).await,
+        Shape::Churn => churn(first, last, a).await,
+        Shape::Snapshot => snapshot(targets, a).await,
     }
 }
 
@@ -38,18 +45,23 @@ fn service(n: u32) -> String {
 /// clients; `probe` (the storm's) is told when they are done. Returns the
 /// measurement and the clients (to verify through one of them).
 async fn register(
-    at: &Endpoints,
+    nodes: &[&Endpoints],
     a: &BenchArgs,
     probe: Option<tokio::sync::watch::Sender<bool>>,
 ) -> Result<(Measured, Vec<Arc<Client>>)> {
     let (clients, instances, services) = (a.clients, a.instances, a.services);
-    // Connections (and native sessions) first, untimed.
-    let workers: Vec<Arc<Client>> =
-        Client::many(a.protocol, at, clients, a.connections, "bench-register")
-            .await?
-            .into_iter()
-            .map(Arc::new)
-            .collect();
+    // Connections (and native sessions) first, untimed; the clients are
+    // shared out over the nodes.
+    let mut workers: Vec<Arc<Client>> = Vec::new();
+    let n = nodes.len() as u32;
+    for (k, at) in nodes.iter().enumerate() {
+        let share = clients / n + u32::from((k as u32) < clients % n);
+        let conns = a.connections.map(|c| (c / n).max(1));
+        let name = format!("bench-register-n{k}");
+        for c in Client::many(a.protocol, at, share, conns, &name).await? {
+            workers.push(Arc::new(c));
+        }
+    }
     let batch = a.batch.max(1);
     let bar = progress(u64::from(instances), "register");
     let start = Instant::now();
@@ -123,10 +135,12 @@ async fn join_histograms(
     Ok((latency, errors))
 }
 
-/// Registers as fast as the clients can while a probe queries one service
-/// every 10 ms; then checks every instance is listed.
-async fn storm(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
-    let prober = Client::connect(a.protocol, at, "bench-storm-probe").await?;
+/// Registers as fast as the clients can (spread over every node) while a
+/// probe queries one service every 10 ms; then checks every instance is
+/// listed on every node, and how long after the last registration they
+/// all were.
+async fn storm(nodes: &[&Endpoints], a: &BenchArgs) -> Result<Measured> {
+    let prober = Client::connect(a.protocol, nodes[0], "bench-storm-probe").await?;
     let (done_tx, mut done) = tokio::sync::watch::channel(false);
     done.mark_unchanged();
     let probing = tokio::spawn(async move {
@@ -148,21 +162,119 @@ async fn storm(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
         }
         (h, errors)
     });
-    let (mut m, workers) = register(at, a, Some(done_tx)).await?;
+    let (mut m, _workers) = register(nodes, a, Some(done_tx)).await?;
+    let ended = Instant::now();
     let (probe, probe_errors) = probing.await?;
-    // Every registration that succeeded must be listed.
-    let mut listed = 0u64;
-    for s in 0..a.services.min(a.instances) {
-        listed += workers[0].query(&service(s)).await? as u64;
-    }
+    // Every registration that succeeded must be listed on every node
+    // (replicated within 30 s).
+    let (listed, converged) = listed_everywhere(a, nodes, m.operations, ended).await?;
     let lost = m.operations.saturating_sub(listed);
     m.errors += lost + probe_errors;
     m.extra.insert("listed", json!(listed));
     m.extra.insert("lost", json!(lost));
+    if nodes.len() > 1 {
+        m.extra.insert(
+            "listed_everywhere_after_ms",
+            json!(converged.map(|d| d.as_secs_f64() * 1e3)),
+        );
+    }
     m.extra
         .insert("probe_latency", serde_json::to_value(Latency::of(&probe))?);
     m.extra.insert("probe_errors", json!(probe_errors));
     Ok(m)
+}
+
+/// The fewest instances any node lists over the bench's services (waiting
+/// up to 30 s for every node to list `expected`), and how long after
+/// `since` every node did.
+async fn listed_everywhere(
+    a: &BenchArgs,
+    nodes: &[&Endpoints],
+    expected: u64,
+    since: Instant,
+) -> Result<(u64, Option<Duration>)> {
+    let mut checkers = Vec::new();
+    for (k, at) in nodes.iter().enumerate() {
+        let name = format!("bench-check-n{k}");
+        checkers.push(Client::connect(fixture_protocol(a.protocol), at, &name).await?);
+    }
+    let deadline = since + Duration::from_secs(30);
+    let mut pending: Vec<usize> = (0..nodes.len()).collect();
+    let mut fewest = u64::MAX;
+    loop {
+        let mut still = Vec::new();
+        for &k in &pending {
+            let mut listed = 0u64;
+            for s in 0..a.services.min(a.instances) {
+                listed += checkers[k].query(&service(s)).await.unwrap_or(0) as u64;
+            }
+            if listed < expected {
+                still.push(k);
+            }
+            if Instant::now() >= deadline || listed >= expected {
+                fewest = fewest.min(listed);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for c in checkers {
+                c.close().await;
+            }
+            return Ok((fewest, None));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = since.elapsed();
+    for c in checkers {
+        c.close().await;
+    }
+    Ok((fewest.min(expected), Some(took)))
+}
+
+/// Registers `--instances` on a cluster's first node, waits until every
+/// running node lists them, then starts the cluster's last member, which
+/// loads them as a snapshot: its time from start to ready, and its peak
+/// resident memory.
+async fn snapshot(targets: &Targets, a: &BenchArgs) -> Result<Measured> {
+    let nodes: Vec<&Endpoints> = targets.nodes.iter().map(|t| &t.at).collect();
+    let (loaded, workers) = register(&nodes[..1], a, None).await?;
+    listed_everywhere(a, &nodes, loaded.operations, Instant::now()).await?;
+    let start = Instant::now();
+    let joiner = targets.start_member(nodes.len()).await?;
+    let took = start.elapsed();
+    let (listed, _) =
+        listed_everywhere(a, &[&joiner.at], loaded.operations, Instant::now()).await?;
+    let lost = loaded.operations.saturating_sub(listed);
+    let mut latency = histogram();
+    record(&mut latency, took);
+    let mut extra = BTreeMap::new();
+    extra.insert("ready_after_ms", json!(took.as_secs_f64() * 1e3));
+    extra.insert("listed_on_new_node", json!(listed));
+    extra.insert("lost", json!(lost));
+    let peak = joiner.pid.and_then(super::procfs::peak_resident_bytes);
+    extra.insert("new_node_peak_rss_bytes", json!(peak));
+    extra.insert(
+        "new_node_rss_bytes",
+        json!(joiner.pid.and_then(super::procfs::resident_bytes)),
+    );
+    let chunks = Targets::metric(
+        &joiner.at,
+        "roster_replication_messages_total{kind=\"snapshot_chunk\",direction=\"received\"}",
+    )
+    .await;
+    extra.insert("snapshot_chunks", json!(chunks));
+    Ok(Measured {
+        operations: listed,
+        errors: lost,
+        elapsed: took,
+        latency,
+        extra,
+        instances_held: 0,
+        hold: vec![Box::new(workers), Box::new(joiner)],
+    })
 }
 
 /// For Nacos HTTP, whose registrations expire without beats, fixtures are
@@ -174,14 +286,23 @@ fn fixture_protocol(p: Protocol) -> Protocol {
     }
 }
 
-async fn query(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+async fn query(owner_at: &Endpoints, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let (instances, duration) = (a.size, a.duration);
     let name = "bench-query";
-    let owner = Client::connect(fixture_protocol(a.protocol), at, "bench-query-owner").await?;
+    let protocol = fixture_protocol(a.protocol);
+    let owner = Client::connect(protocol, owner_at, "bench-query-owner").await?;
     for n in 0..instances {
         owner.register(name, &Spec::numbered(n)).await?;
     }
     let conns = Client::many(a.protocol, at, a.readers, a.connections, "bench-reader").await?;
+    // On a cluster, the readers' node has them all first.
+    let until = Instant::now() + Duration::from_secs(30);
+    while conns[0].query(name).await.unwrap_or(0) < instances as usize {
+        if Instant::now() >= until {
+            bail!("the readers' node does not list the {instances} instances");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let bar = timed_progress(duration, "query");
     let start = Instant::now();
     let deadline = start + duration;
@@ -303,10 +424,11 @@ async fn settle(seen: &[Seen], limit: Duration, done: impl Fn(&[Pushed]) -> bool
     }
 }
 
-async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+async fn push(writer_at: &Endpoints, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let (changes, interval) = (a.changes, a.interval);
     let name = "bench-push";
-    let writer = Client::connect(fixture_protocol(a.protocol), at, "bench-push-writer").await?;
+    let protocol = fixture_protocol(a.protocol);
+    let writer = Client::connect(protocol, writer_at, "bench-push-writer").await?;
     let mut changed = Spec::numbered(0);
     changed.seq = Some(0);
     writer.register(name, &changed).await?;
@@ -382,9 +504,9 @@ async fn push(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
 /// Besides the calls' latency, the time from each registration to the
 /// first push that carries it is measured (`push_latency`): each of the
 /// first 9,999 registrations carries its number in its weight.
-async fn churn(at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
+async fn churn(writer_at: &Endpoints, at: &Endpoints, a: &BenchArgs) -> Result<Measured> {
     let (name, duration) = ("bench-churn", a.duration);
-    let workers = Client::many(a.protocol, at, a.clients, None, "bench-churn").await?;
+    let workers = Client::many(a.protocol, writer_at, a.clients, None, "bench-churn").await?;
     let mut tasks = JoinSet::new();
     let seen = subscribers(a.protocol, at, name, a.subscribers, &mut tasks).await?;
     let per_client = Duration::from_secs_f64(f64::from(a.clients) / a.rate.max(1) as f64);
