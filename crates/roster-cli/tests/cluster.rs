@@ -232,6 +232,13 @@ impl Cluster {
         }
     }
 
+    /// Waits until every member lists exactly `ids` in `service`.
+    fn wait_listed_everywhere(&self, what: &str, service: &str, ids: &[String]) {
+        for i in 0..self.members.len() {
+            wait_for(what, || self.listed(i, service) == ids);
+        }
+    }
+
     /// SIGKILL: no goodbye to anyone.
     fn kill(&mut self, i: usize) {
         let mut p = self.members[i].process.take().expect("running");
@@ -431,20 +438,16 @@ fn the_whole_cluster_restarting_at_once_loses_nothing_its_clients_hold() {
     let all: Vec<String> = (1..=4)
         .map(|k| format!("10.9.1.{k}#8080#DEFAULT"))
         .collect();
-    for i in 0..3 {
-        wait_for("every instance everywhere", || {
-            c.listed(i, "payments") == all
-        });
-    }
+    c.wait_listed_everywhere("every instance everywhere", "payments", &all);
     for i in 0..3 {
         c.kill(i);
     }
     c.start_all();
-    for i in 0..3 {
-        wait_for("every client registered again, everywhere", || {
-            c.listed(i, "payments") == all
-        });
-    }
+    c.wait_listed_everywhere(
+        "every client registered again, everywhere",
+        "payments",
+        &all,
+    );
 }
 
 /// Registers `ip` in `service` through the nodes `servers` (a comma list),
@@ -476,11 +479,7 @@ fn a_partition_heals_into_one_view_and_a_restart_loads_a_snapshot_of_many_messag
     let _b = register(&g(2), "inventory", "10.9.2.2");
     let d = register(&g(0), "inventory", "10.9.2.4");
     let before = ids(&["10.9.2.1", "10.9.2.2", "10.9.2.4"]);
-    for i in 0..3 {
-        wait_for("every instance everywhere", || {
-            c.listed(i, "inventory") == before
-        });
-    }
+    c.wait_listed_everywhere("every instance everywhere", "inventory", &before);
 
     // n3 is cut off for longer than the verify timeout (3 rounds of 1 s):
     // each side drops the other's replicas. Meanwhile one client joins on
@@ -507,9 +506,7 @@ fn a_partition_heals_into_one_view_and_a_restart_loads_a_snapshot_of_many_messag
     }
     let _e = register(&g(1), "inventory", "10.9.2.5");
     let all = ids(&["10.9.2.1", "10.9.2.2", "10.9.2.3", "10.9.2.5"]);
-    for i in 0..3 {
-        wait_for("the newest everywhere", || c.listed(i, "inventory") == all);
-    }
+    c.wait_listed_everywhere("the newest everywhere", "inventory", &all);
 
     // n2 restarts and loads the four sessions held elsewhere (its own
     // client's session is gone with it and comes back by its client) in
@@ -555,11 +552,7 @@ fn replication_goes_on_over_the_second_network_when_the_first_fails() {
     let _b = register(&g(0), "billing", "10.9.3.2");
     let _c = register(&g(1), "billing", "10.9.3.3");
     let all = ids(&["10.9.3.1", "10.9.3.2", "10.9.3.3"]);
-    for i in 0..2 {
-        wait_for("replicated over the other network", || {
-            c.listed(i, "billing") == all
-        });
-    }
+    c.wait_listed_everywhere("replicated over the other network", "billing", &all);
     assert_eq!(in_use(&c), other);
     // Nothing was dropped on the way: n1's sessions stayed on n2 through
     // verify rounds (1 s each) carried by the second network.

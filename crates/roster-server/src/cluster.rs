@@ -64,6 +64,8 @@ pub struct Outbox {
     /// A client per address (none for one that is not a valid URI),
     /// connected on first use.
     clients: OnceLock<Vec<Option<ClusterClient<Channel>>>>,
+    /// `cluster.secret` as a header value, if set.
+    secret: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 impl Outbox {
@@ -74,8 +76,13 @@ impl Outbox {
         addresses: Vec<String>,
         capacity: usize,
         capacity_bytes: usize,
+        secret: &str,
     ) -> Self {
         Self {
+            // Checked printable at load, so it parses.
+            secret: (!secret.is_empty())
+                .then(|| tonic::metadata::AsciiMetadataValue::try_from(secret).ok())
+                .flatten(),
             name,
             addresses,
             in_use: AtomicUsize::new(0),
@@ -137,6 +144,29 @@ impl Outbox {
         self.ready.notify_one();
     }
 
+    /// Its clients in the order to try them: the address that last worked
+    /// first, then the others (with each one's index).
+    fn in_turn<'a>(
+        &'a self,
+        config: &crate::config::ClusterSection,
+    ) -> impl Iterator<Item = (usize, ClusterClient<Channel>)> + 'a {
+        let clients = self.clients(config);
+        let first = self.in_use.load(Ordering::Relaxed);
+        (0..clients.len()).filter_map(move |k| {
+            let i = (first + k) % clients.len();
+            Some((i, clients[i].clone()?))
+        })
+    }
+
+    /// A request to this peer carrying the cluster's secret (if set).
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(secret) = &self.secret {
+            request.metadata_mut().insert(SECRET_HEADER, secret.clone());
+        }
+        request
+    }
+
     fn pop(&self) -> Option<Outgoing> {
         let mut q = self.queue.lock();
         let m = q.messages.pop_front()?;
@@ -167,7 +197,8 @@ pub fn outboxes(config: &Config) -> BTreeMap<NodeName, Arc<Outbox>> {
         .map(|m| {
             let name = NodeName::from(m.name.as_str());
             let c = &config.cluster;
-            let outbox = Outbox::new(name.clone(), m.addresses, c.queue_per_peer, c.queue_bytes);
+            let (count, bytes) = (c.queue_per_peer, c.queue_bytes);
+            let outbox = Outbox::new(name.clone(), m.addresses, count, bytes, &c.secret);
             (name, Arc::new(outbox))
         })
         .collect()
@@ -189,17 +220,6 @@ fn refused(status: &Status) -> bool {
     )
 }
 
-/// A request carrying `cluster.secret` (if set).
-fn request<T>(message: T, config: &crate::config::ClusterSection) -> Request<T> {
-    let mut request = Request::new(message);
-    if !config.secret.is_empty()
-        && let Ok(secret) = tonic::metadata::MetadataValue::try_from(config.secret.as_str())
-    {
-        request.metadata_mut().insert(SECRET_HEADER, secret);
-    }
-    request
-}
-
 /// Makes Nacos write `op` (with `params`, answered in `api`'s format) on
 /// member `peer`, the one responsible for its instance, over the address
 /// that last worked or the others: its answer, or none if no address took
@@ -211,23 +231,15 @@ pub async fn forward(
     params: HashMap<String, String>,
     api: &str,
 ) -> Option<pb::ForwardAnswer> {
-    let outbox = node.replication()?.outboxes().find(|(n, _)| *n == peer)?.1;
-    let config = &node.config().cluster;
-    let clients = outbox.clients(config);
+    let outbox = node.replication()?.outbox(peer)?;
     let message = pb::Forwarded {
         from: node.config().server.node_name.clone(),
         op: op.to_owned(),
         params,
         api: api.to_owned(),
     };
-    let first = outbox.in_use.load(Ordering::Relaxed);
-    let n = clients.len();
-    for k in 0..n {
-        let i = (first + k) % n;
-        let Some(mut client) = clients[i].clone() else {
-            continue;
-        };
-        let mut call = request(message.clone(), config);
+    for (i, mut client) in outbox.in_turn(&node.config().cluster) {
+        let mut call = outbox.request(message.clone());
         call.set_timeout(FORWARD_TIMEOUT);
         match client.forward(call).await {
             Ok(answer) => {
@@ -250,8 +262,6 @@ pub async fn forward(
 /// Delivers `outbox`'s messages until the node stops.
 pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
     let config = &node.config().cluster;
-    let clients = outbox.clients(config);
-    let n = clients.len();
     let sent = node.metrics.replication.bytes("sent");
     loop {
         let Some(Outgoing { wire, bytes, kind }) = outbox.pop() else {
@@ -262,24 +272,22 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
         };
         let first = outbox.in_use.load(Ordering::Relaxed);
         let mut delivered = false;
-        // Copied only while another address may still need it (a snapshot
-        // chunk is megabytes).
         let sync_batch = match &wire.body {
             Some(pb::envelope::Body::Sync(s)) => Some(s.batch),
             _ => None,
         };
         let mut wire = Some(wire);
-        for k in 0..n {
-            let i = (first + k) % n;
-            let Some(mut client) = clients[i].clone() else {
-                continue;
-            };
-            let Some(message) = (if k + 1 < n { wire.clone() } else { wire.take() }) else {
+        let mut turns = outbox.in_turn(config).peekable();
+        while let Some((i, mut client)) = turns.next() {
+            // Copied only while another address may still need it (a
+            // snapshot chunk is megabytes).
+            let last = turns.peek().is_none();
+            let Some(message) = (if last { wire.take() } else { wire.clone() }) else {
                 break;
             };
             let call = tokio::select! {
                 _ = node.shutdown.cancelled() => return,
-                r = client.deliver(request(message, config)) => r,
+                r = client.deliver(outbox.request(message)) => r,
             };
             match call {
                 Ok(_) => {

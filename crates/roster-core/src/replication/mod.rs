@@ -304,17 +304,6 @@ impl Replicator {
         self.peers.iter()
     }
 
-    /// The members not down (this one included), which share out the data
-    /// that has no session (see [`rendezvous`]).
-    pub fn live_members(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(&*self.me).chain(
-            self.peers
-                .iter()
-                .filter(|(_, p)| p.state != MemberState::Down)
-                .map(|(n, _)| &**n),
-        )
-    }
-
     /// What replication did so far.
     pub fn stats(&self) -> Stats {
         self.stats

@@ -268,6 +268,24 @@ const FORWARDED: [(&str, Op); 5] = [
     ("patch", patch),
 ];
 
+/// The write of [`FORWARDED`] named `name`.
+fn forwarded_op(name: &str) -> Option<Op> {
+    FORWARDED
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, op)| *op)
+}
+
+impl Api {
+    /// Its name in a forwarded write.
+    fn name(self) -> &'static str {
+        match self {
+            Api::V1 => "v1",
+            Api::V2 => "v2",
+        }
+    }
+}
+
 /// Reads the parameters, runs `op` (named `forward` if it is one of
 /// [`FORWARDED`]) and renders the result for `api`.
 async fn serve(
@@ -381,11 +399,7 @@ async fn forward_to_responsible(nacos: &Arc<Nacos>, name: &str, p: &Params) -> O
             )
         })
         .collect();
-    let api = match p.api {
-        Api::V1 => "v1",
-        Api::V2 => "v2",
-    };
-    let answer = crate::cluster::forward(node, &peer, name, params, api).await?;
+    let answer = crate::cluster::forward(node, &peer, name, params, p.api.name()).await?;
     if name == "deregister" {
         // A copy made here while the responsible member was out of reach
         // (or before responsibility moved) goes too.
@@ -407,16 +421,12 @@ pub async fn answer_forwarded(
     params: std::collections::HashMap<String, String>,
     api: &str,
 ) -> Result<(u16, String, Bytes), String> {
-    let op = FORWARDED
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, op)| *op)
-        .ok_or_else(|| format!("{name:?} is not a write that is forwarded"))?;
-    let api = match api {
-        "v1" => Api::V1,
-        "v2" => Api::V2,
-        other => return Err(format!("unknown API {other:?}")),
-    };
+    let op =
+        forwarded_op(name).ok_or_else(|| format!("{name:?} is not a write that is forwarded"))?;
+    let api = [Api::V1, Api::V2]
+        .into_iter()
+        .find(|a| a.name() == api)
+        .ok_or_else(|| format!("unknown API {api:?}"))?;
     let values = params
         .into_iter()
         .map(|(k, v)| (k, Value::String(v)))
@@ -544,11 +554,8 @@ fn forwarded(
     api: Api,
     router: MethodRouter<Arc<Nacos>>,
 ) -> MethodRouter<Arc<Nacos>> {
-    let (_, op) = FORWARDED
-        .iter()
-        .find(|(n, _)| *n == name)
-        .expect("a forwarded write");
-    route(methods, *op, Some(name), api, router)
+    let op = forwarded_op(name).expect("a forwarded write");
+    route(methods, op, Some(name), api, router)
 }
 
 fn route(

@@ -88,6 +88,11 @@ impl Replication {
     pub fn outboxes(&self) -> impl Iterator<Item = (&NodeName, &Arc<Outbox>)> {
         self.outboxes.iter()
     }
+
+    /// The outbox of `peer`.
+    pub fn outbox(&self, peer: &str) -> Option<&Arc<Outbox>> {
+        self.outboxes.get(peer)
+    }
 }
 
 fn state_name(state: MemberState) -> &'static str {
