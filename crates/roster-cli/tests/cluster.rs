@@ -187,38 +187,54 @@ impl Cluster {
                 format!("{}={addresses}", m.name)
             })
             .collect();
-        let m = &mut self.members[i];
-        let mut cmd = Command::new(BIN);
-        cmd.arg("server")
-            .args(["--node-name", &m.name])
-            .args([
-                "--http",
-                &m.http,
-                "--grpc",
-                &m.grpc,
-                "--cluster",
-                &m.cluster,
-            ])
-            .arg("--data-dir")
-            .arg(&m.data)
-            // Rounds of a second: a dead member's data goes within 3 s.
-            .env("ROSTER_CLUSTER_VERIFY_INTERVAL", "1s")
-            .env("ROSTER_CLUSTER_READY_ALONE_AFTER", "3s")
-            .env("ROSTER_CLUSTER_SNAPSHOT_TIMEOUT", "1s")
-            .env("ROSTER_LOG", "warn")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        for entry in &list {
-            cmd.args(["--member", entry]);
+        let log = self._dir.path().join(format!("n{}.stderr", i + 1));
+        // A port picked free may be taken meanwhile by another process's
+        // connection (ephemeral ports): the client ports are picked again
+        // and the start retried; the cluster port is the members' to know.
+        for attempt in 1..=3 {
+            let m = &mut self.members[i];
+            let mut cmd = Command::new(BIN);
+            cmd.arg("server")
+                .args(["--node-name", &m.name])
+                .args([
+                    "--http",
+                    &m.http,
+                    "--grpc",
+                    &m.grpc,
+                    "--cluster",
+                    &m.cluster,
+                ])
+                .arg("--data-dir")
+                .arg(&m.data)
+                // Rounds of a second: a dead member's data goes within 3 s.
+                .env("ROSTER_CLUSTER_VERIFY_INTERVAL", "1s")
+                .env("ROSTER_CLUSTER_READY_ALONE_AFTER", "3s")
+                .env("ROSTER_CLUSTER_SNAPSHOT_TIMEOUT", "1s")
+                .env("ROSTER_LOG", "warn")
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap());
+            for entry in &list {
+                cmd.args(["--member", entry]);
+            }
+            let mut child = cmd.spawn().expect("spawn roster server");
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            if line.contains("cluster=") {
+                m.process = Some(Running(child));
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let said = std::fs::read_to_string(&log).unwrap_or_default();
+            assert!(attempt < 3, "n{} did not start: {line:?} {said}", i + 1);
+            eprintln!("n{} did not start (attempt {attempt}): {said}", i + 1);
+            m.http = format!("127.0.0.1:{}", free_port());
+            m.grpc = format!("127.0.0.1:{}", free_port());
+            std::thread::sleep(Duration::from_millis(300));
         }
-        let mut child = cmd.spawn().expect("spawn roster server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("cluster="), "{line:?}");
-        m.process = Some(Running(child));
     }
 
     /// Starts every member at once, then waits until each is ready.
