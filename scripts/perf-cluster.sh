@@ -6,12 +6,13 @@
 # Summarise with scripts/perf-cluster-summary.py OUT.
 #   usage: scripts/perf-cluster.sh OUT [RUNS]   (needs target/release/roster;
 #          for rnacos, `rnacos` on PATH or in $RNACOS: cargo install rnacos)
-#   ONLY=REGEX runs only the shapes whose label matches; NO_RNACOS=1 skips it.
+#   ONLY=REGEX runs only the shapes whose label matches; NO_RNACOS=1 skips it;
+#   ROSTER=PATH measures another roster binary (an A/B of two builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1
 runs=${2:-3}
-roster=target/release/roster
+roster=${ROSTER:-target/release/roster}
 
 # `roster bench ARGS`, its JSON report tagged with server and label.
 record() {

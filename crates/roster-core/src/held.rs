@@ -238,6 +238,111 @@ impl SessionState {
     }
 }
 
+/// What changed in a session between two versions, as its origin sends
+/// it to a peer that holds the earlier one: the current form of each
+/// instance written since, and the ids removed since. Applied to the
+/// session's state at any version from `base` on, it gives the state at
+/// `version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionDelta {
+    /// The receiver must hold the session at this version or later.
+    pub base: Version,
+    /// The version the session is at after it.
+    pub version: Version,
+    /// Instances set since `base`, with their services and the versions
+    /// that set them.
+    pub upserts: Vec<(ServiceKey, Instance, Version)>,
+    /// Instances removed since `base`, by service and id.
+    pub removed: Vec<(ServiceKey, String)>,
+}
+
+impl SessionDelta {
+    /// Instances it names (set or removed).
+    pub fn len(&self) -> usize {
+        self.upserts.len() + self.removed.len()
+    }
+
+    /// Whether it names no instance.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// About how many bytes it takes on the wire (see
+    /// [`SessionState::wire_size`]).
+    pub fn wire_size(&self) -> usize {
+        let key = |k: &ServiceKey| k.namespace.len() + k.group.len() + k.service.len();
+        let upserts: usize = self
+            .upserts
+            .iter()
+            .map(|(k, i, _)| key(k) + i.wire_size() + 24)
+            .sum();
+        let removed: usize = self
+            .removed
+            .iter()
+            .map(|(k, id)| key(k) + id.len() + 16)
+            .sum();
+        upserts.saturating_add(removed).saturating_add(96)
+    }
+}
+
+/// Which instances of one of this node's sessions were written since they
+/// were last taken for replication: a set of (service, id), or, past
+/// [`Touched::MAX_IDS`] of them, the whole session. Merging is a union.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Touched {
+    ids: rustc_hash::FxHashSet<(Arc<ServiceKey>, Arc<str>)>,
+    whole: bool,
+}
+
+impl Touched {
+    /// Past this many ids, the whole session is sent instead (the set of
+    /// a peer that is away a long time stays bounded).
+    pub const MAX_IDS: usize = 4096;
+
+    /// The whole session.
+    pub fn whole() -> Self {
+        Self {
+            ids: Default::default(),
+            whole: true,
+        }
+    }
+
+    /// Whether the whole session is to be sent.
+    pub fn is_whole(&self) -> bool {
+        self.whole
+    }
+
+    /// The (service, id) pairs written (empty when whole).
+    pub fn ids(&self) -> impl Iterator<Item = &(Arc<ServiceKey>, Arc<str>)> {
+        self.ids.iter()
+    }
+
+    /// Notes that `id` of `key` was written.
+    pub fn add(&mut self, key: &Arc<ServiceKey>, id: &Arc<str>) {
+        if self.whole {
+            return;
+        }
+        self.ids.insert((key.clone(), id.clone()));
+        if self.ids.len() > Self::MAX_IDS {
+            *self = Self::whole();
+        }
+    }
+
+    /// Adds what `other` names.
+    pub fn merge(&mut self, other: Touched) {
+        if self.whole {
+            return;
+        }
+        if other.whole {
+            *self = Self::whole();
+            return;
+        }
+        for (key, id) in other.ids {
+            self.add(&key, &id);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

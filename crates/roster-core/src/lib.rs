@@ -23,5 +23,7 @@ pub use model::{
     InstanceRecord, Metadata, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
     Version,
 };
-pub use registry::{Change, Registry, RegistryConfig, RegistryError, SessionData, SessionState};
+pub use registry::{
+    Change, Registry, RegistryConfig, RegistryError, SessionData, SessionDelta, SessionState,
+};
 pub use service::{Delta, ServiceView};

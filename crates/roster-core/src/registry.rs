@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::checksum::instance_hash;
-pub use crate::held::{Held, Records, SessionData, SessionState};
+pub use crate::held::{Held, Records, SessionData, SessionDelta, SessionState, Touched};
 pub use crate::limits::{LimitHit, Limits};
 use crate::model::{
     Instance, InstanceRecord, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
@@ -167,8 +167,9 @@ pub struct Registry {
     /// at which revision (a write since starts the wait again).
     empty_since: HashMap<Arc<ServiceKey>, (Instant, u64)>,
     /// This node's sessions written since the last [`Self::take_dirty`],
-    /// kept only when the node replicates (see [`Self::track_replication`]).
-    dirty: Option<rustc_hash::FxHashSet<OwnerRef>>,
+    /// with the instances written, kept only when the node replicates
+    /// (see [`Self::track_replication`]).
+    dirty: Option<HashMap<OwnerRef, Touched>>,
 }
 
 impl Registry {
@@ -196,19 +197,30 @@ impl Registry {
         self.dirty.get_or_insert_with(Default::default);
     }
 
-    /// This node's sessions changed since the last call, each once.
-    pub fn take_dirty(&mut self) -> Vec<OwnerRef> {
+    /// This node's sessions changed since the last call, each once, with
+    /// the instances written in each.
+    pub fn take_dirty(&mut self) -> Vec<(OwnerRef, Touched)> {
         match &mut self.dirty {
             Some(d) if !d.is_empty() => d.drain().collect(),
             _ => Vec::new(),
         }
     }
 
-    fn mark_dirty(&mut self, owner: &OwnerRef) {
+    /// Notes a write of `ids` in `key` by `owner` (none: its end).
+    fn mark_dirty<'a>(
+        &mut self,
+        owner: &OwnerRef,
+        key: Option<&Arc<ServiceKey>>,
+        ids: impl IntoIterator<Item = &'a Arc<str>>,
+    ) {
         if let Some(d) = &mut self.dirty
             && owner.origin == self.node
         {
-            d.insert(owner.clone());
+            let touched = d.entry(owner.clone()).or_default();
+            match key {
+                Some(key) => ids.into_iter().for_each(|id| touched.add(key, id)),
+                None => touched.merge(Touched::whole()),
+            }
         }
     }
 
@@ -717,6 +729,100 @@ impl Registry {
         }
     }
 
+    /// What changed in one of this node's live sessions since `base`, given
+    /// the instances written since (`touched`, not whole): the current form
+    /// of each that is still held, the removal of each that is not. None
+    /// if the session is not live here or not past `base`.
+    pub fn session_delta(
+        &self,
+        owner: &Owner,
+        base: Version,
+        touched: &Touched,
+    ) -> Option<SessionDelta> {
+        let Held::Live { version, records } = self.data.get(owner)? else {
+            return None;
+        };
+        if *version <= base || touched.is_whole() {
+            return None;
+        }
+        let mut delta = SessionDelta {
+            base,
+            version: *version,
+            upserts: Vec::new(),
+            removed: Vec::new(),
+        };
+        for (key, id) in touched.ids() {
+            match records.get(key, id) {
+                Some(r) => {
+                    let instance = r.instance.clone();
+                    delta
+                        .upserts
+                        .push((ServiceKey::clone(key), instance, r.version));
+                }
+                None => delta.removed.push((ServiceKey::clone(key), id.to_string())),
+            }
+        }
+        Some(delta)
+    }
+
+    /// Applies a delta of another node's session (see [`SessionDelta`]).
+    /// `Ok(None)`: it cannot be applied here (the session is not held
+    /// live at `base` or later): its whole state is needed. A delta at or
+    /// below what is held changes nothing.
+    pub fn apply_delta(
+        &mut self,
+        owner: &Owner,
+        delta: SessionDelta,
+    ) -> Result<Option<Vec<Change>>, RegistryError> {
+        if owner.origin == self.node {
+            return Ok(Some(Vec::new()));
+        }
+        let Some((owner, held)) = self.data.get_key_value(owner) else {
+            return Ok(None);
+        };
+        if held.version() >= delta.version {
+            return Ok(Some(Vec::new()));
+        }
+        match held {
+            Held::Live { version, .. } if *version >= delta.base => {}
+            _ => return Ok(None),
+        }
+        let owner = owner.clone();
+        // Validate everything before changing anything.
+        let mut upserts = Vec::with_capacity(delta.upserts.len());
+        for (key, instance, version) in delta.upserts {
+            upserts.push((key, checked(instance)?, version));
+        }
+        self.observe(delta.version);
+        let mut writes = Vec::with_capacity(upserts.len() + delta.removed.len());
+        for (key, instance, version) in upserts {
+            self.observe(version);
+            let key = self.intern(&key);
+            let id: Arc<str> = instance.id.as_str().into();
+            writes.push((key, id, Some(record(instance, &owner, version))));
+        }
+        for (key, id) in delta.removed {
+            if let Some(key) = self.services.get(&key).map(|s| s.key().clone()) {
+                writes.push((key, id.into(), None));
+            }
+        }
+        let mut touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>> = BTreeMap::new();
+        let Some(Held::Live { version, records }) = self.data.get_mut(&owner) else {
+            return Ok(None); // checked live above
+        };
+        *version = delta.version;
+        for (key, id, record) in writes {
+            let old = match record {
+                Some(r) => records.insert(key.clone(), id.clone(), r),
+                None => records.remove(&key, &id),
+            };
+            if old.is_some() || records.get(&key, &id).is_some() {
+                touched.entry(key).or_default().insert(id);
+            }
+        }
+        Ok(Some(self.reconcile_all(&owner, touched)))
+    }
+
     /// Forgets tombstones older than the grace period.
     pub fn expire_tombstones(&mut self, now: Instant) {
         let grace = self.config.tombstone_grace;
@@ -729,6 +835,11 @@ impl Registry {
     /// What is held of a session (any origin).
     pub fn held(&self, owner: &Owner) -> Option<&Held> {
         self.data.get(owner)
+    }
+
+    /// What is held of a session (any origin), with its interned owner.
+    pub fn held_entry(&self, owner: &Owner) -> Option<(&OwnerRef, &Held)> {
+        self.data.get_key_value(owner)
     }
 
     /// Every session held, with what is held of it.
@@ -744,7 +855,7 @@ impl Registry {
     /// Replaces a session's data by a tombstone at `version` and removes
     /// what it showed.
     fn retire(&mut self, owner: &OwnerRef, version: Version, now: Instant) -> Vec<Change> {
-        self.mark_dirty(owner);
+        self.mark_dirty(owner, None, []);
         let old = self.data.insert(
             owner.clone(),
             Held::Gone {
@@ -912,7 +1023,7 @@ impl Registry {
         id: Arc<str>,
         record: Option<Arc<InstanceRecord>>,
     ) -> Change {
-        self.mark_dirty(owner);
+        self.mark_dirty(owner, Some(key), [&id]);
         let had = match self.data.get_mut(owner) {
             Some(Held::Live {
                 version: v,
@@ -958,7 +1069,7 @@ impl Registry {
         key: &Arc<ServiceKey>,
         updates: Vec<(Arc<str>, Option<Arc<InstanceRecord>>)>,
     ) -> Change {
-        self.mark_dirty(owner);
+        self.mark_dirty(owner, Some(key), updates.iter().map(|(id, _)| id));
         let mut had = Vec::with_capacity(updates.len());
         if let Some(Held::Live {
             version: v,

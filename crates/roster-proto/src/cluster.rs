@@ -11,7 +11,7 @@ use std::time::Duration;
 use prost::Message as _;
 use roster_core::model::{Owner, ValidationError, Version};
 use roster_core::replication::{Envelope, Message};
-use roster_core::{ServiceKey, SessionData, SessionState};
+use roster_core::{ServiceKey, SessionData, SessionDelta, SessionState};
 
 use crate::{cluster_v1 as pb, v1};
 
@@ -30,14 +30,22 @@ pub enum DecodeError {
 pub fn to_wire(envelope: &Envelope) -> pb::Envelope {
     use pb::envelope::Body;
     let body = match &envelope.body {
-        Message::Sync { batch, sessions } => Body::Sync(pb::Sync {
+        Message::Sync {
+            batch,
+            sessions,
+            deltas,
+        } => Body::Sync(pb::Sync {
             batch: *batch,
             sessions: sessions
                 .iter()
                 .map(|(o, s)| state_to_wire(o, s, Duration::ZERO))
                 .collect(),
+            deltas: deltas.iter().map(|(o, d)| delta_to_wire(o, d)).collect(),
         }),
-        Message::SyncAck { batch } => Body::SyncAck(pb::SyncAck { batch: *batch }),
+        Message::SyncAck { batch, wanted } => Body::SyncAck(pb::SyncAck {
+            batch: *batch,
+            wanted: wanted.iter().map(|s| s.to_string()).collect(),
+        }),
         Message::Verify { sessions } => Body::Verify(pb::Verify {
             sessions: sessions
                 .iter()
@@ -91,8 +99,20 @@ pub fn from_wire(
                 .into_iter()
                 .map(|(o, s, _)| (o, s))
                 .collect(),
+            deltas: m
+                .deltas
+                .into_iter()
+                .filter_map(|d| delta_from_wire(d).map_err(|e| skipped.push(e)).ok())
+                .collect(),
         },
-        Some(Body::SyncAck(m)) => Message::SyncAck { batch: m.batch },
+        Some(Body::SyncAck(m)) => Message::SyncAck {
+            batch: m.batch,
+            wanted: m
+                .wanted
+                .into_iter()
+                .map(|s| session_id("wanted", s))
+                .collect::<Result<_, _>>()?,
+        },
         Some(Body::Verify(m)) => Message::Verify {
             sessions: m
                 .sessions
@@ -181,6 +201,81 @@ fn owner_from_wire(o: pb::Owner) -> Result<Owner, ValidationError> {
     })
 }
 
+/// Instances grouped by service, each with the version that set it.
+fn services_to_wire<'a>(
+    instances: impl IntoIterator<Item = &'a (ServiceKey, roster_core::Instance, Version)>,
+) -> Vec<pb::ServiceInstances> {
+    let mut by_service: BTreeMap<&ServiceKey, Vec<v1::Instance>> = BTreeMap::new();
+    for (key, instance, version) in instances {
+        let mut i = v1::Instance::from_model(instance);
+        i.version = Some(version_to_wire(*version));
+        by_service.entry(key).or_default().push(i);
+    }
+    by_service
+        .into_iter()
+        .map(|(k, instances)| pb::ServiceInstances {
+            service: Some(k.into()),
+            instances,
+        })
+        .collect()
+}
+
+fn services_from_wire(
+    services: Vec<pb::ServiceInstances>,
+) -> Result<Vec<(ServiceKey, roster_core::Instance, Version)>, ValidationError> {
+    let mut instances = Vec::new();
+    for group in services {
+        let key = crate::convert::required_key(group.service.as_ref())?;
+        for i in group.instances {
+            let v = version_from_wire("instance.version", i.version)?;
+            instances.push((key.clone(), i.to_model()?, v));
+        }
+    }
+    Ok(instances)
+}
+
+fn delta_to_wire(owner: &Owner, d: &SessionDelta) -> pb::SessionDelta {
+    let mut removed: BTreeMap<&ServiceKey, Vec<String>> = BTreeMap::new();
+    for (key, id) in &d.removed {
+        removed.entry(key).or_default().push(id.clone());
+    }
+    pb::SessionDelta {
+        owner: Some(owner_to_wire(owner)),
+        base: Some(version_to_wire(d.base)),
+        version: Some(version_to_wire(d.version)),
+        upserts: services_to_wire(&d.upserts),
+        removed: removed
+            .into_iter()
+            .map(|(k, ids)| pb::ServiceIds {
+                service: Some(k.into()),
+                ids,
+            })
+            .collect(),
+    }
+}
+
+fn delta_from_wire(d: pb::SessionDelta) -> Result<(Owner, SessionDelta), ValidationError> {
+    let owner = owner_from_wire(
+        d.owner
+            .ok_or_else(|| ValidationError::new("delta.owner", "is required"))?,
+    )?;
+    let mut removed = Vec::new();
+    for group in d.removed {
+        let key = crate::convert::required_key(group.service.as_ref())?;
+        for id in group.ids {
+            roster_core::model::validate_name("delta.removed", &id)?;
+            removed.push((key.clone(), id));
+        }
+    }
+    let delta = SessionDelta {
+        base: version_from_wire("delta.base", d.base)?,
+        version: version_from_wire("delta.version", d.version)?,
+        upserts: services_from_wire(d.upserts)?,
+        removed,
+    };
+    Ok((owner, delta))
+}
+
 fn state_to_wire(owner: &Owner, state: &SessionState, age: Duration) -> pb::SessionState {
     let unverified_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
     match state {
@@ -191,27 +286,13 @@ fn state_to_wire(owner: &Owner, state: &SessionState, age: Duration) -> pb::Sess
             services: Vec::new(),
             unverified_ms,
         },
-        SessionState::Live(data) => {
-            let mut by_service: BTreeMap<&ServiceKey, Vec<v1::Instance>> = BTreeMap::new();
-            for (key, instance, version) in &data.instances {
-                let mut i = v1::Instance::from_model(instance);
-                i.version = Some(version_to_wire(*version));
-                by_service.entry(key).or_default().push(i);
-            }
-            pb::SessionState {
-                owner: Some(owner_to_wire(owner)),
-                version: Some(version_to_wire(data.version)),
-                gone: false,
-                unverified_ms,
-                services: by_service
-                    .into_iter()
-                    .map(|(k, instances)| pb::ServiceInstances {
-                        service: Some(k.into()),
-                        instances,
-                    })
-                    .collect(),
-            }
-        }
+        SessionState::Live(data) => pb::SessionState {
+            owner: Some(owner_to_wire(owner)),
+            version: Some(version_to_wire(data.version)),
+            gone: false,
+            unverified_ms,
+            services: services_to_wire(&data.instances),
+        },
     }
 }
 
@@ -237,14 +318,7 @@ fn state_from_wire(
     if s.gone {
         return Ok((owner, SessionState::Gone(version), age));
     }
-    let mut instances = Vec::new();
-    for group in s.services {
-        let key = crate::convert::required_key(group.service.as_ref())?;
-        for i in group.instances {
-            let v = version_from_wire("instance.version", i.version)?;
-            instances.push((key.clone(), i.to_model()?, v));
-        }
-    }
+    let instances = services_from_wire(s.services)?;
     let live = SessionState::Live(SessionData { version, instances });
     Ok((owner, live, age))
 }
@@ -274,14 +348,24 @@ mod tests {
         instance.metadata.insert("zone", "a");
         let live = SessionState::Live(SessionData {
             version: v(3, 9),
-            instances: vec![(key, instance, v(3, 8))],
+            instances: vec![(key.clone(), instance.clone(), v(3, 8))],
         });
+        let delta = SessionDelta {
+            base: v(3, 7),
+            version: v(3, 9),
+            upserts: vec![(key.clone(), instance, v(3, 8))],
+            removed: vec![(key, "10.0.0.2#80#DEFAULT".into())],
+        };
         let bodies = [
             Message::Sync {
                 batch: 7,
                 sessions: vec![(owner.clone(), live.clone())],
+                deltas: vec![(owner.clone(), delta)],
             },
-            Message::SyncAck { batch: 7 },
+            Message::SyncAck {
+                batch: 7,
+                wanted: vec!["s-2".into()],
+            },
             Message::Verify {
                 sessions: vec![("s-1".into(), v(3, 9))],
             },
@@ -354,10 +438,14 @@ mod tests {
             body: Some(pb::envelope::Body::Sync(pb::Sync {
                 batch: 3,
                 sessions: vec![good("s-1"), bad, good("s-3")],
+                deltas: vec![],
             })),
         };
         let (e, skipped) = decode(&wire.encode_to_vec()).unwrap();
-        let Message::Sync { batch: 3, sessions } = e.body else {
+        let Message::Sync {
+            batch: 3, sessions, ..
+        } = e.body
+        else {
             panic!("{e:?}")
         };
         let ids: Vec<&str> = sessions.iter().map(|(o, _)| &*o.session).collect();

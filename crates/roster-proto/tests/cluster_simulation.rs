@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use roster_core::held::Held;
 use roster_core::model::{Owner, Version};
-use roster_core::replication::{Effect, ReplicationConfig, Replicator};
+use roster_core::replication::{Effect, Message, ReplicationConfig, Replicator};
 use roster_core::session::SessionKind;
 use roster_core::{Instance, NodeName, Registry, RegistryConfig, ServiceKey, SessionId};
 
@@ -145,6 +145,9 @@ struct Sim {
     last_crash: Option<Instant>,
     messages: u64,
     bytes: u64,
+    /// Session deltas sent, and deltas a receiver asked to have whole.
+    deltas: u64,
+    deltas_wanted: u64,
 }
 
 impl Sim {
@@ -177,6 +180,8 @@ impl Sim {
             last_crash: None,
             messages: 0,
             bytes: 0,
+            deltas: 0,
+            deltas_wanted: 0,
             rng,
         };
         for i in 0..n {
@@ -277,6 +282,13 @@ impl Sim {
                     let Some(to) = self.members.iter().position(|m| m.name == to) else {
                         self.fail("protocol", format!("a message to a non-member {to}"));
                     };
+                    match &envelope.body {
+                        Message::Sync { deltas, .. } => self.deltas += deltas.len() as u64,
+                        Message::SyncAck { wanted, .. } => {
+                            self.deltas_wanted += wanted.len() as u64;
+                        }
+                        _ => {}
+                    }
                     let bytes = roster_proto::cluster::encode(&envelope);
                     self.transmit(i, to, bytes);
                 }
@@ -736,16 +748,26 @@ fn seeds() -> Vec<u64> {
 fn the_cluster_converges_and_loses_nothing_under_faults() {
     let started = std::time::Instant::now();
     let seeds = seeds();
-    let (mut messages, mut bytes) = (0, 0);
+    let (mut messages, mut bytes, mut deltas, mut wanted) = (0, 0, 0, 0);
     for &seed in &seeds {
         let mut sim = Sim::new(seed);
         sim.run();
         messages += sim.messages;
         bytes += sim.bytes;
+        deltas += sim.deltas;
+        wanted += sim.deltas_wanted;
     }
     println!(
-        "{} seeds, {messages} messages, {bytes} bytes, in {:?}",
+        "{} seeds, {messages} messages, {bytes} bytes, {deltas} deltas ({wanted} asked whole), in {:?}",
         seeds.len(),
         started.elapsed()
     );
+    // The runs went through both paths of incremental sync: deltas, and
+    // deltas a receiver could not apply (it had lost the session).
+    if seeds.len() >= 8 {
+        assert!(
+            deltas > 0 && wanted > 0,
+            "{deltas} deltas, {wanted} asked whole"
+        );
+    }
 }

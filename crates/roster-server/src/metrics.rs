@@ -76,6 +76,8 @@ pub struct Replication {
     too_large: Counter,
     batches: Counter,
     sessions_sent: Counter,
+    deltas_sent: Counter,
+    deltas_wanted: Counter,
     instances_sent: Counter,
     sessions_applied: Counter,
     batches_failed: Counter,
@@ -134,6 +136,14 @@ impl Replication {
         );
         let batches = counter("batches", "Sync batches sent");
         let sessions_sent = counter("sessions_sent", "Session states sent in sync batches");
+        let deltas_sent = counter(
+            "deltas_sent",
+            "Session states sent as deltas from the version the peer acknowledged",
+        );
+        let deltas_wanted = counter(
+            "deltas_wanted",
+            "Deltas received that could not be applied (asked for the session whole)",
+        );
         let instances_sent = counter("instances_sent", "Instances sent in sync batches");
         let sessions_applied = counter("sessions_applied", "Session states received and applied");
         let batches_failed = counter(
@@ -189,6 +199,8 @@ impl Replication {
             too_large,
             batches,
             sessions_sent,
+            deltas_sent,
+            deltas_wanted,
             instances_sent,
             sessions_applied,
             batches_failed,
@@ -230,6 +242,8 @@ impl Replication {
         for (c, v) in [
             (&self.batches, stats.batches_sent),
             (&self.sessions_sent, stats.sessions_sent),
+            (&self.deltas_sent, stats.deltas_sent),
+            (&self.deltas_wanted, stats.deltas_wanted),
             (&self.instances_sent, stats.instances_sent),
             (&self.sessions_applied, stats.sessions_applied),
             (&self.batches_failed, stats.batches_failed),

@@ -2,7 +2,7 @@
 //! says is in `docs/replication.md`. Encoding them is `roster-proto`'s
 //! (`roster_proto::cluster`); nothing here knows a wire format.
 
-use crate::held::SessionState;
+use crate::held::{SessionDelta, SessionState};
 use std::time::Duration;
 
 use crate::model::{NodeName, Owner, SessionId, Version};
@@ -25,13 +25,21 @@ pub enum Message {
     Sync {
         /// Numbers the batch, for its acknowledgement.
         batch: u64,
-        /// Each session's whole state.
+        /// Whole states of sessions (new to the receiver, or ended, or
+        /// asked for whole).
         sessions: Vec<(Owner, SessionState)>,
+        /// What changed in sessions since the version the receiver last
+        /// acknowledged.
+        deltas: Vec<(Owner, SessionDelta)>,
     },
     /// A [`Message::Sync`] batch was applied.
     SyncAck {
         /// The batch.
         batch: u64,
+        /// Sessions of the batch whose delta could not be applied (the
+        /// receiver does not hold them at its base): the sender sends them
+        /// whole.
+        wanted: Vec<SessionId>,
     },
     /// Part of the digest of the sessions the sender is responsible for
     /// (every one of its live sessions, in one or more messages per round):

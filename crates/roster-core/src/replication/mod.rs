@@ -14,9 +14,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::FxHashMap as HashMap;
 
-use crate::held::{Held, SessionState};
+use crate::held::{Held, SessionDelta, SessionState, Touched};
 use crate::model::{NodeName, Owner, OwnerRef, SessionId, Version};
 use crate::registry::{Change, Registry};
 pub use members::{MemberState, rendezvous};
@@ -105,8 +105,13 @@ pub enum Effect {
 pub struct Stats {
     /// Sync batches sent.
     pub batches_sent: u64,
-    /// Session states sent in them.
+    /// Session states sent in them (whole or as deltas).
     pub sessions_sent: u64,
+    /// Of those, deltas.
+    pub deltas_sent: u64,
+    /// Deltas received that could not be applied (the session was not
+    /// held at their base): asked for whole.
+    pub deltas_wanted: u64,
     /// Instances sent in them.
     pub instances_sent: u64,
     /// Session states received and applied (newer than held).
@@ -147,9 +152,14 @@ pub struct Peer {
     pub last_verify: Option<Instant>,
     /// Its state.
     pub state: MemberState,
-    /// This member's sessions whose state it still needs, merged per
-    /// session (only the latest state goes).
-    pending: HashSet<OwnerRef>,
+    /// This member's sessions whose state it still needs, with the
+    /// instances written since it last got them, merged per session (only
+    /// the latest state goes).
+    pending: HashMap<OwnerRef, Touched>,
+    /// The version of each of this member's sessions it acknowledged last
+    /// (what a delta can start from). Forgotten when it restarts, refuses
+    /// a batch or asks for a session whole.
+    acked: HashMap<OwnerRef, Version>,
     /// The batch sent and not yet acknowledged (one at a time per peer;
     /// changes meanwhile gather in `pending`).
     in_flight: Option<InFlight>,
@@ -170,7 +180,8 @@ impl Peer {
             last_heard: None,
             last_verify: None,
             state: MemberState::Down,
-            pending: HashSet::default(),
+            pending: HashMap::default(),
+            acked: HashMap::default(),
             in_flight: None,
             retry_at: None,
             unreachable: false,
@@ -186,15 +197,29 @@ impl Peer {
 
     /// Queues the sessions of a batch given up on again.
     fn requeue(&mut self, f: InFlight) {
-        self.pending.extend(f.owners);
+        for (owner, touched, _) in f.owners {
+            self.queue(owner, touched);
+        }
         self.pending_since = Some(self.pending_since.map_or(f.since, |t| t.min(f.since)));
+    }
+
+    /// Queues what `touched` names of `owner`.
+    fn queue(&mut self, owner: OwnerRef, touched: Touched) {
+        match self.pending.entry(owner) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().merge(touched),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(touched);
+            }
+        }
     }
 }
 
 #[derive(Debug)]
 struct InFlight {
     batch: u64,
-    owners: Vec<OwnerRef>,
+    /// Each session sent, what was pending of it, and the version sent
+    /// (none: its end).
+    owners: Vec<(OwnerRef, Touched, Option<Version>)>,
     deadline: Instant,
     /// When the oldest change in it was made.
     since: Instant,
@@ -319,13 +344,6 @@ impl Replicator {
     /// retried, the verify round runs when due, replicas nobody vouches for
     /// are dropped, the snapshot load moves on, member states follow.
     pub fn tick(&mut self, registry: &mut Registry, now: Instant) -> Vec<Effect> {
-        let dirty = registry.take_dirty();
-        if !dirty.is_empty() {
-            for peer in self.peers.values_mut() {
-                peer.pending.extend(dirty.iter().cloned());
-                peer.pending_since.get_or_insert(now);
-            }
-        }
         let names: Vec<NodeName> = self.peers.keys().cloned().collect();
         for name in &names {
             self.update_state(name, now);
@@ -373,8 +391,10 @@ impl Replicator {
                 return Vec::new();
             }
             Some(known) if incarnation != known => {
-                // It restarted: a batch in flight went to the old life.
+                // It restarted: a batch in flight went to the old life,
+                // and what it held is gone.
                 peer.incarnation = Some(incarnation);
+                peer.acked.clear();
                 if let Some(f) = peer.in_flight.take() {
                     peer.requeue(f);
                 }
@@ -398,7 +418,7 @@ impl Replicator {
         if peer.unreachable || peer.state != MemberState::Up {
             peer.retry_at = None;
             peer.backoff = Duration::ZERO;
-            let acked = matches!(&body, Message::SyncAck { batch }
+            let acked = matches!(&body, Message::SyncAck { batch, .. }
                 if peer.in_flight.as_ref().is_some_and(|f| f.batch == *batch));
             if !acked && let Some(f) = peer.in_flight.take() {
                 peer.requeue(f);
@@ -408,18 +428,30 @@ impl Replicator {
         peer.unreachable = false;
         self.update_state(&from, now);
         match body {
-            Message::Sync { batch, sessions } => {
+            Message::Sync {
+                batch,
+                sessions,
+                deltas,
+            } => {
                 let sessions = sessions.into_iter().map(|(o, s)| (o, s, now)).collect();
                 self.apply(registry, sessions, false);
-                self.send(&from, Message::SyncAck { batch });
+                let wanted = self.apply_deltas(registry, &from, deltas, now);
+                self.send(&from, Message::SyncAck { batch, wanted });
             }
-            Message::SyncAck { batch } => {
+            Message::SyncAck { batch, wanted } => {
                 let peer = self.peer(&from);
-                if peer.in_flight.as_ref().is_some_and(|f| f.batch == batch) {
-                    let since = peer.in_flight.take().map_or(now, |f| f.since);
+                if let Some(f) = peer.in_flight.take_if(|f| f.batch == batch) {
+                    for (owner, _, version) in f.owners {
+                        match version {
+                            Some(v) => peer.acked.insert(owner, v),
+                            None => peer.acked.remove(&owner),
+                        };
+                    }
+                    self.want_whole(registry, &from, wanted, now);
+                    let peer = self.peer(&from);
                     peer.backoff = Duration::ZERO;
                     peer.retry_at = None;
-                    let lag = now.saturating_duration_since(since);
+                    let lag = now.saturating_duration_since(f.since);
                     self.effects.push(Effect::Acked(from.clone(), lag));
                 }
                 self.try_send(registry, &from, now);
@@ -433,18 +465,7 @@ impl Replicator {
                 }
             }
             Message::VerifyAnswer { wanted } => {
-                let me = self.me.clone();
-                let peer = self.peers.get_mut(&from).expect("checked above");
-                for session in wanted {
-                    let owner = Owner {
-                        origin: me.clone(),
-                        session,
-                    };
-                    if registry.held(&owner).is_some() {
-                        peer.pending.insert(Arc::new(owner));
-                        peer.pending_since.get_or_insert(now);
-                    }
-                }
+                self.want_whole(registry, &from, wanted, now);
                 self.try_send(registry, &from, now);
             }
             Message::SnapshotRequest { after } => {
@@ -508,8 +529,11 @@ impl Replicator {
         let Some(peer) = self.peers.get_mut(to) else {
             return Vec::new();
         };
-        if peer.in_flight.as_ref().is_some_and(|f| f.batch == batch) {
-            peer.in_flight = None;
+        if let Some(f) = peer.in_flight.take_if(|f| f.batch == batch) {
+            // What it holds of them is not known: they go whole next.
+            for (owner, ..) in f.owners {
+                peer.acked.remove(&owner);
+            }
             self.stats.refused += 1;
         }
         std::mem::take(&mut self.effects)
@@ -631,9 +655,58 @@ impl Replicator {
         self.stats.batches_failed += 1;
     }
 
+    /// Takes the sessions written since the last call into what every
+    /// peer needs.
+    fn gather(&mut self, registry: &mut Registry, now: Instant) {
+        let dirty = registry.take_dirty();
+        if dirty.is_empty() {
+            return;
+        }
+        let mut peers = self.peers.values_mut().peekable();
+        while let Some(peer) = peers.next() {
+            peer.pending_since.get_or_insert(now);
+            if peers.peek().is_none() {
+                // The last peer takes the originals.
+                for (owner, touched) in dirty {
+                    peer.queue(owner, touched);
+                }
+                break;
+            }
+            for (owner, touched) in &dirty {
+                peer.queue(owner.clone(), touched.clone());
+            }
+        }
+    }
+
+    /// `name` needs these sessions of this member whole (it lacks them or
+    /// could not apply a delta of them).
+    fn want_whole(
+        &mut self,
+        registry: &Registry,
+        name: &NodeName,
+        wanted: Vec<SessionId>,
+        now: Instant,
+    ) {
+        let me = self.me.clone();
+        let peer = self.peer(name);
+        for session in wanted {
+            let owner = Owner {
+                origin: me.clone(),
+                session,
+            };
+            if let Some((owner, _)) = registry.held_entry(&owner) {
+                peer.acked.remove(owner);
+                peer.queue(owner.clone(), Touched::whole());
+                peer.pending_since.get_or_insert(now);
+            }
+        }
+    }
+
     /// Sends `name` the next batch of what it needs, unless one is in
-    /// flight or a back-off runs.
-    fn try_send(&mut self, registry: &Registry, name: &NodeName, now: Instant) {
+    /// flight or a back-off runs: each session as a delta from the version
+    /// `name` acknowledged last, or whole when that is not known.
+    fn try_send(&mut self, registry: &mut Registry, name: &NodeName, now: Instant) {
+        self.gather(registry, now);
         let ack_timeout = self.config.ack_timeout;
         let mut budget = Budget::new(&self.config);
         let peer = self.peers.get_mut(name).expect("a configured peer");
@@ -643,31 +716,55 @@ impl Replicator {
         {
             return;
         }
-        let mut owners = Vec::new();
+        let mut taken = Vec::new();
         let mut sessions = Vec::new();
-        for owner in peer.pending.iter() {
+        let mut deltas = Vec::new();
+        for (owner, touched) in peer.pending.iter() {
+            let base = peer.acked.get(owner).copied();
+            let delta = base.and_then(|b| registry.session_delta(owner, b, touched));
+            if let Some(delta) = delta {
+                match budget.admit(delta.wire_size(), delta.len()) {
+                    Admit::Full => break,
+                    Admit::Yes => {
+                        taken.push((owner.clone(), Some(delta.version)));
+                        deltas.push((Owner::clone(owner), delta));
+                        continue;
+                    }
+                    // Its whole state may still fit below.
+                    Admit::TooLarge => {}
+                }
+            }
             // A tombstone forgotten since: nothing to say (the peer drops
             // the session when no digest lists it).
-            let state = registry.session_state(owner);
-            match state.as_ref().map(|s| budget.admit(s)) {
-                Some(Admit::Full) => break,
-                Some(Admit::Yes) => {
-                    sessions.push((Owner::clone(owner), state.expect("admitted")));
+            let Some(state) = registry.session_state(owner) else {
+                taken.push((owner.clone(), None));
+                continue;
+            };
+            if base.is_some_and(|b| b >= state.version()) {
+                // It has this already.
+                taken.push((owner.clone(), base));
+                continue;
+            }
+            match budget.admit(state.wire_size(), state.len()) {
+                Admit::Full => break,
+                Admit::Yes => {
+                    let version = matches!(state, SessionState::Live(_)).then(|| state.version());
+                    taken.push((owner.clone(), version));
+                    sessions.push((Owner::clone(owner), state));
                 }
-                Some(Admit::TooLarge) => {
-                    let version = state.as_ref().map(SessionState::version);
-                    if let Some(v) = version
-                        && self.too_large.insert(owner.clone(), v) != Some(v)
-                    {
+                Admit::TooLarge => {
+                    let v = state.version();
+                    if self.too_large.insert(owner.clone(), v) != Some(v) {
                         self.stats.too_large += 1;
                     }
+                    taken.push((owner.clone(), base));
                 }
-                None => {}
             }
-            owners.push(owner.clone());
         }
-        for o in &owners {
-            peer.pending.remove(o);
+        let mut owners = Vec::with_capacity(taken.len());
+        for (owner, version) in taken {
+            let touched = peer.pending.remove(&owner).unwrap_or_default();
+            owners.push((owner, touched, version));
         }
         let instances = budget.instances;
         let since = if peer.pending.is_empty() {
@@ -676,7 +773,13 @@ impl Replicator {
             peer.pending_since
         }
         .unwrap_or(now);
-        if sessions.is_empty() {
+        if sessions.is_empty() && deltas.is_empty() {
+            // Nothing went; what was taken needs nothing more.
+            for (owner, _, version) in owners {
+                if version.is_none() {
+                    peer.acked.remove(&owner);
+                }
+            }
             return;
         }
         let batch = self.next_batch;
@@ -688,9 +791,52 @@ impl Replicator {
             since,
         });
         self.stats.batches_sent += 1;
-        self.stats.sessions_sent += sessions.len() as u64;
+        self.stats.sessions_sent += (sessions.len() + deltas.len()) as u64;
+        self.stats.deltas_sent += deltas.len() as u64;
         self.stats.instances_sent += instances as u64;
-        self.send(name, Message::Sync { batch, sessions });
+        let body = Message::Sync {
+            batch,
+            sessions,
+            deltas,
+        };
+        self.send(name, body);
+    }
+
+    /// Applies deltas of `from`'s sessions and returns those that could
+    /// not be applied here (to ask for whole).
+    fn apply_deltas(
+        &mut self,
+        registry: &mut Registry,
+        from: &NodeName,
+        deltas: Vec<(Owner, SessionDelta)>,
+        now: Instant,
+    ) -> Vec<SessionId> {
+        let mut changes = Vec::new();
+        let mut wanted = Vec::new();
+        for (owner, delta) in deltas {
+            // Only a session's origin sends its deltas.
+            if owner.origin != *from {
+                self.stats.invalid += 1;
+                continue;
+            }
+            match registry.apply_delta(&owner, delta) {
+                Ok(Some(c)) => {
+                    changes.extend(c);
+                    self.stats.sessions_applied += 1;
+                    let t = self.renewed.entry(Arc::new(owner)).or_insert(now);
+                    *t = (*t).max(now);
+                }
+                Ok(None) => {
+                    self.stats.deltas_wanted += 1;
+                    wanted.push(owner.session);
+                }
+                Err(_) => self.stats.invalid += 1,
+            }
+        }
+        if !changes.is_empty() {
+            self.effects.push(Effect::Changed(changes));
+        }
+        wanted
     }
 
     /// Loads a snapshot chunk: each replica keeps the age it had at the
@@ -862,7 +1008,7 @@ impl Replicator {
                 taken += 1;
                 continue;
             };
-            match budget.admit(&state) {
+            match budget.admit(state.wire_size(), state.len()) {
                 Admit::Full => break,
                 // Too large for any message: left out of the snapshot too.
                 Admit::TooLarge => {}
@@ -986,22 +1132,22 @@ impl Budget {
         }
     }
 
-    /// Takes `state` if it fits; the first session of a batch always fits
+    /// Takes a state or delta of `size` bytes and `len` instances if it
+    /// fits; the first session of a batch always fits
     /// unless it is larger than a message may be.
-    fn admit(&mut self, state: &SessionState) -> Admit {
-        let size = state.wire_size();
+    fn admit(&mut self, size: usize, len: usize) -> Admit {
         if size > self.largest {
             return Admit::TooLarge;
         }
         if self.sessions > 0
             && (self.sessions >= self.max_sessions
-                || self.instances + state.len() > self.max_instances
+                || self.instances + len > self.max_instances
                 || self.bytes + size > self.max_bytes)
         {
             return Admit::Full;
         }
         self.sessions += 1;
-        self.instances += state.len();
+        self.instances += len;
         self.bytes += size;
         Admit::Yes
     }

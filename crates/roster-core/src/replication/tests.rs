@@ -170,13 +170,170 @@ fn changes_while_a_batch_is_in_flight_are_merged_per_session() {
     let second = deliver(&ack, &mut a, t);
     let sent = sends(&second);
     assert_eq!(sent.len(), 1);
-    let Message::Sync { sessions, .. } = &sent[0].1.body else {
+    let Message::Sync {
+        sessions, deltas, ..
+    } = &sent[0].1.body
+    else {
         panic!("a sync, got {:?}", sent[0].1.body);
     };
-    assert_eq!(sessions.len(), 1);
-    assert_eq!(sessions[0].1.len(), 4);
+    // b acknowledged the session: what follows is only what changed since.
+    assert!(sessions.is_empty());
+    assert_eq!(deltas.len(), 1);
+    assert_eq!(deltas[0].1.upserts.len(), 3);
     deliver(&second, &mut b, t);
     assert_eq!(listed(&mut b).len(), 4);
+}
+
+/// The whole sessions and the deltas of a sync.
+type Synced = (Vec<(Owner, SessionState)>, Vec<(Owner, SessionDelta)>);
+
+/// The last sync `effects` send to `to`.
+fn sync_to(effects: &[Effect], to: &str) -> Synced {
+    sends(effects)
+        .into_iter()
+        .filter(|(n, _)| &**n == to)
+        .find_map(|(_, e)| match e.body {
+            Message::Sync {
+                sessions, deltas, ..
+            } => Some((sessions, deltas)),
+            _ => None,
+        })
+        .expect("a sync")
+}
+
+/// a sends what it has to b until b has it.
+fn sync_all(a: &mut Node, b: &mut Node, now: Instant) {
+    let out = a.replicator.tick(&mut a.registry, now);
+    settle(a, b, out, now);
+}
+
+#[test]
+fn a_peer_that_acknowledged_a_session_gets_only_what_changed_removals_too() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    for last in 1..=10 {
+        register(&mut a, "s1", last, t);
+    }
+    sync_all(&mut a, &mut b, t);
+    assert_eq!(listed(&mut b).len(), 10);
+    // One changed, one removed.
+    let mut changed = instance(3);
+    changed.metadata.insert("zone", "b");
+    a.registry
+        .register("s1", &key(), changed, t)
+        .expect("registers");
+    let gone = instance(7).id;
+    a.registry
+        .deregister("s1", &key(), &gone, t)
+        .expect("deregisters");
+    let out = a.replicator.tick(&mut a.registry, t);
+    let (sessions, deltas) = sync_to(&out, "b");
+    assert!(sessions.is_empty());
+    let delta = &deltas[0].1;
+    assert_eq!((delta.upserts.len(), delta.removed.len()), (1, 1));
+    assert_eq!(delta.removed[0].1, gone);
+    let ack = deliver(&out, &mut b, t);
+    deliver(&ack, &mut a, t);
+    assert_eq!(listed(&mut b).len(), 9);
+    assert!(!listed(&mut b).contains(&gone));
+    let view = b.registry.view(&key()).expect("listed");
+    let zone = view
+        .instances
+        .iter()
+        .find(|(id, _)| &***id == instance(3).id.as_str())
+        .and_then(|(_, i)| i.instance.metadata.get("zone").map(str::to_owned));
+    assert_eq!(zone.as_deref(), Some("b"));
+    // Same view, same version on both.
+    let owner = Owner {
+        origin: "a".into(),
+        session: "s1".into(),
+    };
+    let held = |n: &Node| n.registry.held(&owner).map(Held::version);
+    assert_eq!(held(&a), held(&b));
+}
+
+#[test]
+fn a_delta_the_peer_cannot_apply_brings_the_session_whole() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    register(&mut a, "s1", 2, t);
+    sync_all(&mut a, &mut b, t);
+    // b loses the session (say its origin's digests were lost for long).
+    let owner = Owner {
+        origin: "a".into(),
+        session: "s1".into(),
+    };
+    b.registry.forget_session(&owner);
+    assert!(listed(&mut b).is_empty());
+    register(&mut a, "s1", 3, t);
+    let out = a.replicator.tick(&mut a.registry, t);
+    assert_eq!(sync_to(&out, "b").1.len(), 1);
+    let ack = deliver(&out, &mut b, t);
+    let Some(Message::SyncAck { wanted, .. }) = sends(&ack).first().map(|(_, e)| e.body.clone())
+    else {
+        panic!("an ack, got {ack:?}");
+    };
+    assert_eq!(wanted, [SessionId::from("s1")]);
+    assert_eq!(b.replicator.stats().deltas_wanted, 1);
+    // The whole session follows at once.
+    let whole = deliver(&ack, &mut a, t);
+    let (sessions, deltas) = sync_to(&whole, "b");
+    assert!(deltas.is_empty());
+    assert_eq!(sessions[0].1.len(), 3);
+    let ack = deliver(&whole, &mut b, t);
+    deliver(&ack, &mut a, t);
+    assert_eq!(listed(&mut b).len(), 3);
+}
+
+#[test]
+fn after_a_refused_batch_or_a_restart_the_peer_gets_sessions_whole() {
+    let t = Instant::now();
+    let (mut a, mut b) = pair(t);
+    open(&mut a, "s1", t);
+    register(&mut a, "s1", 1, t);
+    sync_all(&mut a, &mut b, t);
+    // Refused: what b holds is not known any more.
+    register(&mut a, "s1", 2, t);
+    let out = a.replicator.tick(&mut a.registry, t);
+    let Message::Sync { batch, .. } = sends(&out)[0].1.body else {
+        panic!("a sync")
+    };
+    a.replicator.send_refused("b", batch);
+    register(&mut a, "s1", 3, t);
+    let out = a.replicator.tick(&mut a.registry, t);
+    let (sessions, deltas) = sync_to(&out, "b");
+    assert!(deltas.is_empty());
+    assert_eq!(sessions[0].1.len(), 3);
+    let ack = deliver(&out, &mut b, t);
+    deliver(&ack, &mut a, t);
+    assert_eq!(listed(&mut b).len(), 3);
+    // b restarts: its next life gets whole sessions.
+    let mut b2 = node("b", 2, &["a", "b"], t);
+    let hello = b2.replicator.tick(&mut b2.registry, t);
+    deliver(&hello, &mut a, t);
+    register(&mut a, "s1", 4, t);
+    let out = a.replicator.tick(&mut a.registry, t);
+    let (sessions, deltas) = sync_to(&out, "b");
+    assert!(deltas.is_empty());
+    assert_eq!(sessions[0].1.len(), 4);
+}
+
+#[test]
+fn many_writes_between_two_sends_go_whole() {
+    let mut touched = Touched::default();
+    let k = Arc::new(key());
+    for n in 0..=Touched::MAX_IDS {
+        touched.add(&k, &Arc::from(n.to_string()));
+    }
+    assert!(touched.is_whole());
+    assert_eq!(touched.ids().count(), 0);
+    let mut other = Touched::default();
+    other.add(&k, &Arc::from("x"));
+    other.merge(touched);
+    assert!(other.is_whole());
 }
 
 #[test]
