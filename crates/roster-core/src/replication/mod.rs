@@ -214,6 +214,16 @@ impl Peer {
     }
 }
 
+/// The order one peer's snapshot stream walks (see
+/// [`Replicator::snapshot_chunk`]).
+#[derive(Debug)]
+struct SnapshotOrder {
+    /// When a chunk of it was last asked for.
+    used: Instant,
+    /// The sessions held at the start, sorted.
+    owners: Vec<OwnerRef>,
+}
+
 #[derive(Debug)]
 struct InFlight {
     batch: u64,
@@ -242,9 +252,9 @@ struct Loading {
     next_round: Instant,
     /// Whether any chunk came in.
     got_any: bool,
-    /// The cursor the next chunk was already asked with (by
-    /// [`Replicator::prefetch`]).
-    prefetched: Option<Owner>,
+    /// The cursor of the last request made to the source (none: the
+    /// first); chunks are asked for in cursor order.
+    asked: Option<Owner>,
 }
 
 /// The replication state machine of one member.
@@ -263,6 +273,10 @@ pub struct Replicator {
     next_batch: u64,
     next_verify: Instant,
     loading: Option<Loading>,
+    /// The sessions held when each peer loading a snapshot from this
+    /// member asked for its first chunk, in owner order: later chunks
+    /// continue in it instead of sorting everything held again.
+    snapshot_orders: HashMap<NodeName, SnapshotOrder>,
     stats: Stats,
     effects: Vec<Effect>,
 }
@@ -307,8 +321,9 @@ impl Replicator {
                 failed: BTreeSet::new(),
                 next_round: now,
                 got_any: false,
-                prefetched: None,
+                asked: None,
             }),
+            snapshot_orders: HashMap::default(),
             stats: Stats::default(),
             effects: Vec::new(),
         }
@@ -472,7 +487,7 @@ impl Replicator {
                 let answer = if self.loading.is_some() {
                     Message::Loading
                 } else {
-                    self.snapshot_chunk(registry, after.as_ref(), now)
+                    self.snapshot_chunk(registry, &from, after.as_ref(), now)
                 };
                 self.send(&from, answer);
             }
@@ -496,7 +511,11 @@ impl Replicator {
                         Some(cursor) => {
                             loading.cursor = Some(cursor.clone());
                             loading.source = Some((from.clone(), now + timeout));
-                            if loading.prefetched.take().as_ref() != Some(&cursor) {
+                            // Not asked for yet (requests go in cursor
+                            // order: one at or past it was made).
+                            let asked = loading.asked.as_ref().is_some_and(|a| *a >= cursor);
+                            if !asked {
+                                loading.asked = Some(cursor.clone());
                                 self.send(
                                     &from,
                                     Message::SnapshotRequest {
@@ -539,21 +558,24 @@ impl Replicator {
         std::mem::take(&mut self.effects)
     }
 
-    /// A snapshot chunk is about to be handed to [`Self::receive`]: if it
-    /// is the one expected and more follow, the next one is asked for now,
-    /// so that the source prepares it while this one is applied. (Optional:
-    /// without it, the next chunk is asked for once this one is applied.
-    /// The caller must then hand this chunk to `receive` before any other.)
+    /// A snapshot chunk arrived and will be handed to [`Self::receive`]
+    /// (perhaps after earlier ones still being applied): if it answers the
+    /// last request made to its source and more follow, the next one is
+    /// asked for now, so that the source prepares it while chunks are
+    /// applied. (Optional: without it, the next chunk is asked for once
+    /// this one is applied. The caller must hand chunks to `receive` in
+    /// the order they arrived.)
     pub fn prefetch(&mut self, envelope: &Envelope) -> Vec<Effect> {
         if let Message::SnapshotChunk {
             next: Some(next),
             after,
             ..
         } = &envelope.body
-            && self.chunk_expected(&envelope.from, after.as_ref())
             && let Some(l) = &mut self.loading
+            && l.source.as_ref().is_some_and(|(s, _)| *s == envelope.from)
+            && l.asked.as_ref() == after.as_ref()
         {
-            l.prefetched = Some(next.clone());
+            l.asked = Some(next.clone());
             let after = Some(next.clone());
             self.send(&envelope.from, Message::SnapshotRequest { after });
         }
@@ -986,45 +1008,59 @@ impl Replicator {
         }
     }
 
-    /// The chunk of this member's snapshot after `after`.
-    fn snapshot_chunk(&self, registry: &Registry, after: Option<&Owner>, now: Instant) -> Message {
-        let mut candidates: Vec<&OwnerRef> = registry
-            .held_sessions()
-            .map(|(o, _)| o)
-            .filter(|o| after.is_none_or(|a| ***o > *a))
-            .collect();
-        let max = self.config.batch_sessions.max(1);
-        let more_beyond = candidates.len() > max;
-        if more_beyond {
-            candidates.select_nth_unstable(max);
-            candidates.truncate(max);
+    /// The chunk of this member's snapshot for `to` after `after`: the
+    /// sessions held, in owner order. The order is taken when `to` asks
+    /// for the first chunk and kept for the rest of its stream: sessions
+    /// that start meanwhile reach `to` by sync from their origin, and
+    /// those that end meanwhile are skipped.
+    fn snapshot_chunk(
+        &mut self,
+        registry: &Registry,
+        to: &NodeName,
+        after: Option<&Owner>,
+        now: Instant,
+    ) -> Message {
+        // Streams given up (the loader found another source, or died).
+        let idle = self.config.snapshot_timeout * 2;
+        self.snapshot_orders
+            .retain(|_, o| now.saturating_duration_since(o.used) < idle);
+        let fresh = after.is_none() || !self.snapshot_orders.contains_key(to);
+        if fresh {
+            let mut owners: Vec<OwnerRef> =
+                registry.held_sessions().map(|(o, _)| o.clone()).collect();
+            owners.sort_unstable();
+            let order = SnapshotOrder { used: now, owners };
+            self.snapshot_orders.insert(to.clone(), order);
         }
-        candidates.sort_unstable();
+        let order = self.snapshot_orders.get_mut(to).expect("inserted above");
+        order.used = now;
+        let start = after.map_or(0, |a| order.owners.partition_point(|o| **o <= *a));
+        let max = self.config.batch_sessions.max(1);
         let mut budget = Budget::new(&self.config);
         let mut sessions = Vec::new();
-        let mut taken = 0;
-        for owner in &candidates {
-            let Some(state) = registry.session_state(owner) else {
-                taken += 1;
-                continue;
-            };
-            match budget.admit(state.wire_size(), state.len()) {
-                Admit::Full => break,
-                // Too large for any message: left out of the snapshot too.
-                Admit::TooLarge => {}
-                Admit::Yes => {
-                    let age = self
-                        .renewed
-                        .get(*owner)
-                        .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
-                    sessions.push((Owner::clone(owner), state, age));
+        let mut last = None;
+        for owner in order.owners[start..].iter().take(max) {
+            if let Some(state) = registry.session_state(owner) {
+                match budget.admit(state.wire_size(), state.len()) {
+                    Admit::Full => break,
+                    // Too large for any message: left out of the snapshot too.
+                    Admit::TooLarge => {}
+                    Admit::Yes => {
+                        let age = self
+                            .renewed
+                            .get(owner)
+                            .map_or(Duration::ZERO, |t| now.saturating_duration_since(*t));
+                        sessions.push((Owner::clone(owner), state, age));
+                    }
                 }
             }
-            taken += 1;
+            last = Some(owner);
         }
-        let next = if more_beyond || taken < candidates.len() {
-            Some(Owner::clone(candidates[taken - 1]))
+        let more = last.is_some_and(|l| order.owners.last() != Some(l));
+        let next = if more {
+            last.map(|o| Owner::clone(o))
         } else {
+            self.snapshot_orders.remove(to);
             None
         };
         Message::SnapshotChunk {
@@ -1090,7 +1126,7 @@ impl Replicator {
         // A new source starts from the beginning: its data is not the
         // last one's.
         l.cursor = None;
-        l.prefetched = None;
+        l.asked = None;
         self.send(&pick, Message::SnapshotRequest { after: None });
     }
 }

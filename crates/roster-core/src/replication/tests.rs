@@ -458,6 +458,59 @@ fn a_starting_member_loads_a_snapshot_in_chunks_then_is_ready() {
 }
 
 #[test]
+fn a_snapshot_stream_keeps_its_order_while_sessions_start_and_end() {
+    let t = Instant::now();
+    let (mut a, _b) = pair(t);
+    for s in 1..=6u8 {
+        let session = format!("s{s}");
+        open(&mut a, &session, t);
+        register(&mut a, &session, s, t);
+    }
+    let mut c = node("c", 1, &["a", "c"], t);
+    let mut a_view = node("a", 1, &["a", "b", "c"], t);
+    std::mem::swap(&mut a.replicator, &mut a_view.replicator);
+    a.replicator.loading = None;
+    let request = c.replicator.tick(&mut c.registry, t);
+    let first = deliver(&request, &mut a, t);
+    let Some(Message::SnapshotChunk { sessions, next, .. }) =
+        sends(&first).first().map(|(_, e)| e.body.clone())
+    else {
+        panic!("a chunk, got {first:?}");
+    };
+    let ids = |s: &[(Owner, SessionState, Duration)]| -> Vec<String> {
+        s.iter().map(|(o, ..)| o.session.to_string()).collect()
+    };
+    assert_eq!(ids(&sessions), ["s1", "s2"]);
+    assert_eq!(next.map(|o| o.session.to_string()).as_deref(), Some("s2"));
+    // Meanwhile: s2 (the cursor) ends and is forgotten, s4 ends, s0 starts.
+    a.registry.close_session("s4", t);
+    a.registry.close_session("s2", t);
+    a.registry.forget_session(&Owner {
+        origin: "a".into(),
+        session: "s2".into(),
+    });
+    open(&mut a, "s0", t);
+    register(&mut a, "s0", 9, t);
+    let mut effects = deliver(&first, &mut c, t);
+    let mut rest = Vec::new();
+    while !c.replicator.is_ready() {
+        let answer = deliver(&effects, &mut a, t);
+        for (_, e) in sends(&answer) {
+            if let Message::SnapshotChunk { sessions, .. } = &e.body {
+                rest.extend(ids(sessions));
+            }
+        }
+        effects = deliver(&answer, &mut c, t);
+        assert!(rest.len() < 20, "the load ends");
+    }
+    // The stream goes on after the cursor, in the order it started with:
+    // s4 as its tombstone, s0 not at all (it comes by sync).
+    // (s2's end, like s0's start, reaches c by sync.)
+    assert_eq!(rest, ["s3", "s4", "s5", "s6"]);
+    assert_eq!(listed(&mut c).len(), 5);
+}
+
+#[test]
 fn a_member_without_peers_is_ready_at_once() {
     let t = Instant::now();
     let mut a = node("a", 1, &["a"], t);

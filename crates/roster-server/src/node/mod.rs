@@ -286,7 +286,9 @@ impl Node {
     /// Publishes `changed` services for readers and tells the pusher about
     /// those someone follows.
     fn announce(&self, changed: Vec<Change>) {
-        if !changed.is_empty() {
+        // A loading node serves no reader: its views are built once, when
+        // it is ready, not once per snapshot chunk.
+        if !changed.is_empty() && self.readiness() != Readiness::Loading {
             self.publish();
         }
         // Only services someone follows need the pusher. (A subscriber

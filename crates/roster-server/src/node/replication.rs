@@ -29,8 +29,15 @@ pub struct Replication {
     outboxes: BTreeMap<NodeName, Arc<Outbox>>,
     /// When a refusal by each peer was last logged.
     refusal_logged: Mutex<BTreeMap<String, std::time::Instant>>,
-    /// Held while a snapshot chunk is prefetched and applied.
+    /// Held while a snapshot chunk is prefetched and handed to the applier
+    /// (so chunks reach it in the order they arrived).
     chunk_order: tokio::sync::Mutex<()>,
+    /// Snapshot chunks to apply, in order, off the runtime's threads (see
+    /// [`apply_chunks`]). One waits here while one is applied and the next
+    /// is decoded: memory stays bounded by a few chunks.
+    chunks: tokio::sync::mpsc::Sender<Envelope>,
+    /// Its receiving end, until [`run`] takes it.
+    chunks_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Envelope>>>,
     /// Each peer's state, as the replicator last said (read without its
     /// lock by the Nacos writes that pick a responsible member).
     states: parking_lot::RwLock<BTreeMap<NodeName, MemberState>>,
@@ -69,12 +76,15 @@ impl Replication {
             .keys()
             .map(|n| (n.clone(), MemberState::Down))
             .collect();
+        let (chunks, chunks_rx) = tokio::sync::mpsc::channel(1);
         Self {
             replicator: Mutex::new(replicator),
             wake: Notify::new(),
             outboxes,
             refusal_logged: Mutex::new(BTreeMap::new()),
             chunk_order: tokio::sync::Mutex::new(()),
+            chunks,
+            chunks_rx: Mutex::new(Some(chunks_rx)),
             states: parking_lot::RwLock::new(states),
         }
     }
@@ -131,8 +141,10 @@ impl Node {
     }
 
     /// A message from a peer. A snapshot chunk asks for the next one
-    /// before it is applied (the source prepares it meanwhile); chunks are
-    /// applied one at a time, in the order they were asked for.
+    /// before it is applied (the source prepares it meanwhile) and is
+    /// handed to the chunk applier, so that the call returns and the next
+    /// chunk is sent and decoded while this one is applied; chunks are
+    /// applied one at a time, in the order they arrived.
     pub async fn cluster_receive(&self, envelope: Envelope) {
         let Some(r) = &self.replication else {
             return;
@@ -140,7 +152,8 @@ impl Node {
         if matches!(envelope.body, Message::SnapshotChunk { .. }) {
             let _in_order = r.chunk_order.lock().await;
             self.replicate(|rep, _| rep.prefetch(&envelope));
-            self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
+            // Fails only when the node stops (the applier is gone).
+            let _ = r.chunks.send(envelope).await;
         } else {
             self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
         }
@@ -209,6 +222,8 @@ impl Node {
                 Effect::Changed(changes) => self.announce(changes),
                 Effect::Ready => {
                     tracing::info!("replication: snapshot loaded, serving");
+                    // The views of what was loaded, before the first reader.
+                    self.publish();
                     self.set_ready();
                 }
                 Effect::Member(name, state) => {
@@ -276,12 +291,35 @@ impl Node {
     }
 }
 
+/// Applies snapshot chunks in the order they arrived, each on a blocking
+/// thread (a chunk of megabytes holds the registry for tens of
+/// milliseconds; the runtime's threads go on serving meanwhile).
+async fn apply_chunks(node: Arc<Node>, mut chunks: tokio::sync::mpsc::Receiver<Envelope>) {
+    loop {
+        let envelope = tokio::select! {
+            _ = node.shutdown.cancelled() => return,
+            e = chunks.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+        };
+        let n = node.clone();
+        let apply = move || n.replicate(|rep, core| rep.receive(core, envelope, Node::now()));
+        if let Err(e) = tokio::task::spawn_blocking(apply).await {
+            tracing::error!("applying a snapshot chunk failed: {e}");
+        }
+    }
+}
+
 /// Runs the replicator until the node stops: at once after local writes,
 /// and every few milliseconds for what is due on time.
 pub async fn run(node: Arc<Node>) {
     let Some(r) = node.replication() else {
         return;
     };
+    if let Some(chunks) = r.chunks_rx.lock().take() {
+        tokio::spawn(apply_chunks(node.clone(), chunks));
+    }
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
