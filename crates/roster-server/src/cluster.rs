@@ -51,6 +51,16 @@ struct Queue {
     bytes: usize,
 }
 
+/// Which connections to a peer a call goes over: replication messages
+/// (snapshot chunks among them, megabytes each) and forwarded Nacos writes
+/// (a client waits on each) have a connection each, so neither waits
+/// behind the other's frames or takes the other's concurrent calls.
+#[derive(Clone, Copy)]
+enum Lane {
+    Deliver = 0,
+    Forward = 1,
+}
+
 /// The messages waiting for one peer, and where it is reached.
 pub struct Outbox {
     name: NodeName,
@@ -62,8 +72,8 @@ pub struct Outbox {
     capacity: usize,
     capacity_bytes: usize,
     /// A client per address (none for one that is not a valid URI),
-    /// connected on first use.
-    clients: OnceLock<Vec<Option<ClusterClient<Channel>>>>,
+    /// connected on first use, for each [`Lane`].
+    clients: [OnceLock<Vec<Option<ClusterClient<Channel>>>>; 2],
     /// `cluster.secret` as a header value, if set.
     secret: Option<tonic::metadata::AsciiMetadataValue>,
 }
@@ -90,14 +100,18 @@ impl Outbox {
             ready: Notify::new(),
             capacity: capacity.max(1),
             capacity_bytes,
-            clients: OnceLock::new(),
+            clients: [OnceLock::new(), OnceLock::new()],
         }
     }
 
-    /// Its clients, one per address (made on first use, within the
-    /// runtime: their connections are lazy).
-    fn clients(&self, config: &crate::config::ClusterSection) -> &[Option<ClusterClient<Channel>>] {
-        self.clients.get_or_init(|| {
+    /// Its clients of `lane`, one per address (made on first use, within
+    /// the runtime: their connections are lazy).
+    fn clients(
+        &self,
+        config: &crate::config::ClusterSection,
+        lane: Lane,
+    ) -> &[Option<ClusterClient<Channel>>] {
+        self.clients[lane as usize].get_or_init(|| {
             let max = config.message_bytes;
             self.addresses
                 .iter()
@@ -149,8 +163,9 @@ impl Outbox {
     fn in_turn<'a>(
         &'a self,
         config: &crate::config::ClusterSection,
+        lane: Lane,
     ) -> impl Iterator<Item = (usize, ClusterClient<Channel>)> + 'a {
-        let clients = self.clients(config);
+        let clients = self.clients(config, lane);
         let first = self.in_use.load(Ordering::Relaxed);
         (0..clients.len()).filter_map(move |k| {
             let i = (first + k) % clients.len();
@@ -238,7 +253,7 @@ pub async fn forward(
         params,
         api: api.to_owned(),
     };
-    for (i, mut client) in outbox.in_turn(&node.config().cluster) {
+    for (i, mut client) in outbox.in_turn(&node.config().cluster, Lane::Forward) {
         let mut call = outbox.request(message.clone());
         call.set_timeout(FORWARD_TIMEOUT);
         match client.forward(call).await {
@@ -277,7 +292,7 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
             _ => None,
         };
         let mut wire = Some(wire);
-        let mut turns = outbox.in_turn(config).peekable();
+        let mut turns = outbox.in_turn(config, Lane::Deliver).peekable();
         while let Some((i, mut client)) = turns.next() {
             // Copied only while another address may still need it (a
             // snapshot chunk is megabytes).
