@@ -559,6 +559,11 @@ async fn nacos_sdk_against_a_cluster_is_pushed_across_nodes_and_fails_over() {
         l.iter().any(|i| i.ip == "10.8.0.1" && i.weight == 3.0)
     })
     .await;
+    // The change went to the peers as a delta of the session they had
+    // acknowledged, not as the whole session.
+    let origin = nodes[at].as_ref().unwrap();
+    let stats = origin.node.replication().expect("a cluster").stats();
+    assert!(stats.deltas_sent > 0, "{stats:?}");
 
     // Its node dies: the client registers again on another node, and
     // every living node lists the instance from there.
