@@ -373,6 +373,10 @@ impl Replicator {
         }
         if now >= self.next_verify {
             self.next_verify = now + self.config.verify_interval;
+            // Snapshot streams their loader gave up.
+            let idle = self.config.snapshot_timeout * 2;
+            self.snapshot_orders
+                .retain(|_, o| now.saturating_duration_since(o.used) < idle);
             self.send_verify(registry);
             self.drop_unverified(registry, now);
         }
@@ -716,8 +720,8 @@ impl Replicator {
                 origin: me.clone(),
                 session,
             };
+            peer.acked.remove(&owner);
             if let Some((owner, _)) = registry.held_entry(&owner) {
-                peer.acked.remove(owner);
                 peer.queue(owner.clone(), Touched::whole());
                 peer.pending_since.get_or_insert(now);
             }
@@ -779,7 +783,11 @@ impl Replicator {
                     if self.too_large.insert(owner.clone(), v) != Some(v) {
                         self.stats.too_large += 1;
                     }
-                    taken.push((owner.clone(), base));
+                    // What changed since the peer's version is dropped
+                    // with it: a later delta from that version would
+                    // miss it, so the next send is whole.
+                    peer.acked.remove(owner);
+                    taken.push((owner.clone(), None));
                 }
             }
         }

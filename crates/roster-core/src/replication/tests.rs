@@ -547,6 +547,43 @@ fn settle(a: &mut Node, b: &mut Node, first: Vec<Effect>, now: Instant) -> Vec<E
 }
 
 #[test]
+fn a_session_grown_too_large_is_not_followed_by_a_delta_that_skips_its_growth() {
+    let t = Instant::now();
+    let config = ReplicationConfig {
+        message_bytes: ENVELOPE_MARGIN + 2500,
+        ..ReplicationConfig::default()
+    };
+    let (mut a, mut b) = pair_with(t, config);
+    register_big(&mut a, "s1", 1, 100, t);
+    sync_all(&mut a, &mut b, t);
+    let owner = Owner {
+        origin: "a".into(),
+        session: "s1".into(),
+    };
+    let acked = b.registry.held(&owner).map(Held::version);
+    // It grows past what a message may carry: neither it nor a delta of
+    // it goes.
+    let mut big = instance(2);
+    big.metadata.insert("blob", &"x".repeat(3000));
+    a.registry
+        .register("s1", &key(), big, t)
+        .expect("registers");
+    let out = a.replicator.tick(&mut a.registry, t);
+    assert!(kinds(&out, "b").is_empty(), "{out:?}");
+    // A small write later must not go as a delta from the version b
+    // holds: b would hold its version without the large instance.
+    register(&mut a, "s1", 3, t);
+    let out = a.replicator.tick(&mut a.registry, t);
+    let synced = sends(&out)
+        .iter()
+        .any(|(_, e)| matches!(&e.body, Message::Sync { deltas, .. } if !deltas.is_empty()));
+    assert!(!synced, "{out:?}");
+    settle(&mut a, &mut b, out, t);
+    assert_eq!(b.registry.held(&owner).map(Held::version), acked);
+    assert_eq!(a.replicator.stats().too_large, 2);
+}
+
+#[test]
 fn batches_are_bounded_by_bytes_and_a_session_larger_than_a_message_is_not_sent() {
     let t = Instant::now();
     let config = ReplicationConfig {

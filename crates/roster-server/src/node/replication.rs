@@ -30,18 +30,28 @@ pub struct Replication {
     /// When a refusal by each peer was last logged.
     refusal_logged: Mutex<BTreeMap<String, std::time::Instant>>,
     /// Held while a snapshot chunk is prefetched and handed to the applier
-    /// (so chunks reach it in the order they arrived).
-    chunk_order: tokio::sync::Mutex<()>,
+    /// (so chunks reach it in the order they arrived). Never held across
+    /// an await: a call cancelled by its sender cannot lose a chunk whose
+    /// successor was already asked for.
+    chunk_order: Mutex<()>,
     /// Snapshot chunks to apply, in order, off the runtime's threads (see
-    /// [`apply_chunks`]). One waits here while one is applied and the next
-    /// is decoded: memory stays bounded by a few chunks.
-    chunks: tokio::sync::mpsc::Sender<Envelope>,
+    /// [`apply_chunks`]).
+    chunks: tokio::sync::mpsc::UnboundedSender<Envelope>,
+    /// Chunks handed over and not yet applied. The next chunk is asked for
+    /// ahead only while fewer than [`CHUNKS_AHEAD`] wait (otherwise once
+    /// one is applied), and a source sends only what is asked: memory
+    /// stays bounded by a few chunks.
+    chunks_queued: std::sync::atomic::AtomicUsize,
     /// Its receiving end, until [`run`] takes it.
-    chunks_rx: Mutex<Option<tokio::sync::mpsc::Receiver<Envelope>>>,
+    chunks_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Envelope>>>,
     /// Each peer's state, as the replicator last said (read without its
     /// lock by the Nacos writes that pick a responsible member).
     states: parking_lot::RwLock<BTreeMap<NodeName, MemberState>>,
 }
+
+/// Snapshot chunks waiting to be applied past which the next is not asked
+/// for ahead.
+const CHUNKS_AHEAD: usize = 2;
 
 /// A peer that keeps refusing messages is logged this often at most.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -76,14 +86,15 @@ impl Replication {
             .keys()
             .map(|n| (n.clone(), MemberState::Down))
             .collect();
-        let (chunks, chunks_rx) = tokio::sync::mpsc::channel(1);
+        let (chunks, chunks_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             replicator: Mutex::new(replicator),
             wake: Notify::new(),
             outboxes,
             refusal_logged: Mutex::new(BTreeMap::new()),
-            chunk_order: tokio::sync::Mutex::new(()),
+            chunk_order: Mutex::new(()),
             chunks,
+            chunks_queued: std::sync::atomic::AtomicUsize::new(0),
             chunks_rx: Mutex::new(Some(chunks_rx)),
             states: parking_lot::RwLock::new(states),
         }
@@ -150,10 +161,14 @@ impl Node {
             return;
         };
         if matches!(envelope.body, Message::SnapshotChunk { .. }) {
-            let _in_order = r.chunk_order.lock().await;
-            self.replicate(|rep, _| rep.prefetch(&envelope));
+            let _in_order = r.chunk_order.lock();
+            let queued = &r.chunks_queued;
+            if queued.load(std::sync::atomic::Ordering::Acquire) < CHUNKS_AHEAD {
+                self.replicate(|rep, _| rep.prefetch(&envelope));
+            }
+            queued.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             // Fails only when the node stops (the applier is gone).
-            let _ = r.chunks.send(envelope).await;
+            let _ = r.chunks.send(envelope);
         } else {
             self.replicate(|rep, core| rep.receive(core, envelope, Self::now()));
         }
@@ -222,8 +237,12 @@ impl Node {
                 Effect::Changed(changes) => self.announce(changes),
                 Effect::Ready => {
                     tracing::info!("replication: snapshot loaded, serving");
-                    // The views of what was loaded, before the first reader.
-                    self.publish();
+                    // The views of what was loaded, before the first
+                    // reader; ready under the same lock, so a change
+                    // applied meanwhile either is in them or sees the node
+                    // ready and publishes itself.
+                    let mut core = self.core.lock();
+                    self.publish_locked(&mut core);
                     self.set_ready();
                 }
                 Effect::Member(name, state) => {
@@ -294,7 +313,7 @@ impl Node {
 /// Applies snapshot chunks in the order they arrived, each on a blocking
 /// thread (a chunk of megabytes holds the registry for tens of
 /// milliseconds; the runtime's threads go on serving meanwhile).
-async fn apply_chunks(node: Arc<Node>, mut chunks: tokio::sync::mpsc::Receiver<Envelope>) {
+async fn apply_chunks(node: Arc<Node>, mut chunks: tokio::sync::mpsc::UnboundedReceiver<Envelope>) {
     loop {
         let envelope = tokio::select! {
             _ = node.shutdown.cancelled() => return,
@@ -304,7 +323,13 @@ async fn apply_chunks(node: Arc<Node>, mut chunks: tokio::sync::mpsc::Receiver<E
             },
         };
         let n = node.clone();
-        let apply = move || n.replicate(|rep, core| rep.receive(core, envelope, Node::now()));
+        let apply = move || {
+            n.replicate(|rep, core| rep.receive(core, envelope, Node::now()));
+            if let Some(r) = n.replication() {
+                r.chunks_queued
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        };
         if let Err(e) = tokio::task::spawn_blocking(apply).await {
             tracing::error!("applying a snapshot chunk failed: {e}");
         }
