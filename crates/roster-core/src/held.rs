@@ -228,14 +228,23 @@ impl SessionState {
             SessionState::Live(d) => d
                 .instances
                 .iter()
-                .map(|(k, i, _)| {
-                    k.namespace.len() + k.group.len() + k.service.len() + i.wire_size() + 24
-                })
+                .map(|(k, i, _)| instance_wire_size(k, i))
                 .sum::<usize>()
                 .saturating_add(64),
             SessionState::Gone(_) => 64,
         }
     }
+}
+
+/// About how many bytes a service key takes on the wire.
+fn key_wire_size(k: &ServiceKey) -> usize {
+    k.namespace.len() + k.group.len() + k.service.len()
+}
+
+/// About how many bytes an instance with its service and version takes on
+/// the wire.
+fn instance_wire_size(k: &ServiceKey, i: &Instance) -> usize {
+    key_wire_size(k) + i.wire_size() + 24
 }
 
 /// What changed in a session between two versions, as its origin sends
@@ -270,16 +279,15 @@ impl SessionDelta {
     /// About how many bytes it takes on the wire (see
     /// [`SessionState::wire_size`]).
     pub fn wire_size(&self) -> usize {
-        let key = |k: &ServiceKey| k.namespace.len() + k.group.len() + k.service.len();
         let upserts: usize = self
             .upserts
             .iter()
-            .map(|(k, i, _)| key(k) + i.wire_size() + 24)
+            .map(|(k, i, _)| instance_wire_size(k, i))
             .sum();
         let removed: usize = self
             .removed
             .iter()
-            .map(|(k, id)| key(k) + id.len() + 16)
+            .map(|(k, id)| key_wire_size(k) + id.len() + 16)
             .sum();
         upserts.saturating_add(removed).saturating_add(96)
     }

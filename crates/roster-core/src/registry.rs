@@ -812,11 +812,15 @@ impl Registry {
         };
         *version = delta.version;
         for (key, id, record) in writes {
-            let old = match record {
-                Some(r) => records.insert(key.clone(), id.clone(), r),
-                None => records.remove(&key, &id),
+            // A set always touches the id; a removal only if it was held.
+            let changed = match record {
+                Some(r) => {
+                    records.insert(key.clone(), id.clone(), r);
+                    true
+                }
+                None => records.remove(&key, &id).is_some(),
             };
-            if old.is_some() || records.get(&key, &id).is_some() {
+            if changed {
                 touched.entry(key).or_default().insert(id);
             }
         }

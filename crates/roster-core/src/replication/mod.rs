@@ -373,7 +373,8 @@ impl Replicator {
         }
         if now >= self.next_verify {
             self.next_verify = now + self.config.verify_interval;
-            // Snapshot streams their loader gave up.
+            // Snapshot streams their loader gave up (found another
+            // source, or died).
             let idle = self.config.snapshot_timeout * 2;
             self.snapshot_orders
                 .retain(|_, o| now.saturating_duration_since(o.used) < idle);
@@ -1028,10 +1029,6 @@ impl Replicator {
         after: Option<&Owner>,
         now: Instant,
     ) -> Message {
-        // Streams given up (the loader found another source, or died).
-        let idle = self.config.snapshot_timeout * 2;
-        self.snapshot_orders
-            .retain(|_, o| now.saturating_duration_since(o.used) < idle);
         let fresh = after.is_none() || !self.snapshot_orders.contains_key(to);
         if fresh {
             let mut owners: Vec<OwnerRef> =

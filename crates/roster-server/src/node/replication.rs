@@ -53,6 +53,13 @@ pub struct Replication {
 /// for ahead.
 const CHUNKS_AHEAD: usize = 2;
 
+/// Snapshot chunks waiting to be applied past which more are dropped: a
+/// source sends only what was asked (at most a few ahead), so only chunks
+/// nobody asked for are (a member's bug must not grow the queue without
+/// bound; a dropped chunk the load needed is asked again after the
+/// snapshot timeout).
+const CHUNKS_QUEUED_MAX: usize = 8;
+
 /// A peer that keeps refusing messages is logged this often at most.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -163,7 +170,12 @@ impl Node {
         if matches!(envelope.body, Message::SnapshotChunk { .. }) {
             let _in_order = r.chunk_order.lock();
             let queued = &r.chunks_queued;
-            if queued.load(std::sync::atomic::Ordering::Acquire) < CHUNKS_AHEAD {
+            let waiting = queued.load(std::sync::atomic::Ordering::Acquire);
+            if waiting >= CHUNKS_QUEUED_MAX {
+                tracing::debug!(peer = %envelope.from, "snapshot chunk dropped: {waiting} wait already");
+                return;
+            }
+            if waiting < CHUNKS_AHEAD {
                 self.replicate(|rep, _| rep.prefetch(&envelope));
             }
             queued.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -323,15 +335,13 @@ async fn apply_chunks(node: Arc<Node>, mut chunks: tokio::sync::mpsc::UnboundedR
             },
         };
         let n = node.clone();
-        let apply = move || {
-            n.replicate(|rep, core| rep.receive(core, envelope, Node::now()));
-            if let Some(r) = n.replication() {
-                r.chunks_queued
-                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            }
-        };
+        let apply = move || n.replicate(|rep, core| rep.receive(core, envelope, Node::now()));
         if let Err(e) = tokio::task::spawn_blocking(apply).await {
             tracing::error!("applying a snapshot chunk failed: {e}");
+        }
+        if let Some(r) = node.replication() {
+            r.chunks_queued
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 }
