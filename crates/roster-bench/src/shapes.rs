@@ -242,9 +242,19 @@ async fn snapshot(targets: &Targets, a: &BenchArgs) -> Result<Measured> {
     let nodes: Vec<&Endpoints> = targets.nodes.iter().map(|t| &t.at).collect();
     let (loaded, workers) = register(&nodes[..1], a, None).await?;
     listed_everywhere(a, &nodes, loaded.operations, Instant::now()).await?;
+    let sources: Vec<u32> = targets.nodes.iter().filter_map(|t| t.pid).collect();
+    let cpu = |pids: &[u32]| -> Option<f64> {
+        pids.iter()
+            .map(|p| super::procfs::cpu_time(*p).map(|d| d.as_secs_f64()))
+            .sum()
+    };
+    let sources_before = cpu(&sources);
     let start = Instant::now();
     let joiner = targets.start_member(nodes.len()).await?;
     let took = start.elapsed();
+    // CPU seconds tell the cost apart from a busy machine's waits.
+    let joiner_cpu = joiner.pid.and_then(|p| cpu(&[p]));
+    let sources_cpu = cpu(&sources).zip(sources_before).map(|(a, b)| a - b);
     let (listed, _) =
         listed_everywhere(a, &[&joiner.at], loaded.operations, Instant::now()).await?;
     let lost = loaded.operations.saturating_sub(listed);
@@ -254,6 +264,8 @@ async fn snapshot(targets: &Targets, a: &BenchArgs) -> Result<Measured> {
     extra.insert("ready_after_ms", json!(took.as_secs_f64() * 1e3));
     extra.insert("listed_on_new_node", json!(listed));
     extra.insert("lost", json!(lost));
+    extra.insert("new_node_cpu_seconds", json!(joiner_cpu));
+    extra.insert("sources_cpu_seconds", json!(sources_cpu));
     let peak = joiner.pid.and_then(super::procfs::peak_resident_bytes);
     extra.insert("new_node_peak_rss_bytes", json!(peak));
     extra.insert(

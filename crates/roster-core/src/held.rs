@@ -187,7 +187,66 @@ pub struct SessionData {
     /// The version of the session's last write.
     pub version: Version,
     /// Every instance it holds, with its service and the version that set it.
-    pub instances: Vec<(ServiceKey, Instance, Version)>,
+    pub instances: Instances,
+}
+
+/// The instances of a session's data, each with its service and the
+/// version that set it: as read from a peer (owned), or as this node holds
+/// them (shared with its records, so a snapshot of a million instances is
+/// sent without copying one).
+#[derive(Debug, Clone)]
+pub enum Instances {
+    /// Read from a peer, or made up by a test.
+    Owned(Vec<(ServiceKey, Instance, Version)>),
+    /// This node's records, grouped by service.
+    Shared(Vec<(Arc<ServiceKey>, Arc<InstanceRecord>)>),
+}
+
+impl Instances {
+    /// How many.
+    pub fn len(&self) -> usize {
+        match self {
+            Instances::Owned(v) => v.len(),
+            Instances::Shared(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Each instance with its service and version.
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&ServiceKey, &Instance, Version)> + '_> {
+        match self {
+            Instances::Owned(v) => Box::new(v.iter().map(|(k, i, v)| (k, i, *v))),
+            Instances::Shared(v) => Box::new(v.iter().map(|(k, r)| (&**k, &r.instance, r.version))),
+        }
+    }
+
+    /// Owned instances (shared ones are copied).
+    pub fn into_owned(self) -> Vec<(ServiceKey, Instance, Version)> {
+        match self {
+            Instances::Owned(v) => v,
+            Instances::Shared(v) => v
+                .into_iter()
+                .map(|(k, r)| (ServiceKey::clone(&k), r.instance.clone(), r.version))
+                .collect(),
+        }
+    }
+}
+
+impl From<Vec<(ServiceKey, Instance, Version)>> for Instances {
+    fn from(v: Vec<(ServiceKey, Instance, Version)>) -> Self {
+        Instances::Owned(v)
+    }
+}
+
+/// Equal when they hold the same instances in the same order, however held.
+impl PartialEq for Instances {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
 }
 
 /// A session's state as another node sends it: its data, or its end.

@@ -24,6 +24,7 @@ pub use model::{
     Version,
 };
 pub use registry::{
-    Change, Registry, RegistryConfig, RegistryError, SessionData, SessionDelta, SessionState,
+    Change, Instances, Registry, RegistryConfig, RegistryError, SessionData, SessionDelta,
+    SessionState,
 };
 pub use service::{Delta, ServiceView};

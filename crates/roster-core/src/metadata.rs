@@ -67,16 +67,36 @@ impl Metadata {
 /// Packs entries already sorted by key with no key twice, into exactly
 /// the bytes they need (no reallocation when boxed).
 fn pack(entries: &[(&str, &str)]) -> Box<str> {
-    use fmt::Write;
     let field = |s: &str| s.len().checked_ilog10().unwrap_or(0) as usize + 2 + s.len();
     let len: usize = entries.iter().map(|(k, v)| field(k) + field(v)).sum();
     let mut out = String::with_capacity(len);
     for (k, v) in entries {
-        // Writing to a String cannot fail.
-        let _ = write!(out, "{}:{k}{}:{v}", k.len(), v.len());
+        for s in [k, v] {
+            push_decimal(&mut out, s.len());
+            out.push(':');
+            out.push_str(s);
+        }
     }
     debug_assert_eq!(out.len(), len);
     out.into_boxed_str()
+}
+
+/// Appends `n` in decimal (without `fmt`: a snapshot packs millions).
+fn push_decimal(out: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[at..] {
+        out.push(char::from(*d));
+    }
 }
 
 /// Iterator over a [`Metadata`]'s entries, in key order.
@@ -88,8 +108,14 @@ pub struct Iter<'a> {
 impl<'a> Iter<'a> {
     /// Splits one length-prefixed field off the front of `rest`.
     fn field(&mut self) -> Option<&'a str> {
-        let colon = self.rest.find(':')?;
-        let len: usize = self.rest[..colon].parse().ok()?;
+        let colon = self.rest.find(':').filter(|c| *c > 0)?;
+        // Decimal digits, as `pack` writes them.
+        let len = self.rest.as_bytes()[..colon]
+            .iter()
+            .try_fold(0usize, |n, d| {
+                let d = d.checked_sub(b'0').filter(|d| *d < 10)?;
+                n.checked_mul(10)?.checked_add(usize::from(d))
+            })?;
         let field = self.rest.get(colon + 1..colon + 1 + len)?;
         self.rest = &self.rest[colon + 1 + len..];
         Some(field)
@@ -174,6 +200,25 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn keys_and_values_of_many_digits_of_length_come_back() {
+        let mut m = Metadata::new();
+        let long: Vec<String> = [9, 10, 99, 100, 1234]
+            .iter()
+            .map(|n| "x".repeat(*n))
+            .collect();
+        for (n, v) in long.iter().enumerate() {
+            m.insert(&format!("{n}{v}"), v);
+        }
+        m.insert("", "");
+        let got: Vec<(&str, &str)> = m.iter().collect();
+        assert_eq!(got.len(), long.len() + 1);
+        for (n, v) in long.iter().enumerate() {
+            assert_eq!(m.get(&format!("{n}{v}")), Some(v.as_str()));
+        }
+        assert_eq!(m.get(""), Some(""));
+    }
 
     #[test]
     fn behaves_as_a_sorted_map() {

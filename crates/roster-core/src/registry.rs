@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::checksum::instance_hash;
-pub use crate::held::{Held, Records, SessionData, SessionDelta, SessionState, Touched};
+pub use crate::held::{Held, Instances, Records, SessionData, SessionDelta, SessionState, Touched};
 pub use crate::limits::{LimitHit, Limits};
 use crate::model::{
     Instance, InstanceRecord, NodeName, Owner, OwnerRef, ServiceKey, SessionId, ValidationError,
@@ -614,7 +614,7 @@ impl Registry {
         }
         // Validate everything before changing anything.
         let mut valid = Vec::with_capacity(data.instances.len());
-        for (key, instance, version) in data.instances {
+        for (key, instance, version) in data.instances.into_owned() {
             valid.push((key, checked(instance)?, version));
         }
         self.observe(data.version);
@@ -625,9 +625,23 @@ impl Registry {
             let id: Arc<str> = instance.id.as_str().into();
             records.insert(key, id, record(instance, &owner, version));
         }
-        let mut touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>> = BTreeMap::new();
+        // Records come grouped by service: each service's ids are gathered
+        // and sorted once (a snapshot applies a million of them).
+        let mut groups: Vec<(Arc<ServiceKey>, Vec<Arc<str>>)> = Vec::new();
         for (key, id, _) in records.iter() {
-            touched.entry(key.clone()).or_default().insert(id.clone());
+            match groups.last_mut() {
+                Some((k, ids)) if Arc::ptr_eq(k, key) => ids.push(id.clone()),
+                _ => groups.push((key.clone(), vec![id.clone()])),
+            }
+        }
+        let mut touched: BTreeMap<Arc<ServiceKey>, BTreeSet<Arc<str>>> = BTreeMap::new();
+        for (key, ids) in groups {
+            match touched.entry(key) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(ids.into_iter().collect());
+                }
+                std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().extend(ids),
+            }
         }
         let old = self.data.insert(
             owner.clone(),
@@ -700,16 +714,18 @@ impl Registry {
         self.reconcile_all(&owner, touched)
     }
 
-    /// A session's state as it is sent to another node: its data (clones
-    /// of its instances) or its end.
+    /// A session's state as it is sent to another node: its data (sharing
+    /// its records) or its end.
     pub fn session_state(&self, owner: &Owner) -> Option<SessionState> {
         Some(match self.data.get(owner)? {
             Held::Live { version, records } => SessionState::Live(SessionData {
                 version: *version,
-                instances: records
-                    .iter()
-                    .map(|(k, _, r)| (ServiceKey::clone(k), r.instance.clone(), r.version))
-                    .collect(),
+                instances: Instances::Shared(
+                    records
+                        .iter()
+                        .map(|(k, _, r)| (k.clone(), r.clone()))
+                        .collect(),
+                ),
             }),
             Held::Gone { version, .. } => SessionState::Gone(*version),
         })

@@ -360,10 +360,10 @@ fn data_at(origin: u8, session: u8, seq: u64) -> SessionData {
                 .insert("from", &format!("{origin}/{session}/{seq}"));
             (key((n % 2) as u8), i, version(seq))
         })
-        .collect();
+        .collect::<Vec<_>>();
     SessionData {
         version: version(seq),
-        instances,
+        instances: instances.into(),
     }
 }
 
@@ -483,7 +483,7 @@ fn data_of_this_nodes_own_sessions_is_never_taken_from_elsewhere() {
             mine.clone(),
             SessionData {
                 version: version(1_000),
-                instances: Vec::new(),
+                instances: Vec::new().into(),
             },
         )
         .unwrap();

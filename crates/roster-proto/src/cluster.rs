@@ -15,6 +15,8 @@ use roster_core::{ServiceKey, SessionData, SessionDelta, SessionState};
 
 use crate::{cluster_v1 as pb, v1};
 
+mod encode;
+
 /// Why a cluster message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -148,10 +150,11 @@ pub fn from_wire(
     Ok((envelope, skipped))
 }
 
-/// A message as bytes (what the in-memory transport of the simulation
-/// carries, and the size the metrics count).
+/// A message as the bytes of its protobuf form (what the cluster port and
+/// the simulation's in-memory transport carry). Session states are written
+/// from the model without copying their instances first.
 pub fn encode(envelope: &Envelope) -> Vec<u8> {
-    to_wire(envelope).encode_to_vec()
+    encode::encode(envelope)
 }
 
 /// A message from bytes, and why each session state left out of it could
@@ -203,12 +206,12 @@ fn owner_from_wire(o: pb::Owner) -> Result<Owner, ValidationError> {
 
 /// Instances grouped by service, each with the version that set it.
 fn services_to_wire<'a>(
-    instances: impl IntoIterator<Item = &'a (ServiceKey, roster_core::Instance, Version)>,
+    instances: impl IntoIterator<Item = (&'a ServiceKey, &'a roster_core::Instance, Version)>,
 ) -> Vec<pb::ServiceInstances> {
     let mut by_service: BTreeMap<&ServiceKey, Vec<v1::Instance>> = BTreeMap::new();
     for (key, instance, version) in instances {
         let mut i = v1::Instance::from_model(instance);
-        i.version = Some(version_to_wire(*version));
+        i.version = Some(version_to_wire(version));
         by_service.entry(key).or_default().push(i);
     }
     by_service
@@ -228,7 +231,7 @@ fn services_from_wire(
         let key = crate::convert::required_key(group.service.as_ref())?;
         for i in group.instances {
             let v = version_from_wire("instance.version", i.version)?;
-            instances.push((key.clone(), i.to_model()?, v));
+            instances.push((key.clone(), i.into_model()?, v));
         }
     }
     Ok(instances)
@@ -243,7 +246,7 @@ fn delta_to_wire(owner: &Owner, d: &SessionDelta) -> pb::SessionDelta {
         owner: Some(owner_to_wire(owner)),
         base: Some(version_to_wire(d.base)),
         version: Some(version_to_wire(d.version)),
-        upserts: services_to_wire(&d.upserts),
+        upserts: services_to_wire(d.upserts.iter().map(|(k, i, v)| (k, i, *v))),
         removed: removed
             .into_iter()
             .map(|(k, ids)| pb::ServiceIds {
@@ -291,7 +294,7 @@ fn state_to_wire(owner: &Owner, state: &SessionState, age: Duration) -> pb::Sess
             version: Some(version_to_wire(data.version)),
             gone: false,
             unverified_ms,
-            services: services_to_wire(&data.instances),
+            services: services_to_wire(data.instances.iter()),
         },
     }
 }
@@ -319,7 +322,10 @@ fn state_from_wire(
         return Ok((owner, SessionState::Gone(version), age));
     }
     let instances = services_from_wire(s.services)?;
-    let live = SessionState::Live(SessionData { version, instances });
+    let live = SessionState::Live(SessionData {
+        version,
+        instances: instances.into(),
+    });
     Ok((owner, live, age))
 }
 
@@ -348,7 +354,7 @@ mod tests {
         instance.metadata.insert("zone", "a");
         let live = SessionState::Live(SessionData {
             version: v(3, 9),
-            instances: vec![(key.clone(), instance.clone(), v(3, 8))],
+            instances: vec![(key.clone(), instance.clone(), v(3, 8))].into(),
         });
         let delta = SessionDelta {
             base: v(3, 7),

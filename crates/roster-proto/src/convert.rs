@@ -35,30 +35,41 @@ impl v1::Instance {
     /// Converts to the model, applying defaults for absent optional fields.
     /// The result still needs [`Instance::normalize`] (the registry does it).
     pub fn to_model(&self) -> Result<Instance, ValidationError> {
+        self.clone().into_model()
+    }
+
+    /// [`Self::to_model`], taking its strings instead of copying them.
+    pub fn into_model(self) -> Result<Instance, ValidationError> {
         let port = u16::try_from(self.port)
             .map_err(|_| ValidationError::new("instance.port", "must be 1..=65535"))?;
         let addresses = self
             .addresses
-            .iter()
+            .into_iter()
             .enumerate()
             .map(|(i, a)| {
+                // The field is named only when wrong (a snapshot parses
+                // millions).
+                let ip =
+                    a.ip.trim()
+                        .parse()
+                        .or_else(|_| parse_ip(&format!("instance.addresses[{i}].ip"), &a.ip))?;
                 Ok(Address {
-                    network: a.network.clone(),
-                    ip: parse_ip(&format!("instance.addresses[{i}].ip"), &a.ip)?,
+                    network: a.network,
+                    ip,
                 })
             })
             .collect::<Result<Vec<_>, ValidationError>>()?;
         Ok(Instance {
-            id: self.id.clone(),
+            id: self.id,
             addresses,
             port,
             weight: self.weight.unwrap_or(1.0),
             healthy: self.healthy.unwrap_or(true),
             enabled: self.enabled.unwrap_or(true),
             ephemeral: self.ephemeral.unwrap_or(true),
-            cluster: self.cluster.clone(),
+            cluster: self.cluster,
             metadata: self.metadata.iter().collect(),
-            node_name: self.node_name.clone(),
+            node_name: self.node_name,
         })
     }
 

@@ -33,6 +33,7 @@ pub mod nacos {
 pub use generated::roster::cluster::v1 as cluster_v1;
 
 pub mod cluster;
+pub mod codec;
 pub mod convert;
 
 /// The gRPC metadata key (and HTTP header) carrying a session's token: a

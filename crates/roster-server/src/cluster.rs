@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message as _;
 use roster_core::NodeName;
-use roster_core::replication::Envelope;
+use roster_core::replication::{Envelope, Message};
 use roster_proto::cluster_v1 as pb;
 use roster_proto::cluster_v1::cluster_client::ClusterClient;
 use tokio::sync::Notify;
@@ -37,11 +38,11 @@ const FORWARD_TIMEOUT: Duration = Duration::from_millis(300);
 /// The request header carrying `cluster.secret`.
 pub const SECRET_HEADER: &str = "x-roster-cluster-secret";
 
-/// A message ready to go: its wire form, its size and what it is.
+/// A message ready to go: its bytes, what it is, and its batch if a sync.
 struct Outgoing {
-    wire: pb::Envelope,
-    bytes: usize,
+    wire: Bytes,
     kind: &'static str,
+    sync_batch: Option<u64>,
 }
 
 /// The queue of one peer, bounded by count and by bytes.
@@ -71,9 +72,9 @@ pub struct Outbox {
     ready: Notify,
     capacity: usize,
     capacity_bytes: usize,
-    /// A client per address (none for one that is not a valid URI),
+    /// A channel per address (none for one that is not a valid URI),
     /// connected on first use, for each [`Lane`].
-    clients: [OnceLock<Vec<Option<ClusterClient<Channel>>>>; 2],
+    channels: [OnceLock<Vec<Option<Channel>>>; 2],
     /// `cluster.secret` as a header value, if set.
     secret: Option<tonic::metadata::AsciiMetadataValue>,
 }
@@ -100,32 +101,24 @@ impl Outbox {
             ready: Notify::new(),
             capacity: capacity.max(1),
             capacity_bytes,
-            clients: [OnceLock::new(), OnceLock::new()],
+            channels: [OnceLock::new(), OnceLock::new()],
         }
     }
 
-    /// Its clients of `lane`, one per address (made on first use, within
+    /// Its channels of `lane`, one per address (made on first use, within
     /// the runtime: their connections are lazy).
-    fn clients(
-        &self,
-        config: &crate::config::ClusterSection,
-        lane: Lane,
-    ) -> &[Option<ClusterClient<Channel>>] {
-        self.clients[lane as usize].get_or_init(|| {
-            let max = config.message_bytes;
+    fn channels(&self, config: &crate::config::ClusterSection, lane: Lane) -> &[Option<Channel>] {
+        self.channels[lane as usize].get_or_init(|| {
             self.addresses
                 .iter()
                 .map(|a| {
                     let endpoint = Endpoint::from_shared(format!("http://{a}")).ok()?;
-                    let channel = endpoint
-                        .connect_timeout(CONNECT_TIMEOUT)
-                        .timeout(config.ack_timeout)
-                        .tcp_nodelay(true)
-                        .connect_lazy();
                     Some(
-                        ClusterClient::new(channel)
-                            .max_encoding_message_size(max)
-                            .max_decoding_message_size(max),
+                        endpoint
+                            .connect_timeout(CONNECT_TIMEOUT)
+                            .timeout(config.ack_timeout)
+                            .tcp_nodelay(true)
+                            .connect_lazy(),
                     )
                 })
                 .collect()
@@ -136,19 +129,22 @@ impl Outbox {
     /// past the queue's bounds the oldest messages are dropped (the
     /// replicator sends again what still matters).
     pub fn push(&self, envelope: &Envelope, metrics: &Metrics) {
-        let wire = roster_proto::cluster::to_wire(envelope);
-        let bytes = wire.encoded_len();
+        let wire = Bytes::from(roster_proto::cluster::encode(envelope));
+        let bytes = wire.len();
         let outgoing = Outgoing {
             wire,
-            bytes,
             kind: envelope.body.kind(),
+            sync_batch: match &envelope.body {
+                Message::Sync { batch, .. } => Some(*batch),
+                _ => None,
+            },
         };
         let mut q = self.queue.lock();
         while !q.messages.is_empty()
             && (q.messages.len() >= self.capacity || q.bytes + bytes > self.capacity_bytes)
         {
             if let Some(old) = q.messages.pop_front() {
-                q.bytes -= old.bytes;
+                q.bytes -= old.wire.len();
             }
             metrics.replication.dropped.inc();
         }
@@ -158,18 +154,18 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Its clients in the order to try them: the address that last worked
-    /// first, then the others (with each one's index).
+    /// Its channels in the order to try them: the address that last
+    /// worked first, then the others (with each one's index).
     fn in_turn<'a>(
         &'a self,
         config: &crate::config::ClusterSection,
         lane: Lane,
-    ) -> impl Iterator<Item = (usize, ClusterClient<Channel>)> + 'a {
-        let clients = self.clients(config, lane);
+    ) -> impl Iterator<Item = (usize, Channel)> + 'a {
+        let channels = self.channels(config, lane);
         let first = self.in_use.load(Ordering::Relaxed);
-        (0..clients.len()).filter_map(move |k| {
-            let i = (first + k) % clients.len();
-            Some((i, clients[i].clone()?))
+        (0..channels.len()).filter_map(move |k| {
+            let i = (first + k) % channels.len();
+            Some((i, channels[i].clone()?))
         })
     }
 
@@ -185,7 +181,7 @@ impl Outbox {
     fn pop(&self) -> Option<Outgoing> {
         let mut q = self.queue.lock();
         let m = q.messages.pop_front()?;
-        q.bytes -= m.bytes;
+        q.bytes -= m.wire.len();
         Some(m)
     }
 
@@ -253,7 +249,11 @@ pub async fn forward(
         params,
         api: api.to_owned(),
     };
-    for (i, mut client) in outbox.in_turn(&node.config().cluster, Lane::Forward) {
+    let max = node.config().cluster.message_bytes;
+    for (i, channel) in outbox.in_turn(&node.config().cluster, Lane::Forward) {
+        let mut client = ClusterClient::new(channel)
+            .max_encoding_message_size(max)
+            .max_decoding_message_size(max);
         let mut call = outbox.request(message.clone());
         call.set_timeout(FORWARD_TIMEOUT);
         match client.forward(call).await {
@@ -279,7 +279,12 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
     let config = &node.config().cluster;
     let sent = node.metrics.replication.bytes("sent");
     loop {
-        let Some(Outgoing { wire, bytes, kind }) = outbox.pop() else {
+        let Some(Outgoing {
+            wire,
+            kind,
+            sync_batch,
+        }) = outbox.pop()
+        else {
             tokio::select! {
                 _ = node.shutdown.cancelled() => return,
                 _ = outbox.ready.notified() => continue,
@@ -287,22 +292,11 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
         };
         let first = outbox.in_use.load(Ordering::Relaxed);
         let mut delivered = false;
-        let sync_batch = match &wire.body {
-            Some(pb::envelope::Body::Sync(s)) => Some(s.batch),
-            _ => None,
-        };
-        let mut wire = Some(wire);
-        let mut turns = outbox.in_turn(config, Lane::Deliver).peekable();
-        while let Some((i, mut client)) = turns.next() {
-            // Copied only while another address may still need it (a
-            // snapshot chunk is megabytes).
-            let last = turns.peek().is_none();
-            let Some(message) = (if last { wire.take() } else { wire.clone() }) else {
-                break;
-            };
+        let bytes = wire.len();
+        for (i, channel) in outbox.in_turn(config, Lane::Deliver) {
             let call = tokio::select! {
                 _ = node.shutdown.cancelled() => return,
-                r = client.deliver(outbox.request(message)) => r,
+                r = deliver(channel, outbox.request(wire.clone()), config.message_bytes) => r,
             };
             match call {
                 Ok(_) => {
@@ -335,6 +329,69 @@ pub async fn run_outbox(node: Arc<Node>, outbox: Arc<Outbox>) {
             node.metrics.replication.send_failures.inc();
             node.cluster_send_failed(&outbox.name);
         }
+    }
+}
+
+/// `Cluster/Deliver` of a message already encoded (see [`Encoded`]).
+async fn deliver(
+    channel: Channel,
+    request: Request<Bytes>,
+    max: usize,
+) -> Result<Response<pb::Delivered>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel)
+        .max_encoding_message_size(max)
+        .max_decoding_message_size(max);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(format!("cluster connection not ready: {e}")))?;
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/roster.cluster.v1.Cluster/Deliver");
+    grpc.unary(request, path, Encoded).await
+}
+
+/// The codec of `Deliver` calls on the sending side: the request is an
+/// `Envelope` already encoded by [`roster_proto::cluster::encode`] (once,
+/// whatever the addresses tried), the answer a `Delivered`.
+#[derive(Clone, Copy, Default)]
+struct Encoded;
+
+impl tonic::codec::Codec for Encoded {
+    type Encode = Bytes;
+    type Decode = pb::Delivered;
+    type Encoder = Encoded;
+    type Decoder = Encoded;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        Encoded
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        Encoded
+    }
+}
+
+impl tonic::codec::Encoder for Encoded {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        use bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for Encoded {
+    type Item = pb::Delivered;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<pb::Delivered>, Status> {
+        pb::Delivered::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("unreadable answer to a cluster message: {e}")))
     }
 }
 
