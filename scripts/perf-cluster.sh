@@ -7,7 +7,9 @@
 #   usage: scripts/perf-cluster.sh OUT [RUNS]   (needs target/release/roster;
 #          for rnacos, `rnacos` on PATH or in $RNACOS: cargo install rnacos)
 #   ONLY=REGEX runs only the shapes whose label matches; NO_RNACOS=1 skips it;
-#   ROSTER=PATH measures another roster binary (an A/B of two builds).
+#   ROSTER=PATH measures another roster binary (an A/B of two builds);
+#   NODE=PATH runs the nodes from that binary, measured by ROSTER's bench
+#   (an A/B of two server builds with one bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$1
@@ -18,7 +20,7 @@ roster=${ROSTER:-target/release/roster}
 record() {
   local server=$1 label=$2
   shift 2
-  "$roster" --json bench "$@" |
+  "$roster" --json bench ${NODE:+--node-binary "$NODE"} "$@" |
     python3 -c "import json,sys; r=json.load(sys.stdin); r['server']='$server'; r['label']='$label'; print(json.dumps(r))" >>"$out"
 }
 

@@ -83,6 +83,10 @@ pub struct BenchArgs {
     /// the run.
     #[arg(long)]
     pub server: Option<String>,
+    /// The `roster` binary the nodes started for the run are (by default
+    /// this one): one bench measuring two server builds.
+    #[arg(long, value_name = "PATH")]
+    pub node_binary: Option<std::path::PathBuf>,
     /// Roster nodes to start as one cluster for the run, when no
     /// `--server` is given (the snapshot shape starts one more).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]

@@ -76,13 +76,7 @@ async fn register(
             // service per instance, instance n to service n). A Nacos gRPC
             // connection holds one registration (or batch) per service,
             // so a client names each service once as far as they go.
-            let mine: Vec<u32> = (c as u32..instances).step_by(clients as usize).collect();
-            for (k, chunk) in mine.chunks(batch as usize).enumerate() {
-                let s = if services >= instances {
-                    chunk[0]
-                } else {
-                    (c as u32 + k as u32) % services
-                };
+            for (s, chunk) in calls(c as u32, clients, instances, services, batch) {
                 let t = Instant::now();
                 let done = if batch == 1 {
                     client
@@ -120,6 +114,41 @@ async fn register(
         },
         workers,
     ))
+}
+
+/// The calls of client `c` of `register`: instances c, c + clients, ...,
+/// `batch` to a call, each call with its service.
+fn calls(
+    c: u32,
+    clients: u32,
+    instances: u32,
+    services: u32,
+    batch: u32,
+) -> impl Iterator<Item = (u32, Vec<u32>)> {
+    let mine: Vec<u32> = (c..instances).step_by(clients.max(1) as usize).collect();
+    let chunks: Vec<Vec<u32>> = mine
+        .chunks(batch.max(1) as usize)
+        .map(<[u32]>::to_vec)
+        .collect();
+    chunks.into_iter().enumerate().map(move |(k, chunk)| {
+        let s = if services >= instances {
+            chunk[0]
+        } else {
+            (c + k as u32) % services
+        };
+        (s, chunk)
+    })
+}
+
+/// How many instances `register` puts in each service it uses.
+fn per_service(a: &BenchArgs) -> Vec<u64> {
+    let mut counts = vec![0u64; a.services.min(a.instances) as usize];
+    for c in 0..a.clients {
+        for (s, chunk) in calls(c, a.clients, a.instances, a.services, a.batch) {
+            counts[s as usize] += chunk.len() as u64;
+        }
+    }
+    counts
 }
 
 async fn join_histograms(
@@ -193,45 +222,68 @@ async fn listed_everywhere(
     expected: u64,
     since: Instant,
 ) -> Result<(u64, Option<Duration>)> {
-    let mut checkers = Vec::new();
+    let deadline = since + Duration::from_secs(30);
+    let per = Arc::new(per_service(a));
+    let mut set = JoinSet::new();
     for (k, at) in nodes.iter().enumerate() {
         let name = format!("bench-check-n{k}");
-        checkers.push(Client::connect(fixture_protocol(a.protocol), at, &name).await?);
+        let checker = Arc::new(Client::connect(fixture_protocol(a.protocol), at, &name).await?);
+        set.spawn(node_listed(checker, per.clone(), expected, deadline));
     }
-    let deadline = since + Duration::from_secs(30);
-    let mut pending: Vec<usize> = (0..nodes.len()).collect();
     let mut fewest = u64::MAX;
-    loop {
-        let mut still = Vec::new();
-        for &k in &pending {
-            let mut listed = 0u64;
-            for s in 0..a.services.min(a.instances) {
-                listed += checkers[k].query(&service(s)).await.unwrap_or(0) as u64;
-            }
-            if listed < expected {
-                still.push(k);
-            }
-            if Instant::now() >= deadline || listed >= expected {
-                fewest = fewest.min(listed);
-            }
+    let mut last = Some(since);
+    while let Some(done) = set.join_next().await {
+        let (listed, at) = done?;
+        fewest = fewest.min(listed);
+        last = last.zip(at).map(|(a, b)| a.max(b));
+    }
+    Ok((fewest.min(expected), last.map(|t| t - since)))
+}
+
+/// Asks one node for the bench's services until it lists `expected`
+/// instances in all or `deadline` passes: how many it listed, and when it
+/// listed them all. A service is asked again only while short of what
+/// `register` put in it (`per`), and a few at a time: a full pass over
+/// 100 services of 1,000 instances in Nacos JSON is megabytes, and a
+/// checker that slow would measure itself rather than the nodes.
+async fn node_listed(
+    checker: Arc<Client>,
+    per: Arc<Vec<u64>>,
+    expected: u64,
+    deadline: Instant,
+) -> (u64, Option<Instant>) {
+    use futures_util::StreamExt as _;
+    const IN_FLIGHT: usize = 8;
+    let mut counts = vec![0u64; per.len()];
+    let listed = loop {
+        let short: Vec<usize> = (0..per.len()).filter(|s| counts[*s] < per[*s]).collect();
+        let answers: Vec<(usize, u64)> = futures_util::stream::iter(short)
+            .map(|s| {
+                let checker = checker.clone();
+                async move {
+                    let got = checker.query(&service(s as u32)).await.unwrap_or(0);
+                    (s, got as u64)
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for (s, got) in answers {
+            counts[s] = got;
         }
-        pending = still;
-        if pending.is_empty() {
-            break;
+        let listed: u64 = counts.iter().sum();
+        if listed >= expected {
+            break (listed, Some(Instant::now()));
         }
         if Instant::now() >= deadline {
-            for c in checkers {
-                c.close().await;
-            }
-            return Ok((fewest, None));
+            break (listed, None);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = since.elapsed();
-    for c in checkers {
+    };
+    if let Ok(c) = Arc::try_unwrap(checker) {
         c.close().await;
     }
-    Ok((fewest.min(expected), Some(took)))
+    listed
 }
 
 /// Registers `--instances` on a cluster's first node, waits until every
@@ -627,4 +679,37 @@ async fn churn(writer_at: &Endpoints, at: &Endpoints, a: &BenchArgs) -> Result<M
         instances_held: 0,
         hold: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `register`'s calls put every instance in exactly one call, in a
+    /// service it uses: what the listing check counts on.
+    #[test]
+    fn the_calls_cover_every_instance_once_in_a_used_service() {
+        for (instances, clients, services, batch) in [
+            (600, 6, 7, 1),
+            (10, 3, 100, 1),
+            (1000, 24, 100, 5),
+            (7, 8, 3, 2),
+            (0, 2, 2, 1),
+        ] {
+            let mut seen = vec![0u32; instances as usize];
+            for c in 0..clients {
+                for (s, chunk) in calls(c, clients, instances, services, batch) {
+                    assert!(s < services.min(instances), "service {s} out of range");
+                    assert!(chunk.len() <= batch as usize);
+                    for n in chunk {
+                        seen[n as usize] += 1;
+                    }
+                }
+            }
+            assert!(
+                seen.iter().all(|n| *n == 1),
+                "{instances}/{clients}/{services}/{batch}"
+            );
+        }
+    }
 }

@@ -380,8 +380,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Watch { service } => watch(&addr, json, service.key()?).await,
         Command::Bench(args) => {
             let server = args.server.clone().or(given);
-            let me = std::env::current_exe().context("cannot find this binary to start a node")?;
-            roster_bench::run(server.as_deref(), json, args, &me).await
+            let node = match &args.node_binary {
+                Some(path) => path.clone(),
+                None => {
+                    std::env::current_exe().context("cannot find this binary to start a node")?
+                }
+            };
+            roster_bench::run(server.as_deref(), json, args, &node).await
         }
         Command::Drain {
             service,

@@ -457,6 +457,48 @@ fn bench_storm_lists_every_instance_and_probes_throughout() {
 }
 
 #[test]
+fn bench_storm_over_a_cluster_lists_every_instance_on_every_node() {
+    let r = bench_json(&bench_own(&[
+        "--nodes",
+        "3",
+        "storm",
+        "--instances",
+        "600",
+        "--clients",
+        "6",
+        "--services",
+        "7",
+        "--protocol",
+        "nacos-grpc",
+    ]));
+    assert_eq!(r["extra"]["listed"], 600, "{r}");
+    assert_eq!(r["extra"]["lost"], 0, "{r}");
+    assert!(
+        r["extra"]["listed_everywhere_after_ms"].as_f64().is_some(),
+        "{r}"
+    );
+}
+
+#[test]
+fn bench_snapshot_loads_every_instance_on_the_new_node() {
+    let r = bench_json(&bench_own(&[
+        "--nodes",
+        "1",
+        "snapshot",
+        "--instances",
+        "2000",
+        "--clients",
+        "4",
+        "--services",
+        "9",
+    ]));
+    assert_eq!(r["extra"]["listed_on_new_node"], 2000, "{r}");
+    assert_eq!(r["extra"]["lost"], 0, "{r}");
+    assert!(r["extra"]["new_node_cpu_seconds"].as_f64().is_some(), "{r}");
+    assert!(r["extra"]["sources_cpu_seconds"].as_f64().is_some(), "{r}");
+}
+
+#[test]
 fn bench_speaks_every_protocol_to_the_same_shapes() {
     for protocol in ["native-unary", "nacos-grpc", "nacos-http"] {
         let r = bench_json(&bench_own(&[

@@ -226,7 +226,7 @@ fn services_to_wire<'a>(
 fn services_from_wire(
     services: Vec<pb::ServiceInstances>,
 ) -> Result<Vec<(ServiceKey, roster_core::Instance, Version)>, ValidationError> {
-    let mut instances = Vec::new();
+    let mut instances = Vec::with_capacity(services.iter().map(|g| g.instances.len()).sum());
     for group in services {
         let key = crate::convert::required_key(group.service.as_ref())?;
         for i in group.instances {
