@@ -346,6 +346,12 @@ async fn deliver(
         .map_err(|e| Status::unavailable(format!("cluster connection not ready: {e}")))?;
     let path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/roster.cluster.v1.Cluster/Deliver");
+    let mut request = request;
+    // As the generated client marks its calls (for interceptors, tracing).
+    request.extensions_mut().insert(tonic::GrpcMethod::new(
+        "roster.cluster.v1.Cluster",
+        "Deliver",
+    ));
     grpc.unary(request, path, Encoded).await
 }
 

@@ -119,8 +119,9 @@ struct Planned<'a> {
     unverified_ms: u64,
     /// Its instances, those of one service next to each other.
     items: Vec<(&'a ServiceKey, &'a Instance, Version)>,
-    /// Each service's group: where it ends in `items`, its body's length.
-    groups: Vec<(usize, usize)>,
+    /// Each service's group, in service order: where it starts and ends
+    /// in `items`, its body's length.
+    groups: Vec<(usize, usize, usize)>,
     /// Each instance's body length, as in `items`.
     lens: Vec<usize>,
     /// The state's body length.
@@ -151,16 +152,20 @@ impl<'a> Planned<'a> {
                     .take_while(|(k, _, _)| std::ptr::eq(*k, key) || *k == key)
                     .count();
             let instances: usize = lens[start..end].iter().map(|l| msg_len(2, *l)).sum();
-            groups.push((end, msg_len(1, key_len_(key)) + instances));
+            groups.push((start, end, msg_len(1, key_len_(key)) + instances));
             start = end;
         }
+        // Shared records come in the session's map order: the groups are
+        // put in service order (a handful of services per session, as a
+        // rule), so the bytes are the same whatever that order.
+        groups.sort_by(|a, b| items[a.0].0.cmp(items[b.0].0));
         let version = state.version();
         let gone = matches!(state, SessionState::Gone(_));
         let unverified_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
         let len = msg_len(1, owner_len(owner))
             + msg_len(2, version_len(version))
             + if gone { key_len(3) + 1 } else { 0 }
-            + groups.iter().map(|(_, l)| msg_len(4, *l)).sum::<usize>()
+            + groups.iter().map(|(_, _, l)| msg_len(4, *l)).sum::<usize>()
             + u64_len(5, unverified_ms);
         Self {
             owner,
@@ -183,8 +188,7 @@ impl<'a> Planned<'a> {
         if self.gone {
             put_bool(buf, 3, true);
         }
-        let mut start = 0;
-        for &(end, len) in &self.groups {
+        for &(start, end, len) in &self.groups {
             put_header(buf, 4, len);
             let key = self.items[start].0;
             put_header(buf, 1, key_len_(key));
@@ -196,7 +200,6 @@ impl<'a> Planned<'a> {
                 put_header(buf, 2, self.lens[n]);
                 put_instance(buf, instance, version);
             }
-            start = end;
         }
         put_u64(buf, 5, self.unverified_ms);
     }
@@ -415,7 +418,11 @@ mod tests {
         vec![
             (
                 a.clone(),
-                instance(IpAddr::from([10, 0, 0, 1]), 80, &[("zone", "a")]),
+                instance(
+                    IpAddr::from([10, 0, 0, 1]),
+                    80,
+                    &[("zone", "a"), ("a", "1"), ("version", "1:2")],
+                ),
                 v(3, 8),
             ),
             (a.clone(), odd, v(u64::MAX, u64::MAX)),
@@ -432,14 +439,14 @@ mod tests {
         ]
     }
 
-    /// Shared instances, grouped by service (as a session's records are),
-    /// in service order here so that `to_wire`'s order is the same.
+    /// Shared instances, grouped by service (as a session's records are)
+    /// but not in service order (as a session's map gives them).
     fn shared(owner: &Owner) -> Instances {
         let owner = Arc::new(owner.clone());
-        let mut sorted = instances();
-        sorted.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut grouped = instances();
+        grouped.sort_by(|a, b| b.0.cmp(&a.0));
         Instances::Shared(
-            sorted
+            grouped
                 .into_iter()
                 .map(|(k, instance, version)| {
                     let record = InstanceRecord {
@@ -523,8 +530,8 @@ mod tests {
             let bytes = encode(&e);
             let decoded = pb::Envelope::decode(&bytes[..]).unwrap();
             assert_eq!(decoded, super::super::to_wire(&e), "{}", e.body.kind());
-            // Maps of at most one entry leave prost no order to choose:
-            // the bytes are prost's own.
+            // Fields, groups and map entries in prost's order: the bytes
+            // are prost's own.
             assert_eq!(
                 bytes,
                 super::super::to_wire(&e).encode_to_vec(),
