@@ -334,7 +334,8 @@ mod tests {
     use super::*;
     use roster_core::Instance;
 
-    fn v(i: u64, s: u64) -> Version {
+    /// A version (shared with the encoder's tests).
+    pub(super) fn v(i: u64, s: u64) -> Version {
         Version {
             incarnation: i,
             sequence: s,

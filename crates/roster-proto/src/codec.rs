@@ -35,13 +35,19 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        Contiguous(PhantomData)
+        Contiguous::default()
     }
 }
 
 /// Decodes a `U` from the message's bytes as one buffer.
 #[derive(Debug)]
 pub struct Contiguous<U>(PhantomData<U>);
+
+impl<U> Default for Contiguous<U> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
 
 impl<U: Message + Default> Decoder for Contiguous<U> {
     type Item = U;

@@ -25,6 +25,14 @@ impl From<&ServiceKey> for v1::ServiceKey {
     }
 }
 
+/// The IP of address `i` of an instance; the field is named only when
+/// wrong (a snapshot parses millions).
+fn address_ip(i: usize, text: &str) -> Result<std::net::IpAddr, ValidationError> {
+    text.trim()
+        .parse()
+        .or_else(|_| parse_ip(&format!("instance.addresses[{i}].ip"), text))
+}
+
 /// The service key of a request, which must be present.
 pub fn required_key(key: Option<&v1::ServiceKey>) -> Result<ServiceKey, ValidationError> {
     key.ok_or_else(|| ValidationError::new("service", "is required"))?
@@ -35,27 +43,42 @@ impl v1::Instance {
     /// Converts to the model, applying defaults for absent optional fields.
     /// The result still needs [`Instance::normalize`] (the registry does it).
     pub fn to_model(&self) -> Result<Instance, ValidationError> {
-        self.clone().into_model()
+        let addresses = self
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                Ok(Address {
+                    network: a.network.clone(),
+                    ip: address_ip(i, &a.ip)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ValidationError>>()?;
+        Ok(Instance {
+            id: self.id.clone(),
+            addresses,
+            port: self.model_port()?,
+            weight: self.weight.unwrap_or(1.0),
+            healthy: self.healthy.unwrap_or(true),
+            enabled: self.enabled.unwrap_or(true),
+            ephemeral: self.ephemeral.unwrap_or(true),
+            cluster: self.cluster.clone(),
+            metadata: self.metadata.iter().collect(),
+            node_name: self.node_name.clone(),
+        })
     }
 
     /// [`Self::to_model`], taking its strings instead of copying them.
     pub fn into_model(self) -> Result<Instance, ValidationError> {
-        let port = u16::try_from(self.port)
-            .map_err(|_| ValidationError::new("instance.port", "must be 1..=65535"))?;
+        let port = self.model_port()?;
         let addresses = self
             .addresses
             .into_iter()
             .enumerate()
             .map(|(i, a)| {
-                // The field is named only when wrong (a snapshot parses
-                // millions).
-                let ip =
-                    a.ip.trim()
-                        .parse()
-                        .or_else(|_| parse_ip(&format!("instance.addresses[{i}].ip"), &a.ip))?;
                 Ok(Address {
+                    ip: address_ip(i, &a.ip)?,
                     network: a.network,
-                    ip,
                 })
             })
             .collect::<Result<Vec<_>, ValidationError>>()?;
@@ -71,6 +94,11 @@ impl v1::Instance {
             metadata: self.metadata.iter().collect(),
             node_name: self.node_name,
         })
+    }
+
+    fn model_port(&self) -> Result<u16, ValidationError> {
+        u16::try_from(self.port)
+            .map_err(|_| ValidationError::new("instance.port", "must be 1..=65535"))
     }
 
     /// The wire form of a model instance (no owner or version).

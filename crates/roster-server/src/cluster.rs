@@ -357,7 +357,8 @@ async fn deliver(
 
 /// The codec of `Deliver` calls on the sending side: the request is an
 /// `Envelope` already encoded by [`roster_proto::cluster::encode`] (once,
-/// whatever the addresses tried), the answer a `Delivered`.
+/// whatever the addresses tried), the answer a `Delivered` (read as every
+/// generated client reads).
 #[derive(Clone, Copy, Default)]
 struct Encoded;
 
@@ -365,14 +366,14 @@ impl tonic::codec::Codec for Encoded {
     type Encode = Bytes;
     type Decode = pb::Delivered;
     type Encoder = Encoded;
-    type Decoder = Encoded;
+    type Decoder = roster_proto::codec::Contiguous<pb::Delivered>;
 
     fn encoder(&mut self) -> Self::Encoder {
         Encoded
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        Encoded
+        Default::default()
     }
 }
 
@@ -384,20 +385,6 @@ impl tonic::codec::Encoder for Encoded {
         use bytes::BufMut as _;
         dst.put_slice(&item);
         Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for Encoded {
-    type Item = pb::Delivered;
-    type Error = Status;
-
-    fn decode(
-        &mut self,
-        src: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<pb::Delivered>, Status> {
-        pb::Delivered::decode(src)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("unreadable answer to a cluster message: {e}")))
     }
 }
 

@@ -382,15 +382,9 @@ mod tests {
     use roster_core::model::{Address, InstanceRecord};
     use roster_core::{Instances, SessionData, SessionDelta};
 
+    use super::super::tests::v;
     use super::*;
     use crate::cluster_v1 as pb;
-
-    fn v(i: u64, s: u64) -> Version {
-        Version {
-            incarnation: i,
-            sequence: s,
-        }
-    }
 
     fn instance(ip: IpAddr, port: u16, metadata: &[(&str, &str)]) -> Instance {
         let mut i = Instance::new(ip, port).normalize().unwrap();
